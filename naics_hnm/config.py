@@ -1,0 +1,135 @@
+"""Configuration dataclasses for Phase 1 sampling, validated on construction."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+
+class Relation(str, enum.Enum):
+    """Tree relations that make an (anchor, positive) pair."""
+
+    PARENT = "parent"  # anchor -> its parent
+    CHILD = "child"  # anchor -> each of its children
+    SIBLING = "sibling"  # anchor -> each code with the same parent
+
+
+class Schedule(str, enum.Enum):
+    """How the curriculum mix moves from its start to its end value over Phase 1."""
+
+    LINEAR = "linear"
+    COSINE = "cosine"
+    STEP = "step"  # start mix for the first half of Phase 1, end mix after
+
+
+def _check(condition: bool, name: str, value: object, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """What a Phase 1 item holds and how its randomness is keyed.
+
+    Attributes:
+        seed: keys every draw together with (epoch, index); same seed, same negatives.
+        n_negatives: K, negatives selected per item for Phase 1 training.
+        n_candidates: C, size of the oversampled pool per item that Phase 2+ ranks (>= K).
+        positive_relations: which tree relations form (anchor, positive) pairs.
+        max_siblings: at most this many sibling positives per anchor (a fixed, seeded choice);
+            None keeps all of them.
+        exclude_codes: codes that never appear as anchor, positive, negative or candidate
+            (for example a held-out evaluation split).
+        taxonomy: CSV path of the taxonomy, or None for NAICS 2022.
+    """
+
+    seed: int = 42
+    n_negatives: int = 8
+    n_candidates: int = 48
+    positive_relations: tuple[str, ...] = ("parent", "sibling")
+    max_siblings: int | None = None
+    exclude_codes: tuple[str, ...] = ()
+    taxonomy: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", self.seed, "an int in [0, 2**63)")
+        _check(isinstance(self.n_negatives, int) and self.n_negatives >= 1, "n_negatives", self.n_negatives, "an int >= 1")
+        _check(
+            isinstance(self.n_candidates, int) and self.n_candidates >= self.n_negatives,
+            "n_candidates",
+            self.n_candidates,
+            f"an int >= n_negatives ({self.n_negatives})",
+        )
+        relations = tuple(self.positive_relations)
+        allowed = [r.value for r in Relation]
+        _check(
+            len(relations) > 0 and all(r in allowed for r in relations) and len(set(relations)) == len(relations),
+            "positive_relations",
+            self.positive_relations,
+            f"a non-empty tuple of distinct values from {allowed}",
+        )
+        object.__setattr__(self, "positive_relations", relations)
+        _check(
+            self.max_siblings is None or (isinstance(self.max_siblings, int) and self.max_siblings >= 1),
+            "max_siblings",
+            self.max_siblings,
+            "None or an int >= 1",
+        )
+        object.__setattr__(self, "exclude_codes", tuple(self.exclude_codes))
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The Phase 1 difficulty curriculum.
+
+    Negatives fall into three buckets by their lowest common ancestor (LCA) with the anchor:
+    hard = LCA is the anchor's parent (the nearest codes that are not ancestors or descendants),
+    easy = LCA is the root (another top-level code), semi-hard = everything in between. The share
+    of each bucket moves from ``*_start`` at epoch 0 to ``*_end`` at the last Phase 1 epoch; hard
+    takes the rest. A bucket that runs short is filled from its neighbour (hard -> semi-hard ->
+    easy and back), so an item never fails for lack of negatives in one bucket.
+    """
+
+    easy_start: float = 0.70
+    easy_end: float = 0.20
+    semi_hard_start: float = 0.20
+    semi_hard_end: float = 0.40
+    schedule: Schedule = field(default=Schedule.LINEAR)
+
+    def __post_init__(self) -> None:
+        for name in ("easy_start", "easy_end", "semi_hard_start", "semi_hard_end"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0,
+                name,
+                value,
+                "a number in [0, 1]",
+            )
+        for when in ("start", "end"):
+            total = getattr(self, f"easy_{when}") + getattr(self, f"semi_hard_{when}")
+            _check(total <= 1.0 + 1e-9, f"easy_{when} + semi_hard_{when}", total, "<= 1 (hard takes the rest)")
+        try:
+            object.__setattr__(self, "schedule", Schedule(self.schedule))
+        except ValueError:
+            raise ValueError(
+                f"schedule={self.schedule!r}: expected one of {[s.value for s in Schedule]}"
+            ) from None
+
+    def progress(self, epoch: int, phase1_end_epoch: int) -> float:
+        """Curriculum position in [0, 1]: 0 at epoch 0, 1 at the last Phase 1 epoch and after."""
+        if phase1_end_epoch <= 1:
+            return 1.0
+        t = min(max(epoch, 0) / (phase1_end_epoch - 1), 1.0)
+        if self.schedule is Schedule.COSINE:
+            return 0.5 - 0.5 * math.cos(math.pi * t)
+        if self.schedule is Schedule.STEP:
+            return 0.0 if t < 0.5 else 1.0
+        return t
+
+    def mix(self, epoch: int, phase1_end_epoch: int) -> tuple[float, float, float]:
+        """(hard, semi_hard, easy) shares at an epoch."""
+        t = self.progress(epoch, phase1_end_epoch)
+        easy = self.easy_start + t * (self.easy_end - self.easy_start)
+        semi = self.semi_hard_start + t * (self.semi_hard_end - self.semi_hard_start)
+        return (max(0.0, 1.0 - easy - semi), semi, easy)

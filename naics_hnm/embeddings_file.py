@@ -1,0 +1,197 @@
+"""The HDF5 embeddings file: one row per code, the codes beside them, and who produced them.
+
+Layout (``format_version`` 1): dataset ``embeddings`` float32 [N, d]; dataset ``codes`` UTF-8
+variable-length strings [N] in the same order; attributes ``model`` (name or path, '' if unknown),
+``epoch`` (-1 if unknown), ``created`` (ISO 8601 UTC), ``format_version`` and ``codes_fingerprint``
+(sha256 of the newline-joined codes, equal to ``Taxonomy.fingerprint`` for the same id space), plus
+any caller attributes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from naics_hnm.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+RESERVED_ATTRS = ("model", "epoch", "created", "format_version", "codes_fingerprint")
+
+
+class EmbeddingsFileError(ValueError):
+    """An embeddings file that cannot be written or read as expected; names the path."""
+
+
+class EmbeddingsFileNotFoundError(EmbeddingsFileError, FileNotFoundError):
+    """The embeddings file does not exist (also a ``FileNotFoundError``)."""
+
+
+@dataclass(frozen=True)
+class EmbeddingsFile:
+    """A loaded embeddings file: ``embeddings`` float32 [N, d], ``codes`` [N], ``attrs``."""
+
+    embeddings: np.ndarray
+    codes: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def codes_fingerprint(codes: Sequence[str]) -> str:
+    """sha256 of the newline-joined codes (the same as ``Taxonomy.fingerprint``)."""
+    return hashlib.sha256("\n".join(codes).encode()).hexdigest()
+
+
+def _first_non_finite_row(array: np.ndarray) -> int | None:
+    finite = np.isfinite(array).all(axis=1)
+    return None if finite.all() else int(np.argmin(finite))
+
+
+def _first_duplicate(codes: Sequence[str]) -> str | None:
+    seen: set[str] = set()
+    for code in codes:
+        if code in seen:
+            return code
+        seen.add(code)
+    return None
+
+
+def _as_matrix(embeddings: Any) -> np.ndarray:
+    if hasattr(embeddings, "detach"):
+        embeddings = embeddings.detach().cpu().float().numpy()
+    return np.asarray(embeddings, dtype=np.float32)
+
+
+def save_embeddings(
+    path: str | Path,
+    embeddings: Any,
+    codes: Sequence[str],
+    *,
+    model: str | None = None,
+    epoch: int | None = None,
+    extra_attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``embeddings`` [N, d] (numpy or torch) and ``codes`` [N] atomically to ``path``."""
+    path = Path(path)
+    array = _as_matrix(embeddings)
+    if array.ndim != 2:
+        raise EmbeddingsFileError(f"{str(path)!r}: embeddings have shape {tuple(array.shape)}; expected [N, d]")
+    bad_row = _first_non_finite_row(array)
+    if bad_row is not None:
+        raise EmbeddingsFileError(f"{str(path)!r}: embeddings row {bad_row} holds NaN or inf; expected finite values")
+    codes = [str(c) for c in codes]
+    if len(codes) != array.shape[0]:
+        raise EmbeddingsFileError(
+            f"{str(path)!r}: {len(codes)} codes for {array.shape[0]} embedding rows; expected one code per row"
+        )
+    duplicate = _first_duplicate(codes)
+    if duplicate is not None:
+        raise EmbeddingsFileError(f"{str(path)!r}: code {duplicate!r} appears more than once; expected unique codes")
+    extra = dict(extra_attrs or {})
+    clash = sorted(set(extra) & set(RESERVED_ATTRS))
+    if clash:
+        raise EmbeddingsFileError(f"extra_attrs {clash} clash with reserved attributes {list(RESERVED_ATTRS)}")
+    attrs = {
+        "model": "" if model is None else str(model),
+        "epoch": -1 if epoch is None else int(epoch),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format_version": FORMAT_VERSION,
+        "codes_fingerprint": codes_fingerprint(codes),
+        **extra,
+    }
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as handle:
+            handle.create_dataset("embeddings", data=array)
+            handle.create_dataset("codes", data=codes, dtype=h5py.string_dtype("utf-8"))
+            for key, value in attrs.items():
+                try:
+                    handle.attrs[key] = value
+                except (TypeError, ValueError) as error:
+                    raise EmbeddingsFileError(
+                        f"attribute {key!r}={value!r} cannot be stored in HDF5 ({error}); expected a string, number or array"
+                    ) from None
+    logger.info("wrote %d embeddings of dimension %d to %s", array.shape[0], array.shape[1], path)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """HDF5 attribute value -> plain Python (str, int, float, list)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.dtype.kind in "OS" else value.tolist()
+    return value
+
+
+def _read(path: Path) -> EmbeddingsFile:
+    with h5py.File(path, "r") as handle:
+        missing = [name for name in ("embeddings", "codes") if not isinstance(handle.get(name), h5py.Dataset)]
+        if missing:
+            raise EmbeddingsFileError(f"{str(path)!r} lacks dataset(s) {missing}; expected 'embeddings' and 'codes'")
+        dataset = handle["embeddings"]
+        if dataset.ndim != 2 or dataset.dtype.kind != "f":
+            raise EmbeddingsFileError(
+                f"{str(path)!r}: dataset 'embeddings' has shape {dataset.shape} and dtype {dataset.dtype}; expected float [N, d]"
+            )
+        code_set = handle["codes"]
+        if code_set.ndim != 1 or code_set.dtype.kind not in "OS":
+            raise EmbeddingsFileError(
+                f"{str(path)!r}: dataset 'codes' has shape {code_set.shape} and dtype {code_set.dtype}; expected strings [N]"
+            )
+        embeddings = np.asarray(dataset[()], dtype=np.float32)
+        codes = [str(c) for c in code_set.asstr()[()]]
+        attrs = {key: _plain(value) for key, value in handle.attrs.items()}
+    return EmbeddingsFile(embeddings=embeddings, codes=codes, attrs=attrs)
+
+
+def _check_codes(path: Path, codes: list[str], expected: Sequence[str]) -> None:
+    expected = list(expected)
+    if len(codes) != len(expected):
+        raise EmbeddingsFileError(f"{str(path)!r} holds {len(codes)} codes; expected {len(expected)}")
+    differ = np.flatnonzero(np.asarray(codes, dtype=object) != np.asarray(expected, dtype=object))
+    if differ.size:
+        first = int(differ[0])
+        raise EmbeddingsFileError(
+            f"{str(path)!r}: {differ.size} of {len(codes)} codes differ from the expected codes; "
+            f"first at row {first}: {codes[first]!r}, expected {expected[first]!r}"
+        )
+
+
+def load_embeddings(path: str | Path, *, expected_codes: Sequence[str] | None = None) -> EmbeddingsFile:
+    """Read and check an embeddings file; every problem is an :class:`EmbeddingsFileError`."""
+    path = Path(path)
+    if not path.exists():
+        raise EmbeddingsFileNotFoundError(f"embeddings file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise EmbeddingsFileError(f"embeddings file {str(path)!r} is not a file")
+    try:
+        loaded = _read(path)
+    except OSError as error:
+        raise EmbeddingsFileError(
+            f"{str(path)!r} is not a readable HDF5 embeddings file (truncated or another format?): {error}"
+        ) from None
+    if len(loaded.codes) != loaded.embeddings.shape[0]:
+        raise EmbeddingsFileError(
+            f"{str(path)!r}: {len(loaded.codes)} codes for {loaded.embeddings.shape[0]} embedding rows; expected one code per row"
+        )
+    bad_row = _first_non_finite_row(loaded.embeddings)
+    if bad_row is not None:
+        raise EmbeddingsFileError(f"{str(path)!r}: embeddings row {bad_row} holds NaN or inf; expected finite values")
+    duplicate = _first_duplicate(loaded.codes)
+    if duplicate is not None:
+        raise EmbeddingsFileError(f"{str(path)!r}: code {duplicate!r} appears more than once; expected unique codes")
+    stored = loaded.attrs.get("codes_fingerprint")
+    if stored is not None and stored != codes_fingerprint(loaded.codes):
+        raise EmbeddingsFileError(f"{str(path)!r}: codes do not match the file's codes_fingerprint attribute (corrupted?)")
+    if expected_codes is not None:
+        _check_codes(path, loaded.codes, expected_codes)
+    return loaded

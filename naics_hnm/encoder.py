@@ -1,0 +1,105 @@
+"""The reference encoder: a transformers model, mean pooling, L2-normalised, InfoNCE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel
+
+from naics_hnm.losses import info_nce
+from naics_hnm.token_cache import default_tokenizer_path
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+class NAICSEncoder(pl.LightningModule):
+    """Sentence encoder for code texts; ``embed(tokens) -> Tensor[n, d]`` per the naics_hnm contract.
+
+    Args:
+        model: a transformers model name or local path (default: the offline all-MiniLM-L6-v2).
+        config: build an untrained model from this config dict instead (``model_type`` required);
+            for tests and experiments without weights.
+        lr, weight_decay: AdamW settings.
+        temperature: InfoNCE temperature.
+        in_batch_negatives: also use the other rows' positives as negatives.
+        freeze_layers: freeze the embeddings and this many lower transformer layers.
+    """
+
+    def __init__(self, model: str | None = None, *, config: dict[str, Any] | None = None, lr: float = 5e-5,
+                 weight_decay: float = 0.01, temperature: float = 0.05, in_batch_negatives: bool = False,
+                 freeze_layers: int = 0) -> None:
+        super().__init__()
+        if model is not None and config is not None:
+            raise ValueError("NAICSEncoder(model=..., config=...): give one of them, not both")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature!r}: expected > 0")
+        self.save_hyperparameters()
+        if config is not None:
+            cfg = dict(config)
+            model_type = cfg.pop("model_type", None)
+            if model_type is None:
+                raise ValueError(f"config={config!r}: expected a 'model_type' key (e.g. 'bert')")
+            self.encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **cfg))
+        else:
+            self.encoder = AutoModel.from_pretrained(model or default_tokenizer_path())
+        layers = self._layers()
+        if not (isinstance(freeze_layers, int) and 0 <= freeze_layers <= len(layers)):
+            raise ValueError(f"freeze_layers={freeze_layers!r}: expected an int in [0, {len(layers)}]")
+        if freeze_layers:
+            for module in [self.encoder.embeddings, *layers[:freeze_layers]]:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+
+    def _layers(self) -> torch.nn.ModuleList:
+        return self.encoder.encoder.layer
+
+    @property
+    def model_name(self) -> str:
+        return self.hparams.model or ("config:" + str(self.hparams.config.get("model_type")) if self.hparams.config
+                                      else "all-MiniLM-L6-v2 (offline)")
+
+    def embed(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unit-norm embeddings [n, d] for ``{"input_ids", "attention_mask"}`` of shape [..., L]."""
+        input_ids = tokens["input_ids"]
+        lead = input_ids.shape[:-1]
+        ids = input_ids.reshape(-1, input_ids.shape[-1])
+        mask = tokens["attention_mask"].reshape(-1, input_ids.shape[-1])
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = F.normalize(mean_pool(hidden, mask), dim=-1)
+        return out.reshape(*lead, -1) if len(lead) != 1 else out
+
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        anchor = self.embed(batch["anchor"])
+        positive = self.embed(batch["positive"])
+        mask = batch["negative_mask"]
+        b, k = mask.shape
+        negatives = torch.zeros(b, k, anchor.shape[-1], device=anchor.device, dtype=anchor.dtype)
+        if mask.any():
+            flat = {key: v[mask] for key, v in batch["negatives"].items()}
+            negatives[mask] = self.embed(flat)
+        return info_nce(anchor, positive, negatives, mask, self.hparams.temperature, self.hparams.in_batch_negatives)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["anchor_idx"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["anchor_idx"]))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+TINY_BERT = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+"""A tiny BERT config (no download) for tests and smoke runs; uses the MiniLM tokenizer's vocabulary."""
