@@ -1,0 +1,99 @@
+"""Time EmbeddingIndex.search against raw faiss.knn, and EmbeddingIndex.rank against brute force.
+
+    python benchmarks/bench_search.py            # N in {2125, 100000}, d=384, Q=2125, k in {10, 64}
+    python benchmarks/bench_search.py --quick    # N in {2125, 20000}, fewer repetitions
+
+Prints a table of median seconds; ``ratio`` is ours / faiss (target <= 1.2x). Correctness lines
+compare ids with faiss (search) and with a NumPy reference (rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from typing import Callable
+
+import faiss
+import numpy as np
+import torch
+
+from naics_hnm.embedding_index import EmbeddingIndex
+
+
+def median_seconds(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def bench_search(n: int, d: int, q: int, ks: list[int], reps: int, rng: np.random.Generator) -> None:
+    xb, xq = unit_rows(rng, n, d), unit_rows(rng, q, d)
+    start = time.perf_counter()
+    index = EmbeddingIndex.build(xb, metric="cosine", device="auto")
+    print(f"build N={n} d={d}: {time.perf_counter() - start:.3f}s on {index.device}")
+    for k in ks:
+        ours = median_seconds(lambda: index.search(xq, k), reps)
+        raw = median_seconds(lambda: faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT), reps)
+        our_s, our_i = index.search(xq, k)
+        ref_s, ref_i = faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
+        same = float(np.mean(our_i == ref_i))
+        score_err = float(np.abs(our_s - ref_s).max())
+        print(
+            f"search N={n:>6} Q={q} k={k:>3}: ours {ours:.4f}s  faiss.knn {raw:.4f}s  ratio {ours / raw:.2f}x  "
+            f"| ids equal {same:.4%}  max |score diff| {score_err:.2e}"
+        )
+
+
+def reference_rank(v: np.ndarray, anchors: np.ndarray, cands: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.einsum("bcd,bd->bc", v[cands].astype(np.float64), v[anchors].astype(np.float64))
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(cands, order, 1)
+
+
+def bench_rank(n: int, d: int, b: int, widths: list[int], k: int, reps: int, rng: np.random.Generator) -> None:
+    index = EmbeddingIndex.build(unit_rows(rng, n, d), metric="cosine", device="auto")
+    v = index.vectors.cpu().numpy()
+    for c in widths:
+        anchors = rng.integers(0, n, b)
+        cands = np.stack([rng.choice(n, c, replace=False) for _ in range(b)])
+        for kind, a, cd in (("numpy", anchors, cands), ("torch", torch.from_numpy(anchors), torch.from_numpy(cands))):
+            seconds = median_seconds(lambda: index.rank(a, cd, k), reps)
+            scores, ids = index.rank(a, cd, k)
+            ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else ids
+            scores = scores.cpu().numpy() if isinstance(scores, torch.Tensor) else scores
+            want_s, want_i = reference_rank(v, anchors, cands, k)
+            print(
+                f"rank  B={b} C={c:>3} k={k} d={d} ({kind} ids): median {seconds * 1e3:.2f} ms over {reps} reps "
+                f"| ids equal reference {bool((ids == want_i).all())}  max |score diff| "
+                f"{float(np.abs(scores - want_s).max()):.2e}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rng = np.random.default_rng(args.seed)
+    print(f"faiss {faiss.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"faiss GPUs {faiss.get_num_gpus() if hasattr(faiss, 'StandardGpuResources') else 0}")
+    sizes = [(2125, 5), (20000, 3)] if args.quick else [(2125, 10), (100000, 3)]
+    for n, reps in sizes:
+        bench_search(n, 384, 2125, [10, 64], reps, rng)
+    bench_rank(2125, 384, 256, [48, 112], 8, 10 if args.quick else 50, rng)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Embed every code with a model: eval mode, no grad, length-sorted batches, train mode restored."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from naics_hnm.token_cache import TokenCache
+
+EmbedFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
+    """Switch ``module`` to eval mode for the block and restore its previous mode after."""
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        yield
+    finally:
+        if module is not None and was_training:
+            module.train()
+
+
+def length_order(token_cache: TokenCache, ids: torch.Tensor) -> torch.Tensor:
+    """Permutation of ``ids`` by token length (longest first), so batches carry little padding."""
+    return torch.argsort(token_cache.lengths[ids], descending=True, stable=True)
+
+
+@torch.no_grad()
+def embed_codes(embed_fn: EmbedFn, token_cache: TokenCache, ids: torch.Tensor | None = None, *,
+                batch_size: int = 512, device: torch.device | str = "cpu", module: torch.nn.Module | None = None,
+                progress: bool = False, desc: str = "embedding codes") -> torch.Tensor:
+    """float32 [len(ids), d] embeddings of ``ids`` (default: every code), in the order of ``ids``.
+
+    ``module`` (usually the LightningModule) is put in eval mode while embedding and restored after.
+    """
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+    ids = torch.arange(token_cache.size) if ids is None else torch.as_tensor(ids, dtype=torch.long).cpu()
+    if len(ids) == 0:
+        raise ValueError("embed_codes got no ids to embed")
+    missing = ids[~token_cache.present[ids]]
+    if len(missing):
+        raise ValueError(f"embed_codes: no tokens for code index {int(missing[0])} ({len(missing)} missing)")
+    perm = length_order(token_cache, ids)
+    out: torch.Tensor | None = None
+    with eval_mode(module):
+        for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, leave=False):
+            rows = perm[start : start + batch_size]
+            tokens = {k: v.to(device) for k, v in token_cache.gather(ids[rows]).items()}
+            emb = embed_fn(tokens).float()
+            if emb.ndim != 2 or emb.shape[0] != len(rows):
+                raise ValueError(f"embed function returned shape {tuple(emb.shape)}: expected [{len(rows)}, d]")
+            if out is None:
+                out = torch.empty(len(ids), emb.shape[1], dtype=torch.float32, device=emb.device)
+            out[rows.to(emb.device)] = emb
+    return out

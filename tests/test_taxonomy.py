@@ -1,0 +1,178 @@
+"""Taxonomy: NAICS 2022 facts, relation matrices vs a parent-pointer reference, CSV loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import TINY_ROWS, reference_ancestors
+from naics_hnm.taxonomy import Taxonomy, TaxonomyError, load_taxonomy
+
+
+# ---------------------------------------------------------------- NAICS 2022 facts
+
+def test_naics2022_level_counts(naics):
+    assert len(naics) == 2125
+    assert [len(naics.level(d)) for d in range(1, 6)] == [20, 96, 308, 689, 1012]
+    assert naics.codes == sorted(naics.codes)
+    assert [naics.index(c) for c in naics.codes] == list(range(2125))
+
+
+def test_naics2022_merged_sectors(naics):
+    sectors = {naics.codes[i] for i in naics.level(1)}
+    assert {"31-33", "44-45", "48-49"} <= sectors
+    assert not {"31", "32", "33", "44", "45", "48", "49"} & set(naics.codes)
+    parent = lambda c: naics.codes[naics.parent[naics.index(c)]]  # noqa: E731
+    assert parent("311") == "31-33"
+    assert parent("325") == "31-33"  # '32' belongs to the range too
+    assert parent("4411") == "441"
+    assert parent("441") == "44-45"
+    assert parent("493") == "48-49"
+    assert naics.parent[naics.index("31-33")] == -1
+    assert [naics.codes[a] for a in naics.ancestors(naics.index("441110"))] == ["44111", "4411", "441", "44-45"]
+
+
+def test_naics2022_parent_is_longest_code_prefix(naics):
+    """Every non-sector's parent is the longest proper prefix that is a code (ranges own their prefixes)."""
+    owner = {}
+    for code in naics.codes:
+        if "-" in code:
+            lo, hi = code.split("-")
+            for v in range(int(lo), int(hi) + 1):
+                owner[str(v)] = code
+        else:
+            owner[code] = code
+    for i, code in enumerate(naics.codes):
+        if naics.depth[i] == 1:
+            assert naics.parent[i] == -1
+            continue
+        expected = next(owner[code[:cut]] for cut in range(len(code) - 1, 1, -1) if code[:cut] in owner)
+        assert naics.codes[naics.parent[i]] == expected, code
+        assert naics.depth[i] == len(code) - 1
+
+
+def test_tree_distance_known_pairs(naics):
+    d = naics.tree_distance
+    i = naics.index
+    assert d[i("111110"), i("111120")] == 4  # LCA 1111
+    assert d[i("111110"), i("211120")] == 10  # different sectors: only the root in common
+    assert d[i("111110"), i("111110")] == 0
+    assert d[i("111110"), i("11")] == 4
+    assert d[i("311111"), i("325110")] == 8  # both in 31-33
+    assert naics.lca_depth[i("311111"), i("325110")] == 1
+
+
+def _reference_lca(anc_or_self, depth, i, j):
+    common = anc_or_self[i] & anc_or_self[j]
+    return max((int(depth[c]) for c in common), default=0)
+
+
+def test_relations_match_parent_pointer_reference(naics):
+    anc = reference_ancestors(naics)
+    anc_or_self = [a | {i} for i, a in enumerate(anc)]
+    rng = np.random.default_rng(0)
+    n = len(naics)
+    pairs = rng.integers(0, n, size=(3000, 2))
+    # plus pairs guaranteed to be related: (code, an ancestor) and (code, sibling)
+    for i in rng.integers(0, n, size=300):
+        if anc[i]:
+            pairs = np.vstack([pairs, [[i, rng.choice(sorted(anc[i]))]], [[rng.choice(sorted(anc[i])), i]]])
+        sibs = [j for j in range(n) if naics.parent[j] == naics.parent[i] and j != i]
+        if sibs:
+            pairs = np.vstack([pairs, [[i, rng.choice(sibs)]]])
+    for i, j in pairs:
+        lca = _reference_lca(anc_or_self, naics.depth, i, j)
+        assert naics.lca_depth[i, j] == lca
+        assert naics.tree_distance[i, j] == naics.depth[i] + naics.depth[j] - 2 * lca
+        assert naics.is_ancestor[i, j] == (j in anc[i])
+        assert naics.related[i, j] == (i == j or j in anc[i] or i in anc[j])
+    for i in rng.integers(0, n, size=200):
+        assert naics.ancestors(i).tolist() == sorted(anc[i], key=lambda a: -naics.depth[a])
+        assert set(naics.descendants(i).tolist()) == {j for j in range(n) if i in anc[j]}
+        assert set(naics.siblings(i).tolist()) == {j for j in range(n) if naics.parent[j] == naics.parent[i] and j != i}
+
+
+def test_descendants_by_code_prefix(naics):
+    """NAICS fact: a code's descendants are exactly the codes it prefixes (a range: any of its prefixes)."""
+    for code in ["11", "31-33", "44-45", "5417", "54171", "111110"]:
+        if "-" in code:
+            lo, hi = code.split("-")
+            heads = tuple(str(v) for v in range(int(lo), int(hi) + 1))
+        else:
+            heads = (code,)
+        expected = {c for c in naics.codes if c != code and c.startswith(heads)}
+        got = {naics.codes[j] for j in naics.descendants(naics.index(code))}
+        assert got == expected, code
+    assert len(naics.descendants(naics.index("111110"))) == 0
+
+
+def test_index_unknown_code(naics):
+    with pytest.raises(KeyError, match="unknown code '999999'"):
+        naics.index("999999")
+    with pytest.raises(KeyError, match="'31'"):
+        naics.indices(["11", "31"])
+
+
+def test_fingerprint_follows_code_list():
+    base = Taxonomy.from_records([{"code": c, "title": t} for c, t in TINY_ROWS])
+    retitled = Taxonomy.from_records([{"code": c, "title": t + " x"} for c, t in TINY_ROWS])
+    grown = Taxonomy.from_records([{"code": c, "title": t} for c, t in TINY_ROWS + [("1112", "Vegetables")]])
+    assert base.fingerprint == retitled.fingerprint  # the id space, not the text
+    assert base.fingerprint != grown.fingerprint
+    assert Taxonomy.naics2022().fingerprint != base.fingerprint
+
+
+# ---------------------------------------------------------------- CSV
+
+def test_csv_minimal(make_csv):
+    tx = Taxonomy.from_csv(make_csv(TINY_ROWS))
+    assert tx.codes == sorted(c for c, _ in TINY_ROWS)
+    assert tx.codes[tx.parent[tx.index("311")]] == "31-33"
+    assert tx.codes[tx.parent[tx.index("1111")]] == "111"
+    assert tx.depth[tx.index("3111")] == 3
+    assert tx.text(tx.index("111")) == "Crop Production"
+    assert load_taxonomy(make_csv(TINY_ROWS)).codes == tx.codes
+
+
+def test_csv_optional_columns(make_csv):
+    header = ("code", "title", "description", "examples", "excluded_codes")
+    rows = [("11", "Agriculture", "Growing crops", "corn; wheat", ""),
+            ("111", "Crops", "", "soy", "112"),
+            ("112", "Animals", "Raising animals", "", "")]
+    tx = Taxonomy.from_csv(make_csv(rows, header=header))
+    assert tx.text(tx.index("11")) == "Agriculture. Growing crops. corn; wheat"
+    assert tx.text(tx.index("111")) == "Crops. soy"
+    assert tx.texts[tx.index("112")] == "Animals. Raising animals"
+    # a subset of the optional columns, in another order
+    tx2 = Taxonomy.from_csv(make_csv([("Agri", "11", "Farms")], header=("title", "code", "description")))
+    assert tx2.texts == ["Agri. Farms"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rows=[("11", "A", "x")], header=("code", "title", "colour")), r"unknown column.*'colour'"),
+        (dict(rows=[("11",)], header=("code",)), r"lacks column.*'title'"),
+        (dict(rows=[("A",)], header=("title",)), r"lacks column.*'code'"),
+        (dict(rows=[("11", "A"), ("111", "B"), ("111", "C")]), r"duplicate code '111'"),
+        (dict(rows=[("11", "A"), ("2111", "B")]), r"code '2111' has no parent"),
+        (dict(rows=[("11", "A"), ("12a", "B")]), r"row 2: code '12a'"),
+        (dict(rows=[("11", "A"), ("111", "  ")]), r"code '111' has an empty title"),
+        (dict(rows=[("33-31", "A")]), r"'33-31' is malformed"),
+        (dict(rows=[("3-33", "A")]), r"'3-33' is malformed"),
+        (dict(rows=[("31-33", "A"), ("32", "B")]), r"overlaps"),
+        (dict(rows=[("31-33", "A"), ("33-34", "B")]), r"'33'"),
+        (dict(raw="code,title\n11,A,extra\n"), r"line 2: more fields than the header"),
+        (dict(rows=[]), r"at least one code"),
+    ],
+)
+def test_csv_bad_input(make_csv, kwargs, match):
+    with pytest.raises(TaxonomyError, match=match):
+        Taxonomy.from_csv(make_csv(**kwargs))
+
+
+def test_csv_missing_file(tmp_path):
+    with pytest.raises(TaxonomyError, match="nope.csv.*does not exist"):
+        Taxonomy.from_csv(tmp_path / "nope.csv")
+    with pytest.raises(TypeError, match="taxonomy=3"):
+        load_taxonomy(3)
