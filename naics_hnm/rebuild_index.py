@@ -1,0 +1,169 @@
+"""Build a FAISS index of every code: ``python -m naics_hnm.rebuild_index``.
+
+With no arguments it embeds NAICS 2022 with the offline pretrained all-MiniLM-L6-v2 and writes
+``indexes/naics2022_minilm.faiss`` (+ ``.json`` sidecar). ``--checkpoint`` embeds with a Lightning
+checkpoint of :class:`naics_hnm.encoder.NAICSEncoder` (or of your module via ``--model-class``);
+``--embeddings`` indexes an HDF5 embeddings file as is. Bad input ends with one line on stderr and
+a non-zero exit status; the previous index is left untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger("naics_hnm.rebuild_index")
+DEFAULT_OUTPUT = Path("indexes") / "naics2022_minilm.faiss"
+
+
+class CLIError(Exception):
+    """A problem with the command's input, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage block
+        self.exit(2, f"rebuild_index: error: {message} (see --help)\n")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = _Parser(
+        prog="python -m naics_hnm.rebuild_index",
+        description="Build a FAISS index (+ JSON sidecar) over the embeddings of every taxonomy code.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=Path, help="Lightning checkpoint (.ckpt) of the encoder to embed with")
+    source.add_argument("--embeddings", type=Path, help="HDF5 embeddings file (datasets 'embeddings', 'codes')")
+    source.add_argument("--model", help="transformers model name or local path to embed with "
+                                        "(default: the offline all-MiniLM-L6-v2)")
+    parser.add_argument("--model-class", default="naics_hnm.encoder:NAICSEncoder",
+                        help="'module:Class' of the LightningModule in --checkpoint; it needs embed(tokens) "
+                             "(default: %(default)s)")
+    parser.add_argument("--taxonomy", type=Path, help="taxonomy CSV (code,title[,...]); default NAICS 2022")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="index path (default: %(default)s)")
+    parser.add_argument("--metric", choices=("cosine", "ip", "l2"), default="cosine", help="default: %(default)s")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="index and embedding device; auto = GPU when torch and faiss see one (default)")
+    parser.add_argument("--batch-size", type=int, default=256, help="codes per forward pass (default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=32, help="tokens per code text (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: expected an int >= 1")
+    return args
+
+
+def _load_module_class(spec: str) -> type:
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise CLIError(f"--model-class {spec!r}: expected 'module:Class'")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise CLIError(f"--model-class {spec!r}: cannot import ({err})") from None
+
+
+def load_checkpoint_model(path: Path, class_spec: str) -> torch.nn.Module:
+    """Instantiate the module from a checkpoint's hyper-parameters and load its weights (weights_only)."""
+    if not path.is_file():
+        raise CLIError(f"--checkpoint {str(path)!r}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt or foreign file
+        raise CLIError(f"--checkpoint {str(path)!r}: not a readable weights-only checkpoint "
+                       f"({type(err).__name__})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CLIError(f"--checkpoint {str(path)!r}: no 'state_dict' inside; expected a Lightning checkpoint")
+    cls = _load_module_class(class_spec)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    try:
+        model = cls(**hparams)
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, RuntimeError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"--checkpoint {str(path)!r} does not fit {class_spec}: {first}") from None
+    if not callable(getattr(model, "embed", None)):
+        raise CLIError(f"--model-class {class_spec}: the module has no embed(tokens) method")
+    return model
+
+
+def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.ndarray:
+    from naics_hnm.embedding import embed_codes
+    from naics_hnm.token_cache import TokenCache, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model if args.model and not args.checkpoint else None)
+    encoded = tokenizer(taxonomy.texts, truncation=True, max_length=args.max_length, padding=True,
+                        return_tensors="pt")
+    cache = TokenCache(encoded["input_ids"], encoded["attention_mask"].sum(1), codes=taxonomy.codes,
+                       pad_token_id=int(tokenizer.pad_token_id or 0))
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    model.to(device)
+    return embed_codes(model.embed, cache, batch_size=args.batch_size, device=device, module=model,
+                       progress=not args.quiet, desc="embedding codes").cpu().numpy()
+
+
+def run(args: argparse.Namespace) -> dict:
+    from naics_hnm.embedding_index import EmbeddingIndex
+    from naics_hnm.embeddings_file import load_embeddings
+    from naics_hnm.taxonomy import load_taxonomy
+
+    t0 = time.perf_counter()
+    taxonomy = load_taxonomy(args.taxonomy)
+    if args.embeddings is not None:
+        loaded = load_embeddings(args.embeddings, expected_codes=taxonomy.codes)
+        embeddings, source = loaded.embeddings, f"embeddings file {args.embeddings}"
+        model_name, epoch = str(loaded.attrs.get("model", "")), loaded.attrs.get("epoch")
+    else:
+        if args.checkpoint is not None:
+            model = load_checkpoint_model(args.checkpoint, args.model_class)
+            source, model_name = f"checkpoint {args.checkpoint}", str(args.checkpoint)
+        else:
+            from naics_hnm.encoder import NAICSEncoder
+
+            model = NAICSEncoder(args.model)
+            source, model_name = f"model {model.model_name}", model.model_name
+        embeddings, epoch = _embed(model, taxonomy, args), None
+    if not np.isfinite(embeddings).all():
+        bad = int(np.flatnonzero(~np.isfinite(embeddings).all(axis=1))[0])
+        raise CLIError(f"embeddings from {source} contain NaN/inf (first at row {bad}, code {taxonomy.codes[bad]!r})")
+    t1 = time.perf_counter()
+    index = EmbeddingIndex.build(embeddings, metric=args.metric, device=args.device, codes=taxonomy.codes,
+                                 model_fingerprint=model_name, epoch=None if epoch in (None, -1) else int(epoch))
+    index.save(args.output)
+    t2 = time.perf_counter()
+    return {"n": index.ntotal, "dim": index.dim, "device": index.device, "metric": args.metric,
+            "source": source, "embed_s": t1 - t0, "build_s": t2 - t1, "path": str(args.output)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_log = logging.getLogger("naics_hnm")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        summary = run(args)
+    except KeyboardInterrupt:
+        print("rebuild_index: interrupted; the previous index is untouched", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, OSError, KeyError, RuntimeError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"rebuild_index: error: {message}", file=sys.stderr)
+        return 2
+    print(f"Indexed {summary['n']} codes (dim {summary['dim']}, metric {summary['metric']}) from "
+          f"{summary['source']} on {summary['device']}: embedding/loading {summary['embed_s']:.1f}s, "
+          f"index build + save {summary['build_s']:.2f}s. Index written to {summary['path']} "
+          f"(+ {Path(summary['path']).name}.json sidecar).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
