@@ -139,7 +139,22 @@ def test_placement_hits_parent_direction(taxonomy, six, tree_embedding):
         mask[with_siblings[taxonomy.parent[with_siblings] == p][0]] = True
     embeddings = tree_embedding.copy()
     embeddings[mask] = tree_embedding[taxonomy.parent[mask]]
-    assert placement_hits(embeddings, taxonomy, mask) == {"parent5": 1.0, "parent4": 1.0}
+    hits = placement_hits(embeddings, taxonomy, mask)
+    assert {k: hits[k] for k in ("parent5", "parent4", "parent5_reachable", "parent5_ceiling")} == {
+        "parent5": 1.0, "parent4": 1.0, "parent5_reachable": 1.0, "parent5_ceiling": 1.0}
+
+
+def test_placement_ceiling_on_default_split(taxonomy):
+    """Held-out codes without a trained sibling cannot hit their parent: the ceiling says how many can."""
+    mask = holdout_split(taxonomy, 0.2, seed=0)
+    six = taxonomy.level(5)
+    held, trained = six[mask[six]], six[~mask[six]]
+    reachable = np.array([(taxonomy.parent[trained] == taxonomy.parent[h]).any() for h in held])
+    rng = np.random.default_rng(1)
+    hits = placement_hits(rng.normal(size=(len(taxonomy), 16)), taxonomy, mask)
+    assert hits["parent5_ceiling"] == pytest.approx(reachable.mean())
+    assert hits["parent5"] <= hits["parent5_ceiling"]
+    assert hits["parent5_reachable"] == pytest.approx(hits["parent5"] / hits["parent5_ceiling"])
 
 
 def test_placement_hits_with_holdout_split(taxonomy, six, tree_embedding):
@@ -160,6 +175,8 @@ def test_evaluate_embeddings_keys_and_torch(taxonomy, tree_embedding):
     assert set(metrics) == {
         "cophenetic_pearson", "cophenetic_spearman", "ndcg@10",
         "heldout_ndcg@10", "heldout_parent5_hit", "heldout_parent4_hit",
+        "heldout_parent5_hit_reachable", "heldout_parent4_hit_reachable",
+        "heldout_parent5_ceiling", "heldout_parent4_ceiling",
     }
     assert metrics["heldout_ndcg@10"] == pytest.approx(1.0)
     assert all(isinstance(v, float) for v in metrics.values())
