@@ -61,7 +61,8 @@ class StreamingConfig:
             self.n_candidates,
             f"an int >= n_negatives ({self.n_negatives})",
         )
-        relations = tuple(self.positive_relations)
+        relations = (self.positive_relations,) if isinstance(self.positive_relations, str) else tuple(
+            self.positive_relations)
         allowed = [r.value for r in Relation]
         _check(
             len(relations) > 0 and all(r in allowed for r in relations) and len(set(relations)) == len(relations),
@@ -75,6 +76,13 @@ class StreamingConfig:
             "max_siblings",
             self.max_siblings,
             "None or an int >= 1",
+        )
+        _check(
+            not isinstance(self.exclude_codes, str)
+            and all(isinstance(c, str) for c in self.exclude_codes),
+            "exclude_codes",
+            self.exclude_codes,
+            "a sequence of code strings, e.g. ('311111',)",
         )
         object.__setattr__(self, "exclude_codes", tuple(self.exclude_codes))
 

@@ -138,15 +138,17 @@ class NegativeTable:
         """Buckets asking for at most half of what they hold: draw, then redraw collisions."""
         b, n = slot_bucket.shape
         bk = np.minimum(slot_bucket, 2)
-        todo = (slot_bucket < 3) & ~dense[np.arange(b)[:, None], bk]
+        sparse = (slot_bucket < 3) & ~dense[np.arange(b)[:, None], bk]
         base = self.offsets[anchors[:, None], bk]
         size = self.sizes[anchors[:, None], bk]
+        todo = sparse
         for round_ in range(_MAX_ROUNDS):
             if not todo.any():
                 return
             u = uniforms(keys, round_, n)
             pos[todo] = (base + np.floor(u * size).astype(np.int64))[todo]
-            todo = _later_duplicates(pos, excluded_pos) & todo
+            # a redrawn slot may hit a later, settled one: the later one is redrawn then
+            todo = _later_duplicates(pos, excluded_pos) & sparse
         pos[todo] = -1
 
 

@@ -54,10 +54,10 @@ def as_id_tensor(ids: Any, name: str, device: torch.device | str, ndim: int) -> 
     """Integer ids (numpy, torch or a nested list) as an int64 tensor on ``device``."""
     if not isinstance(ids, torch.Tensor):
         ids = np.asarray(ids)
-        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
-            if ids.size or ids.dtype != np.float64:
-                raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
+        if ids.size == 0 and ids.dtype == np.float64:  # np.asarray([]) is float64
             ids = ids.astype(np.int64)
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
         ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
     elif ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
@@ -175,7 +175,9 @@ def vectors_path(path: str | Path) -> Path:
 class EmbeddingIndex:
     """Exact (flat) or approximate faiss index plus a float32 copy of the vectors for ranking.
 
-    Build with :meth:`build` or :meth:`load`; the constructor is internal.
+    Build with :meth:`build` or :meth:`load`; the constructor is internal. With a faiss GPU build,
+    a visible GPU and torch CUDA, ``device="auto"`` puts flat indexes on the GPU; approximate
+    indexes stay on CPU while ``vectors`` (used by :meth:`rank`) still live on the GPU.
     """
 
     def __init__(
@@ -211,7 +213,9 @@ class EmbeddingIndex:
                 self._cpu_index = None
                 logger.info("faiss index on GPU %d %s", gpu, where)
             else:
-                logger.info("faiss index on CPU (approximate index %r stays on CPU; rank on GPU %d) %s", index_type, gpu, where)
+                logger.info(
+                    "faiss index on CPU (approximate index %r stays on CPU; rank on GPU %d) %s", index_type, gpu, where
+                )
             self._vectors = torch.from_numpy(vectors).to(f"cuda:{gpu}")
         else:
             logger.info("faiss index on CPU %s", where)
@@ -370,7 +374,8 @@ class EmbeddingIndex:
         candidates = as_id_tensor(candidate_ids, "candidate_ids", self._vectors.device, 2)
         if candidates.shape[0] != anchors.shape[0]:
             raise ValueError(
-                f"candidate_ids has {candidates.shape[0]} rows but anchor_ids has {anchors.shape[0]}; expected [B, C] and [B]"
+                f"candidate_ids has {candidates.shape[0]} rows but anchor_ids has {anchors.shape[0]}; "
+                "expected [B, C] and [B]"
             )
         check_id_range(anchors, "anchor_ids", self.ntotal, allow_padding=False)
         check_id_range(candidates, "candidate_ids", self.ntotal, allow_padding=True)
@@ -481,7 +486,12 @@ class EmbeddingIndex:
         expected_codes: Sequence[str] | None = None,
         expected_dim: int | None = None,
     ) -> "EmbeddingIndex":
-        """Read an index written by :meth:`save`, checking it against its sidecar and expectations."""
+        """Read an index written by :meth:`save`, checking it against its sidecar and expectations.
+
+        ``expected_codes`` (a code list, or anything with ``.codes`` such as a Taxonomy) must match
+        the sidecar's code fingerprint; ``expected_dim`` its dim. Mismatches and corrupt files raise
+        :class:`IndexFileError` naming the file and both values.
+        """
         path = Path(path)
         meta = _read_sidecar(path)
         if expected_dim is not None and int(expected_dim) != meta["dim"]:
@@ -560,7 +570,9 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
             f"index sidecar {str(meta_path)!r} has format_version {meta['format_version']!r}, expected {FORMAT_VERSION}"
         )
     if meta["metric"] not in METRICS:
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} has metric {meta['metric']!r}, expected one of {METRICS}")
+        raise IndexFileError(
+            f"index sidecar {str(meta_path)!r} has metric {meta['metric']!r}, expected one of {METRICS}"
+        )
     return meta
 
 
@@ -583,7 +595,9 @@ def _read_index(path: Path, meta: dict[str, Any]) -> faiss.Index:
             f"its sidecar says ntotal={meta['ntotal']}, dim={meta['dim']}"
         )
     if index.metric_type != _faiss_metric(meta["metric"]):
-        raise IndexFileError(f"index file {str(path)!r} has faiss metric {index.metric_type}, sidecar says {meta['metric']!r}")
+        raise IndexFileError(
+            f"index file {str(path)!r} has faiss metric {index.metric_type}, sidecar says {meta['metric']!r}"
+        )
     return index
 
 
@@ -593,9 +607,13 @@ def _read_vectors(path: Path, meta: dict[str, Any]) -> np.ndarray:
         raise IndexFileError(f"vectors file {str(file)!r} for approximate index {str(path)!r} does not exist")
     digest = _sha256_file(file)
     if digest != meta.get("vectors_sha256"):
-        raise IndexFileError(f"vectors file {str(file)!r} has sha256 {digest}, sidecar says {meta.get('vectors_sha256')}")
+        raise IndexFileError(
+            f"vectors file {str(file)!r} has sha256 {digest}, sidecar says {meta.get('vectors_sha256')}"
+        )
     vectors = np.load(file, allow_pickle=False)
     expected = (meta["ntotal"], meta["dim"])
     if vectors.shape != expected or vectors.dtype != np.float32:
-        raise IndexFileError(f"vectors file {str(file)!r} holds {vectors.dtype} {vectors.shape}, expected float32 {expected}")
+        raise IndexFileError(
+            f"vectors file {str(file)!r} holds {vectors.dtype} {vectors.shape}, expected float32 {expected}"
+        )
     return np.ascontiguousarray(vectors)

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
+from transformers.utils import logging as hf_logging
 
 from naics_hnm.losses import info_nce
 from naics_hnm.token_cache import default_tokenizer_path
@@ -16,6 +17,18 @@ from naics_hnm.token_cache import default_tokenizer_path
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+def _without_pooler(factory, source):
+    """Mean pooling ignores a BERT-style pooler; leaving it out keeps DDP free of unused parameters."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the dropped pooler weights are expected, not worth a report
+    try:
+        return factory(source, add_pooling_layer=False)
+    except TypeError:
+        return factory(source)
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 class NAICSEncoder(pl.LightningModule):
@@ -45,9 +58,9 @@ class NAICSEncoder(pl.LightningModule):
             model_type = cfg.pop("model_type", None)
             if model_type is None:
                 raise ValueError(f"config={config!r}: expected a 'model_type' key (e.g. 'bert')")
-            self.encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **cfg))
+            self.encoder = _without_pooler(AutoModel.from_config, AutoConfig.for_model(model_type, **cfg))
         else:
-            self.encoder = AutoModel.from_pretrained(model or default_tokenizer_path())
+            self.encoder = _without_pooler(AutoModel.from_pretrained, model or default_tokenizer_path())
         layers = self._layers()
         if not (isinstance(freeze_layers, int) and 0 <= freeze_layers <= len(layers)):
             raise ValueError(f"freeze_layers={freeze_layers!r}: expected an int in [0, {len(layers)}]")

@@ -85,7 +85,9 @@ def exclude_mask(candidates: torch.Tensor, exclude: Any) -> torch.Tensor:
         mask = exclude if isinstance(exclude, torch.Tensor) else torch.from_numpy(np.asarray(exclude))
         return mask.to(candidates.device)
     if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__"):
-        raise TypeError(f"exclude must be a bool mask [B, C] or a list of B id collections, got {type(exclude).__name__}")
+        raise TypeError(
+            f"exclude must be a bool mask [B, C] or a list of B id collections, got {type(exclude).__name__}"
+        )
     if len(exclude) != b:
         raise ValueError(f"exclude has {len(exclude)} entries, expected one id collection per anchor (B={b})")
     rows = []
@@ -157,7 +159,9 @@ def guard_tensors(
     lca_t = None if lca_depth is None else as_relation_matrix(lca_depth, "lca_depth")
     n = next((m.shape[0] for m in (related_t, lca_t) if m is not None), None)
     if related_t is not None and lca_t is not None and lca_t.shape != related_t.shape:
-        raise ValueError(f"lca_depth is {tuple(lca_t.shape)} but related is {tuple(related_t.shape)}; expected equal shapes")
+        raise ValueError(
+            f"lca_depth is {tuple(lca_t.shape)} but related is {tuple(related_t.shape)}; expected equal shapes"
+        )
     if n is not None:
         check_id_range(anchors, "anchor_ids", n, allow_padding=False)
         check_id_range(candidates, "candidate_ids", n, allow_padding=True)
@@ -202,8 +206,8 @@ def margin_mask(candidate_scores: Any, positive_scores: Any, relative_margin: fl
     m = check_margin(relative_margin)
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}: expected one of {METRICS}")
-    scores = candidate_scores if isinstance(candidate_scores, torch.Tensor) else torch.from_numpy(np.asarray(candidate_scores))
-    pos = positive_scores if isinstance(positive_scores, torch.Tensor) else torch.from_numpy(np.asarray(positive_scores))
+    scores, pos = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+                   for x in (candidate_scores, positive_scores))
     pos = pos.to(device=scores.device, dtype=scores.dtype)
     if scores.dim() != 2 or pos.shape != scores.shape[:1]:
         raise ValueError(

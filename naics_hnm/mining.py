@@ -116,7 +116,9 @@ def _validate(
     if candidate_ids is not None:
         candidates = as_id_tensor(candidate_ids, "candidate_ids", device, 2)
         if candidates.shape[0] != anchors.shape[0]:
-            raise ValueError(f"candidate_ids has {candidates.shape[0]} rows, expected B={anchors.shape[0]} (one per anchor)")
+            raise ValueError(
+                f"candidate_ids has {candidates.shape[0]} rows, expected B={anchors.shape[0]} (one per anchor)"
+            )
         check_id_range(candidates, "candidate_ids", n, allow_padding=True)
     elif is_bool_mask(exclude):
         raise ValueError("exclude as a bool mask [B, C] needs candidate_ids; pass per-anchor id collections instead")
@@ -127,13 +129,19 @@ def _validate(
             raise ValueError(f"positive_ids has shape {tuple(positives.shape)}, expected [B] = [{anchors.shape[0]}]")
         check_id_range(positives, "positive_ids", n, allow_padding=True)
     if exclude is not None and not isinstance(exclude, (np.ndarray, torch.Tensor)) and len(exclude) != anchors.shape[0]:
-        raise ValueError(f"exclude has {len(exclude)} entries, expected one id collection per anchor (B={anchors.shape[0]})")
+        raise ValueError(
+            f"exclude has {len(exclude)} entries, expected one id collection per anchor (B={anchors.shape[0]})"
+        )
     margin = None if relative_margin is None else check_margin(relative_margin)
     if margin is not None and positives is None:
-        raise ValueError(f"relative_margin={relative_margin!r} needs positive_ids (the margin is relative to the positive)")
+        raise ValueError(
+            f"relative_margin={relative_margin!r} needs positive_ids (the margin is relative to the positive)"
+        )
     if taxonomy is not None:
         if len(taxonomy) != n:
-            raise ValueError(f"taxonomy has {len(taxonomy)} codes but the index has {n} rows; expected the same id space")
+            raise ValueError(
+                f"taxonomy has {len(taxonomy)} codes but the index has {n} rows; expected the same id space"
+            )
         if index.codes_fingerprint is not None and index.codes_fingerprint != taxonomy.fingerprint:
             raise ValueError(
                 f"taxonomy fingerprint {taxonomy.fingerprint} differs from the index's {index.codes_fingerprint}"

@@ -55,7 +55,8 @@ def ref_search(x: np.ndarray, q: np.ndarray, metric: str, k: int):
     scores = np.take_along_axis(s, order, axis=1)
     pad = k - order.shape[1]
     worst = np.inf if metric == "l2" else -np.inf
-    return np.pad(scores, ((0, 0), (0, pad)), constant_values=worst), np.pad(order, ((0, 0), (0, pad)), constant_values=-1)
+    padded_scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=worst)
+    return padded_scores, np.pad(order, ((0, 0), (0, pad)), constant_values=-1)
 
 
 @pytest.fixture(scope="module")
