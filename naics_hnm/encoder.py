@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as hf_logging
 
 from naics_hnm.losses import info_nce
-from naics_hnm.token_cache import default_tokenizer_path
+from naics_hnm.token_cache import TokenCache, default_tokenizer_path
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -41,12 +41,16 @@ class NAICSEncoder(pl.LightningModule):
         lr, weight_decay: AdamW settings.
         temperature: InfoNCE temperature.
         in_batch_negatives: also use the other rows' positives as negatives.
-        freeze_layers: freeze the embeddings and this many lower transformer layers.
+        freeze_layers: freeze the embeddings and this many lower transformer layers (kept in eval
+            mode, so they are deterministic).
+        cache_frozen: with ``freeze_layers > 0``, run the frozen part once per code at fit start
+            (from the datamodule's token cache) and let ``embed`` start from those hidden states for
+            any token row it recognises; the result equals the full forward pass.
     """
 
     def __init__(self, model: str | None = None, *, config: dict[str, Any] | None = None, lr: float = 5e-5,
                  weight_decay: float = 0.01, temperature: float = 0.05, in_batch_negatives: bool = False,
-                 freeze_layers: int = 0) -> None:
+                 freeze_layers: int = 0, cache_frozen: bool = True) -> None:
         super().__init__()
         if model is not None and config is not None:
             raise ValueError("NAICSEncoder(model=..., config=...): give one of them, not both")
@@ -64,10 +68,37 @@ class NAICSEncoder(pl.LightningModule):
         layers = self._layers()
         if not (isinstance(freeze_layers, int) and 0 <= freeze_layers <= len(layers)):
             raise ValueError(f"freeze_layers={freeze_layers!r}: expected an int in [0, {len(layers)}]")
-        if freeze_layers:
-            for module in [self.encoder.embeddings, *layers[:freeze_layers]]:
-                for p in module.parameters():
-                    p.requires_grad_(False)
+        self._frozen = [self.encoder.embeddings, *layers[:freeze_layers]] if freeze_layers else []
+        for module in self._frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
+        self._prefix: FrozenPrefix | None = None
+
+    def train(self, mode: bool = True) -> "NAICSEncoder":
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        cache = getattr(dm, "token_cache", None)
+        if stage == "fit" and self.hparams.freeze_layers and self.hparams.cache_frozen and cache is not None:
+            self.cache_frozen_prefix(cache)
+
+    @torch.no_grad()
+    def cache_frozen_prefix(self, token_cache: TokenCache, batch_size: int = 256) -> None:
+        """Hidden states after the frozen layers for every code of ``token_cache``."""
+        if not self.hparams.freeze_layers:
+            raise ValueError("cache_frozen_prefix() needs freeze_layers > 0")
+        self._prefix = FrozenPrefix.build(self, token_cache, batch_size)
+
+    def _run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
+        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in layers:
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
 
     def _layers(self) -> torch.nn.ModuleList:
         return self.encoder.encoder.layer
@@ -83,7 +114,12 @@ class NAICSEncoder(pl.LightningModule):
         lead = input_ids.shape[:-1]
         ids = input_ids.reshape(-1, input_ids.shape[-1])
         mask = tokens["attention_mask"].reshape(-1, input_ids.shape[-1])
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows = self._prefix.lookup(ids, mask) if self._prefix is not None else None
+        if rows is None or bool((rows < 0).any()):
+            hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            start = self._prefix.hidden(rows, ids.shape[1], ids.device)
+            hidden = self._run_layers(start, mask, self._layers()[self.hparams.freeze_layers:])
         out = F.normalize(mean_pool(hidden, mask), dim=-1)
         return out.reshape(*lead, -1) if len(lead) != 1 else out
 
@@ -111,6 +147,53 @@ class NAICSEncoder(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+class FrozenPrefix:
+    """Hidden states after an encoder's frozen layers, one row per code, found by token content."""
+
+    def __init__(self, states: torch.Tensor, keys: dict[bytes, int]) -> None:
+        self.states = states
+        self.keys = keys
+
+    @classmethod
+    def build(cls, encoder: NAICSEncoder, token_cache: TokenCache, batch_size: int) -> "FrozenPrefix":
+        device = encoder.device
+        n, width = token_cache.input_ids.shape
+        states: torch.Tensor | None = None
+        frozen = encoder._layers()[: encoder.hparams.freeze_layers]
+        for start in range(0, n, batch_size):
+            ids = torch.arange(start, min(start + batch_size, n))
+            tokens = token_cache.gather(ids, width)
+            input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+            hidden = encoder.encoder.embeddings(input_ids=input_ids)
+            hidden = encoder._run_layers(hidden, mask, frozen)
+            if states is None:
+                states = torch.zeros(n, width, hidden.shape[-1], dtype=hidden.dtype, device=device)
+            states[start : start + len(ids)] = hidden
+        keys = {}
+        for i in range(n):
+            if token_cache.present[i]:
+                keys.setdefault(_row_key(token_cache.input_ids[i, : int(token_cache.lengths[i])]), i)
+        assert states is not None
+        return cls(states, keys)
+
+    def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Code row for each token row, -1 where unknown."""
+        lengths = attention_mask.sum(1).tolist()
+        ids = input_ids.cpu()
+        return torch.tensor([self.keys.get(_row_key(ids[r, :n]), -1) for r, n in enumerate(lengths)],
+                            dtype=torch.long)
+
+    def hidden(self, rows: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
+        states = self.states[rows.to(self.states.device), :width]
+        if states.shape[1] < width:
+            states = F.pad(states, (0, 0, 0, width - states.shape[1]))
+        return states.to(device)
+
+
+def _row_key(ids: torch.Tensor) -> bytes:
+    return ids.to(torch.int64).numpy().tobytes()
 
 
 TINY_BERT = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,

@@ -49,14 +49,21 @@ class Recorder(NAICSEncoder):
 
 
 def fit(dm, max_epochs, callbacks=(), ckpt_path=None, checkpointing=False):
+    """A short real fit. Intra-op threads are 1 for its duration only (restored after): on a busy 2-core
+    machine two OpenMP threads make each tiny step 10x slower; the data under test does not depend on it."""
     torch.manual_seed(0)
     model = Recorder()
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, limit_val_batches=1,
                          num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
                          logger=False, enable_checkpointing=checkpointing, callbacks=list(callbacks))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    finally:
+        torch.set_num_threads(threads)
     return model.records
 
 

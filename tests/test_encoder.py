@@ -1,0 +1,91 @@
+"""The reference encoder: embed() contract, frozen-prefix cache, InfoNCE."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from naics_hnm.encoder import TINY_BERT, NAICSEncoder
+from naics_hnm.losses import info_nce
+from naics_hnm.token_cache import TokenCache
+
+
+@pytest.fixture(scope="module")
+def cache() -> TokenCache:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 12, (40,), generator=g)
+    ids = torch.randint(1000, 2000, (40, 12), generator=g)
+    ids[:, 0] = 101
+    ids = torch.where(torch.arange(12)[None, :] < lengths[:, None], ids, torch.zeros_like(ids))
+    return TokenCache(ids, lengths)
+
+
+def test_embed_is_unit_norm_and_ignores_padding(cache):
+    model = NAICSEncoder(config=TINY_BERT).eval()
+    tokens = cache.gather(torch.arange(10))
+    out = model.embed(tokens)
+    assert out.shape == (10, TINY_BERT["hidden_size"])
+    assert torch.allclose(out.norm(dim=1), torch.ones(10), atol=1e-5)
+    wider = cache.gather(torch.arange(10), width=12)
+    assert torch.allclose(model.embed(wider), out, atol=1e-5)
+    nested = {k: v.reshape(2, 5, -1) for k, v in tokens.items()}
+    assert torch.allclose(model.embed(nested).reshape(10, -1), out, atol=1e-6)
+
+
+def test_frozen_prefix_cache_equals_full_forward(cache):
+    torch.manual_seed(0)
+    model = NAICSEncoder(config=TINY_BERT, freeze_layers=1).eval()
+    full = model.embed(cache.gather(torch.arange(40))).detach()
+    model.cache_frozen_prefix(cache)
+    assert model._prefix is not None
+    ids = torch.tensor([5, 3, 3, 39, 0])
+    tokens = cache.gather(ids)
+    rows = model._prefix.lookup(tokens["input_ids"], tokens["attention_mask"])
+    assert rows.tolist() == ids.tolist()
+    assert torch.allclose(model.embed(tokens), full[ids], atol=1e-5)
+    # a token row that is not a cached code falls back to the full forward pass
+    unknown = {k: v.clone() for k, v in tokens.items()}
+    unknown["input_ids"][0, 1] = 7
+    assert model._prefix.lookup(unknown["input_ids"], unknown["attention_mask"])[0] == -1
+    reference = NAICSEncoder(config=TINY_BERT, freeze_layers=1)
+    reference.load_state_dict(model.state_dict())
+    assert torch.allclose(model.embed(unknown), reference.eval().embed(unknown), atol=1e-6)
+
+
+def test_frozen_layers_stay_in_eval_and_get_no_gradient(cache):
+    model = NAICSEncoder(config=TINY_BERT, freeze_layers=1).train()
+    layers = model.encoder.encoder.layer
+    assert not layers[0].training and layers[1].training
+    model.embed(cache.gather(torch.arange(8))).sum().backward()
+    assert layers[0].attention.self.query.weight.grad is None
+    assert layers[1].attention.self.query.weight.grad.abs().sum() > 0
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="freeze_layers=5"):
+        NAICSEncoder(config=TINY_BERT, freeze_layers=5)
+    with pytest.raises(ValueError, match="model_type"):
+        NAICSEncoder(config={"hidden_size": 8})
+    with pytest.raises(ValueError, match="temperature=0"):
+        NAICSEncoder(config=TINY_BERT, temperature=0)
+
+
+def test_info_nce_matches_a_hand_computed_softmax():
+    a = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
+    p = F.normalize(torch.tensor([[1.0, 0.2], [0.3, 1.0]]), dim=1)
+    n = F.normalize(torch.tensor([[[0.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [5.0, 5.0]]]), dim=2)
+    mask = torch.tensor([[True, True], [True, False]])
+    tau = 0.5
+    expected = 0.0
+    for b in range(2):
+        logits = [float(a[b] @ p[b]) / tau] + [float(a[b] @ n[b, j]) / tau for j in range(2) if mask[b, j]]
+        expected += -logits[0] + math.log(sum(math.exp(x) for x in logits))
+    loss = info_nce(a, p, n, mask, temperature=tau)
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
+    # masked negatives do not count: changing the padded vector leaves the loss unchanged
+    n2 = n.clone()
+    n2[1, 1] = torch.tensor([0.0, 1.0])
+    assert info_nce(a, p, n2, mask, temperature=tau).item() == pytest.approx(loss.item())
