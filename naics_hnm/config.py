@@ -13,6 +13,7 @@ class Relation(str, enum.Enum):
     PARENT = "parent"  # anchor -> its parent
     CHILD = "child"  # anchor -> each of its children
     SIBLING = "sibling"  # anchor -> each code with the same parent
+    LEVELS = "levels"  # one item per anchor; the positive is drawn each epoch from a tree level
 
 
 class Schedule(str, enum.Enum):
@@ -36,7 +37,10 @@ class StreamingConfig:
         seed: keys every draw together with (epoch, index); same seed, same negatives.
         n_negatives: K, negatives selected per item for Phase 1 training.
         n_candidates: C, size of the oversampled pool per item that Phase 2+ ranks (>= K).
-        positive_relations: which tree relations form (anchor, positive) pairs.
+        positive_relations: which tree relations form (anchor, positive) pairs; ``("levels",)``
+            instead makes one item per anchor whose positive is drawn each epoch: a level d
+            (weight ``level_decay**d``), then a code whose LCA with the anchor is at depth d.
+        level_decay: weight base of the levels (> 1 favours near relatives).
         max_siblings: at most this many sibling positives per anchor (a fixed, seeded choice);
             None keeps all of them.
         exclude_codes: codes that never appear as anchor, positive, negative or candidate
@@ -49,6 +53,7 @@ class StreamingConfig:
     n_candidates: int = 48
     positive_relations: tuple[str, ...] = ("parent", "sibling")
     max_siblings: int | None = None
+    level_decay: float = 2.0
     exclude_codes: tuple[str, ...] = ()
     taxonomy: str | None = None
 
@@ -70,7 +75,19 @@ class StreamingConfig:
             self.positive_relations,
             f"a non-empty tuple of distinct values from {allowed}",
         )
+        _check(
+            Relation.LEVELS.value not in relations or len(relations) == 1,
+            "positive_relations",
+            self.positive_relations,
+            "('levels',) alone, or fixed relations without 'levels'",
+        )
         object.__setattr__(self, "positive_relations", relations)
+        _check(
+            isinstance(self.level_decay, (int, float)) and math.isfinite(self.level_decay) and self.level_decay > 0,
+            "level_decay",
+            self.level_decay,
+            "a number > 0",
+        )
         _check(
             self.max_siblings is None or (isinstance(self.max_siblings, int) and self.max_siblings >= 1),
             "max_siblings",
@@ -104,6 +121,7 @@ class SamplingConfig:
     semi_hard_start: float = 0.20
     semi_hard_end: float = 0.40
     schedule: Schedule = field(default=Schedule.LINEAR)
+    order_filter: bool = False
 
     def __post_init__(self) -> None:
         for name in ("easy_start", "easy_end", "semi_hard_start", "semi_hard_end"):
@@ -117,6 +135,7 @@ class SamplingConfig:
         for when in ("start", "end"):
             total = getattr(self, f"easy_{when}") + getattr(self, f"semi_hard_{when}")
             _check(total <= 1.0 + 1e-9, f"easy_{when} + semi_hard_{when}", total, "<= 1 (hard takes the rest)")
+        _check(isinstance(self.order_filter, bool), "order_filter", self.order_filter, "True or False")
         try:
             object.__setattr__(self, "schedule", Schedule(self.schedule))
         except ValueError:

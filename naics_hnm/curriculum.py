@@ -44,58 +44,118 @@ def spill(request: np.ndarray, available: np.ndarray) -> np.ndarray:
 
 
 class NegativeTable:
-    """Per-anchor valid negatives grouped by bucket, for a taxonomy and a set of allowed codes."""
+    """Per-anchor valid negatives for a taxonomy and a set of allowed codes.
+
+    Each anchor's valid negatives (not itself, not an ancestor or descendant, allowed) are stored
+    in one flat array, sorted by the depth of their lowest common ancestor (LCA) with the anchor,
+    so every difficulty bucket is a contiguous range. For an item whose negatives may share at most
+    LCA depth ``max_lca`` with the anchor: easy = LCA at the root, hard = LCA at ``max_lca``,
+    semi-hard = in between. By default ``max_lca`` is the anchor's parent level (hard = the
+    nearest non-related codes); with the order filter it is one above the positive's LCA.
+    """
 
     def __init__(self, taxonomy: Taxonomy, allowed: np.ndarray | None = None) -> None:
         n = len(taxonomy)
         allowed = np.ones(n, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
         if allowed.shape != (n,):
             raise ValueError(f"allowed mask of shape {allowed.shape}: expected ({n},)")
-        lca = taxonomy.lca_depth
-        depth = taxonomy.depth.astype(np.int16)
-        bucket = np.where(lca == 0, EASY, SEMI_HARD).astype(np.int8)
-        hard = (lca == (depth[:, None] - 1)) & (depth[:, None] >= 2)
-        bucket[hard] = HARD
-        bucket[taxonomy.related | ~allowed[None, :]] = 3
-        order = np.argsort(bucket, axis=1, kind="stable")
-        counts = np.stack([(bucket == b).sum(axis=1) for b in range(3)], axis=1).astype(np.int64)
+        self.depth = taxonomy.depth.astype(np.int64)
+        levels = int(self.depth.max())
+        key = taxonomy.lca_depth.astype(np.int16)
+        key[taxonomy.related | ~allowed[None, :]] = levels + 1
+        order = np.argsort(key, axis=1, kind="stable")
+        counts = np.stack([(key == t).sum(axis=1) for t in range(levels)], axis=1).astype(np.int64)
         valid = counts.sum(axis=1)
         starts = np.concatenate([[0], np.cumsum(valid)[:-1]])
-        self.offsets = np.concatenate([starts[:, None], starts[:, None] + np.cumsum(counts, axis=1)], axis=1)
-        self.sizes = counts
+        # level_offsets[a, t]: start of LCA depth t in flat; level_offsets[a, levels]: end of a's list
+        self.level_offsets = np.concatenate([starts[:, None], starts[:, None] + np.cumsum(counts, axis=1)], axis=1)
         keep = np.arange(n)[None, :] < valid[:, None]
         self.flat = order[keep].astype(np.int32)
         self._position = np.empty((n, n), dtype=np.int64 if n > 32767 else np.int16)
         self._position[np.arange(n)[:, None], order] = np.arange(n)[None, :]
-        self._bucket = bucket
+        self._valid = key <= levels
+        self._lca = taxonomy.lca_depth
+
+    def default_max_lca(self, anchors: np.ndarray) -> np.ndarray:
+        """The anchor's parent level: every valid negative is eligible."""
+        return np.maximum(self.depth[np.asarray(anchors)] - 1, 0)
+
+    def ranges(self, anchors: np.ndarray, max_lca: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, sizes), each int64 [B, 3] in bucket order (hard, semi-hard, easy)."""
+        anchors = np.asarray(anchors, dtype=np.int64)
+        top = self.default_max_lca(anchors) if max_lca is None else np.minimum(
+            np.maximum(np.asarray(max_lca, dtype=np.int64), 0), self.default_max_lca(anchors))
+        off = self.level_offsets[anchors]
+        at = lambda t: np.take_along_axis(off, t[:, None], axis=1)[:, 0]  # noqa: E731
+        easy_lo, easy_hi = off[:, 0], off[:, 1]
+        hard_lo = np.where(top >= 1, at(top), easy_hi)
+        hard_hi = np.where(top >= 1, at(top + 1), easy_hi)
+        starts = np.stack([hard_lo, easy_hi, easy_lo], axis=1)
+        sizes = np.stack([hard_hi - hard_lo, np.maximum(hard_lo - easy_hi, 0), easy_hi - easy_lo], axis=1)
+        return starts, sizes
 
     def position(self, anchors: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Absolute position of ``codes`` in their anchor's list (into ``flat``), -1 if not a valid negative."""
         anchors, codes = np.asarray(anchors), np.asarray(codes)
-        ok = self._bucket[anchors, codes] < 3
-        pos = self.offsets[anchors, 0] + self._position[anchors, codes]
+        safe = np.maximum(codes, 0)
+        ok = self._valid[anchors, safe] & (codes >= 0)
+        pos = self.level_offsets[anchors, 0] + self._position[anchors, safe]
         return np.where(ok, pos, -1)
 
-    def bucket_of(self, anchors: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """Bucket id (0 hard, 1 semi-hard, 2 easy, 3 not a valid negative) of each (anchor, code)."""
-        return self._bucket[np.asarray(anchors), np.asarray(codes)]
+    def bucket_of(self, anchors: np.ndarray, codes: np.ndarray, max_lca: np.ndarray | None = None) -> np.ndarray:
+        """Bucket id (0 hard, 1 semi-hard, 2 easy, 3 not eligible) of each (anchor, code)."""
+        anchors, codes = np.broadcast_arrays(np.asarray(anchors), np.asarray(codes))
+        top = self.default_max_lca(anchors) if max_lca is None else np.minimum(
+            np.broadcast_to(max_lca, anchors.shape), self.default_max_lca(anchors))
+        lca = self._lca[anchors, codes].astype(np.int64)
+        bucket = np.where(lca == 0, EASY, np.where(lca == top, HARD, SEMI_HARD))
+        return np.where(self._valid[anchors, codes] & (lca <= top), bucket, 3)
+
+    def level_positives(self, keys: np.ndarray, anchors: np.ndarray, ancestor_path: np.ndarray,
+                        allowed: np.ndarray, decay: float) -> np.ndarray:
+        """One positive per anchor from a sampled tree level (-1 where the anchor has none).
+
+        Level d (1 .. depth-1) is picked with weight ``decay**d`` among levels that hold any
+        candidate; the positive is then uniform over the codes whose LCA with the anchor is at
+        depth d: the anchor's ancestor at that depth and the codes of its other subtrees.
+        """
+        anchors = np.asarray(anchors, dtype=np.int64)
+        levels = self.level_offsets.shape[1] - 1
+        off = self.level_offsets[anchors]
+        seg = np.diff(off, axis=1)[:, 1:]  # [B, levels-1]: codes with LCA at depth 1 .. levels-1
+        d = np.arange(1, levels)
+        anc = ancestor_path[anchors][:, 1:levels]
+        anc_ok = (anc >= 0) & (anc < len(allowed)) & (d[None, :] < self.depth[anchors][:, None])
+        anc_ok &= allowed[np.clip(anc, 0, len(allowed) - 1)]
+        count = np.where(d[None, :] < self.depth[anchors][:, None], seg, 0) + anc_ok
+        weight = np.where(count > 0, float(decay) ** d[None, :], 0.0)
+        total = weight.sum(axis=1)
+        u = uniforms(keys, 2000, 2)
+        cum = np.cumsum(weight, axis=1)
+        level = np.minimum((u[:, :1] * total[:, None] >= cum).sum(axis=1), levels - 2)
+        rows = np.arange(len(anchors))
+        n_at = count[rows, level]
+        j = np.minimum(np.floor(u[:, 1] * n_at).astype(np.int64), np.maximum(n_at - 1, 0))
+        use_anc = anc_ok[rows, level] & (j == n_at - 1)
+        flat_pos = off[rows, level + 1] + j
+        pos = np.where(use_anc, anc[rows, level], self.flat[np.minimum(flat_pos, len(self.flat) - 1)])
+        return np.where(total > 0, pos, -1)
 
     def draw(self, keys: np.ndarray, anchors: np.ndarray, excluded_pos: np.ndarray,
-             shares: tuple[float, float, float], n_first: int, n_total: int) -> np.ndarray:
+             shares: tuple[float, float, float], n_first: int, n_total: int,
+             max_lca: np.ndarray | None = None) -> np.ndarray:
         """Distinct negatives per item: int64 [B, n_total], -1 where an anchor has too few.
 
         Columns ``[:n_first]`` follow ``shares`` on their own (the selected negatives); the rest
         follow ``shares`` for the remaining slots. ``excluded_pos`` [B] is one absolute position
-        per item that must not be drawn (the positive), or -1.
+        per item that must not be drawn (the positive), or -1. ``max_lca`` [B] caps the LCA depth
+        of eligible negatives per item (default: the anchor's parent level).
         """
         anchors = np.asarray(anchors, dtype=np.int64)
         b = len(anchors)
-        sizes = self.sizes[anchors]
-        ex_bucket = np.full(b, -1)
-        has_ex = excluded_pos >= 0
-        ex_bucket[has_ex] = (excluded_pos[has_ex][:, None] >= self.offsets[anchors[has_ex], 1:3]).sum(axis=1)
-        available = sizes.copy()
-        available[np.flatnonzero(has_ex), ex_bucket[has_ex]] -= 1
+        starts, sizes = self.ranges(anchors, max_lca)
+        inside = (excluded_pos[:, None] >= starts) & (excluded_pos[:, None] < starts + sizes)
+        available = sizes - inside
         first = spill(np.broadcast_to(split_counts(n_first, shares), (b, 3)).copy(), available)
         rest = spill(np.broadcast_to(split_counts(n_total - n_first, shares), (b, 3)).copy(), available - first)
         slot_bucket = np.full((b, n_total), 3, dtype=np.int64)
@@ -109,47 +169,50 @@ class NegativeTable:
         onehot = slot_bucket[:, :, None] == np.arange(3)[None, None, :]
         rank = np.take_along_axis(np.cumsum(onehot, axis=1) - 1, np.minimum(slot_bucket, 2)[:, :, None], 2)[:, :, 0]
         dense = 2 * totals > available
-        self._fill_dense(keys, anchors, excluded_pos, slot_bucket, rank, dense, pos)
-        self._fill_sparse(keys, anchors, excluded_pos, slot_bucket, dense, pos)
+        _fill_dense(keys, starts, sizes, excluded_pos, slot_bucket, rank, dense, pos)
+        _fill_sparse(keys, starts, sizes, excluded_pos, slot_bucket, dense, pos)
         out = np.full((b, n_total), -1, dtype=np.int64)
         ok = pos >= 0
         out[ok] = self.flat[pos[ok]]
         return out
 
-    def _fill_dense(self, keys, anchors, excluded_pos, slot_bucket, rank, dense, pos) -> None:
-        """Buckets asking for more than half of what they hold: a keyed shuffle of the whole bucket."""
-        rows, buckets = np.nonzero(dense & (self.sizes[anchors] > 0))
-        if len(rows) == 0:
-            return
-        sizes = self.sizes[anchors[rows], buckets]
-        width = int(sizes.max())
-        cand = self.offsets[anchors[rows], buckets][:, None] + np.arange(width)[None, :]
-        u = _bucket_uniforms(keys[rows], buckets, width)
-        u[(np.arange(width)[None, :] >= sizes[:, None]) | (cand == excluded_pos[rows][:, None])] = np.inf
-        shuffled = np.take_along_axis(cand, np.argsort(u, axis=1, kind="stable"), axis=1)
-        lookup = np.full((len(anchors), 3), -1, dtype=np.int64)
-        lookup[rows, buckets] = np.arange(len(rows))
-        r, c = np.nonzero((slot_bucket < 3) & dense[np.arange(len(anchors))[:, None], np.minimum(slot_bucket, 2)])
-        which = lookup[r, slot_bucket[r, c]]
-        good = which >= 0
-        pos[r[good], c[good]] = shuffled[which[good], rank[r[good], c[good]]]
 
-    def _fill_sparse(self, keys, anchors, excluded_pos, slot_bucket, dense, pos) -> None:
-        """Buckets asking for at most half of what they hold: draw, then redraw collisions."""
-        b, n = slot_bucket.shape
-        bk = np.minimum(slot_bucket, 2)
-        sparse = (slot_bucket < 3) & ~dense[np.arange(b)[:, None], bk]
-        base = self.offsets[anchors[:, None], bk]
-        size = self.sizes[anchors[:, None], bk]
-        todo = sparse
-        for round_ in range(_MAX_ROUNDS):
-            if not todo.any():
-                return
-            u = uniforms(keys, round_, n)
-            pos[todo] = (base + np.floor(u * size).astype(np.int64))[todo]
-            # a redrawn slot may hit a later, settled one: the later one is redrawn then
-            todo = _later_duplicates(pos, excluded_pos) & sparse
-        pos[todo] = -1
+def _fill_dense(keys, starts, sizes, excluded_pos, slot_bucket, rank, dense, pos) -> None:
+    """Buckets asking for more than half of what they hold: a keyed shuffle of the whole bucket."""
+    rows, buckets = np.nonzero(dense & (sizes > 0))
+    if len(rows) == 0:
+        return
+    n_items = len(sizes)
+    sizes = sizes[rows, buckets]
+    width = int(sizes.max())
+    cand = starts[rows, buckets][:, None] + np.arange(width)[None, :]
+    u = _bucket_uniforms(keys[rows], buckets, width)
+    u[(np.arange(width)[None, :] >= sizes[:, None]) | (cand == excluded_pos[rows][:, None])] = np.inf
+    shuffled = np.take_along_axis(cand, np.argsort(u, axis=1, kind="stable"), axis=1)
+    lookup = np.full((n_items, 3), -1, dtype=np.int64)
+    lookup[rows, buckets] = np.arange(len(rows))
+    r, c = np.nonzero((slot_bucket < 3) & dense[np.arange(n_items)[:, None], np.minimum(slot_bucket, 2)])
+    which = lookup[r, slot_bucket[r, c]]
+    good = which >= 0
+    pos[r[good], c[good]] = shuffled[which[good], rank[r[good], c[good]]]
+
+
+def _fill_sparse(keys, starts, sizes, excluded_pos, slot_bucket, dense, pos) -> None:
+    """Buckets asking for at most half of what they hold: draw, then redraw collisions."""
+    b, n = slot_bucket.shape
+    bk = np.minimum(slot_bucket, 2)
+    sparse = (slot_bucket < 3) & ~dense[np.arange(b)[:, None], bk]
+    base = np.take_along_axis(starts, bk, axis=1)
+    size = np.take_along_axis(sizes, bk, axis=1)
+    todo = sparse
+    for round_ in range(_MAX_ROUNDS):
+        if not todo.any():
+            return
+        u = uniforms(keys, round_, n)
+        pos[todo] = (base + np.floor(u * size).astype(np.int64))[todo]
+        # a redrawn slot may hit a later, settled one: the later one is redrawn then
+        todo = _later_duplicates(pos, excluded_pos) & sparse
+    pos[todo] = -1
 
 
 def _bucket_uniforms(keys: np.ndarray, buckets: np.ndarray, width: int) -> np.ndarray:

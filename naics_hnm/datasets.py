@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from naics_hnm.atomic import atomic_path
-from naics_hnm.config import SamplingConfig, StreamingConfig
+from naics_hnm.config import Relation, SamplingConfig, StreamingConfig
 from naics_hnm.counter_rng import item_keys
 from naics_hnm.curriculum import NegativeTable
 from naics_hnm.pairs import allowed_mask, tree_pairs
@@ -43,7 +43,7 @@ def _make_items(codes: np.ndarray, tokens: TokenCache, anchors: np.ndarray, posi
                 negatives: np.ndarray, candidates: np.ndarray) -> list[dict[str, Any] | None]:
     needed = np.concatenate([anchors[:, None], positives[:, None], candidates, negatives], axis=1)
     present = tokens.present.numpy()
-    ok = np.where(needed >= 0, present[np.maximum(needed, 0)], True).all(axis=1)
+    ok = np.where(needed >= 0, present[np.maximum(needed, 0)], True).all(axis=1) & (positives >= 0)
     items: list[dict[str, Any] | None] = []
     for r in range(len(anchors)):
         if not ok[r]:
@@ -98,9 +98,12 @@ class Phase1MapDataset(Dataset):
         if pairs is None:
             pairs = tree_pairs(self.taxonomy, cfg.positive_relations, self.allowed, cfg.max_siblings, cfg.seed)
         self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        if len(self.pairs) and not self.allowed[self.pairs].all():
+        self.levels = Relation.LEVELS.value in cfg.positive_relations
+        fixed = self.pairs[self.pairs[:, 1] >= 0] if self.levels else self.pairs
+        if len(self.pairs) and (not self.allowed[self.pairs[:, 0]].all() or not self.allowed[fixed[:, 1]].all()):
             raise ValueError("pairs include an excluded code")
-        self._positive_pos = self.table.position(self.pairs[:, 0], self.pairs[:, 1])
+        if not self.levels and (self.pairs[:, 1] < 0).any():
+            raise ValueError("pairs have a missing positive (-1) but positive_relations is not ('levels',)")
         self._codes = np.array(self.taxonomy.codes, dtype=object)
 
     def set_epoch(self, epoch: int) -> None:
@@ -130,15 +133,23 @@ class Phase1MapDataset(Dataset):
             by_epoch.setdefault(epoch, []).append(j)
             rows.append(i)
         rows_arr = np.asarray(rows, dtype=np.int64)
+        anchors = self.pairs[rows_arr, 0]
+        positives = self.pairs[rows_arr, 1].copy()
         cand = np.empty((len(rows), self.cfg.n_candidates), dtype=np.int64)
         for epoch, where in by_epoch.items():
             sel = rows_arr[where]
             keys = item_keys(self.cfg.seed, epoch, sel)
-            cand[where] = self.table.draw(keys, self.pairs[sel, 0], self._positive_pos[sel], self.mix(epoch),
-                                          self.cfg.n_negatives, self.cfg.n_candidates)
+            if self.levels:
+                positives[where] = self.table.level_positives(keys, anchors[where], self.taxonomy.ancestor_path,
+                                                              self.allowed, self.cfg.level_decay)
+            pos = positives[where]
+            max_lca = None
+            if self.sampling_cfg.order_filter:
+                max_lca = self.taxonomy.lca_depth[anchors[where], np.maximum(pos, 0)].astype(np.int64) - 1
+            cand[where] = self.table.draw(keys, anchors[where], self.table.position(anchors[where], pos),
+                                          self.mix(epoch), self.cfg.n_negatives, self.cfg.n_candidates, max_lca)
         neg = cand[:, : self.cfg.n_negatives]
-        pairs = self.pairs[rows_arr]
-        return _make_items(self._codes, self.token_cache, pairs[:, 0], pairs[:, 1], neg, cand)
+        return _make_items(self._codes, self.token_cache, anchors, positives, neg, cand)
 
     def presample(self, epoch: int, indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
         """Plain-value triplet rows for ``epoch`` (all pairs by default), for NAICSMapDataset or a file."""

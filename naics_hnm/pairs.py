@@ -21,6 +21,8 @@ def tree_pairs(taxonomy: Taxonomy, relations: tuple[str, ...], allowed: np.ndarr
                max_siblings: int | None = None, seed: int = 0) -> np.ndarray:
     """int64 [P, 2] (anchor, positive) pairs, sorted, both ends in ``allowed``.
 
+    With the ``levels`` relation: one row per allowed non-top-level anchor, positive -1 (drawn later).
+
     Siblings share a parent; top-level codes are not siblings of each other (a sector is no
     positive for another sector).
     ``max_siblings`` keeps a seeded choice of that many siblings per anchor (the same on every run).
@@ -28,6 +30,10 @@ def tree_pairs(taxonomy: Taxonomy, relations: tuple[str, ...], allowed: np.ndarr
     n = len(taxonomy)
     allowed = np.ones(n, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
     parent = taxonomy.parent
+    if Relation.LEVELS.value in relations:
+        # one item per anchor below the top level; the positive (-1 here) is drawn per epoch
+        anchors = np.flatnonzero(allowed & (parent >= 0))
+        return np.stack([anchors, np.full_like(anchors, -1)], axis=1).astype(np.int64)
     pairs: list[np.ndarray] = []
     has_parent = np.flatnonzero(parent >= 0)
     if Relation.PARENT.value in relations:

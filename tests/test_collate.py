@@ -54,6 +54,8 @@ def test_layout_and_tokens(ds, token_cache):
     assert batch["candidate_idx"].tolist() == [it["candidate_idx"].tolist() for it in items]
     assert batch["anchor_code"] == [it["anchor_code"] for it in items]
     assert batch["negative_mask"].all()
+    for row in batch["negative_idx"].tolist():
+        assert len(set(row)) == len(row)  # no repeated entry hides behind a True mask
     # L is the longest anchor / positive / negative text of the batch
     used = torch.cat([batch["anchor_idx"], batch["positive_idx"], batch["negative_idx"].flatten()])
     assert width == int(token_cache.lengths[used].max())

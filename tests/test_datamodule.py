@@ -124,13 +124,15 @@ def test_trainer_workers_0_equals_workers_2(run_workers2, cache_dir):
 
 
 @pytest.mark.slow
-def test_resume_continues_with_the_right_epoch(run_workers2, cache_dir, tmp_path):
+@pytest.mark.parametrize("num_workers", [2, 0])
+def test_resume_continues_with_the_right_epoch(run_workers2, cache_dir, tmp_path, num_workers):
+    """Fit 2 epochs, resume from last.ckpt to 3: epoch 2 sees what an uninterrupted run saw in epoch 2."""
     _, uninterrupted = run_workers2
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    first = by_epoch(fit(make_dm(cache_dir, num_workers=2), 2, callbacks=[ckpt], checkpointing=True))
+    first = by_epoch(fit(make_dm(cache_dir, num_workers=num_workers), 2, callbacks=[ckpt], checkpointing=True))
     assert sorted(first) == [0, 1]
     assert (tmp_path / "last.ckpt").is_file()
-    resumed = by_epoch(fit(make_dm(cache_dir, num_workers=2), EPOCHS, ckpt_path=str(tmp_path / "last.ckpt"),
+    resumed = by_epoch(fit(make_dm(cache_dir, num_workers=num_workers), EPOCHS, ckpt_path=str(tmp_path / "last.ckpt"),
                            callbacks=[ModelCheckpoint(dirpath=tmp_path / "again")], checkpointing=True))
     assert sorted(resumed) == [2]
     for a, b in zip(resumed[2], uninterrupted[2]):
