@@ -76,6 +76,11 @@ class NegativeTable:
         self._valid = key <= levels
         self._lca = taxonomy.lca_depth
 
+    @property
+    def sizes(self) -> np.ndarray:
+        """int64 [N, 3]: each anchor's default bucket sizes (hard, semi-hard, easy)."""
+        return self.ranges(np.arange(len(self.depth)))[1]
+
     def default_max_lca(self, anchors: np.ndarray) -> np.ndarray:
         """The anchor's parent level: every valid negative is eligible."""
         return np.maximum(self.depth[np.asarray(anchors)] - 1, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,17 +41,20 @@ class NAICSEncoder(pl.LightningModule):
             for tests and experiments without weights.
         lr, weight_decay: AdamW settings.
         temperature: InfoNCE temperature.
-        in_batch_negatives: also use the other rows' positives as negatives.
+        in_batch_negatives: also use every other code of the batch as a negative, guarded by the
+            taxonomy (never related to the anchor, never as near as the positive) when known.
         freeze_layers: freeze the embeddings and this many lower transformer layers (kept in eval
             mode, so they are deterministic).
         cache_frozen: with ``freeze_layers > 0``, run the frozen part once per code at fit start
             (from the datamodule's token cache) and let ``embed`` start from those hidden states for
             any token row it recognises; the result equals the full forward pass.
+        cosine_schedule: linear warm-up over ``warmup_fraction`` of the steps, then cosine decay.
     """
 
     def __init__(self, model: str | None = None, *, config: dict[str, Any] | None = None, lr: float = 5e-5,
                  weight_decay: float = 0.01, temperature: float = 0.05, in_batch_negatives: bool = False,
-                 freeze_layers: int = 0, cache_frozen: bool = True) -> None:
+                 freeze_layers: int = 0, cache_frozen: bool = True, cosine_schedule: bool = False,
+                 warmup_fraction: float = 0.05) -> None:
         super().__init__()
         if model is not None and config is not None:
             raise ValueError("NAICSEncoder(model=..., config=...): give one of them, not both")
@@ -73,6 +77,8 @@ class NAICSEncoder(pl.LightningModule):
             for p in module.parameters():
                 p.requires_grad_(False)
         self._prefix: FrozenPrefix | None = None
+        self._related: torch.Tensor | None = None
+        self._lca: torch.Tensor | None = None
 
     def train(self, mode: bool = True) -> "NAICSEncoder":
         super().train(mode)
@@ -85,6 +91,8 @@ class NAICSEncoder(pl.LightningModule):
         cache = getattr(dm, "token_cache", None)
         if stage == "fit" and self.hparams.freeze_layers and self.hparams.cache_frozen and cache is not None:
             self.cache_frozen_prefix(cache)
+        if getattr(dm, "taxonomy", None) is not None and getattr(self, "_related", None) is None:
+            self.set_taxonomy(dm.taxonomy)
 
     @torch.no_grad()
     def cache_frozen_prefix(self, token_cache: TokenCache, batch_size: int = 256) -> None:
@@ -123,16 +131,56 @@ class NAICSEncoder(pl.LightningModule):
         out = F.normalize(mean_pool(hidden, mask), dim=-1)
         return out.reshape(*lead, -1) if len(lead) != 1 else out
 
+    def set_taxonomy(self, taxonomy) -> None:
+        """Tree relations for the in-batch negative guard (done by setup() from the datamodule)."""
+        self._related = torch.from_numpy(taxonomy.related)
+        self._lca = torch.from_numpy(taxonomy.lca_depth.astype("int64"))
+
+    def _unique_embeddings(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embed each distinct code of the batch once: (embeddings [U, d], code ids [U], row of each slot)."""
+        mask = batch["negative_mask"]
+        ids = torch.cat([batch["anchor_idx"], batch["positive_idx"], batch["negative_idx"][mask]])
+        token_rows = {
+            key: torch.cat([batch["anchor"][key], batch["positive"][key], batch["negatives"][key][mask]])
+            for key in ("input_ids", "attention_mask")
+        }
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        first = torch.full((len(unique),), len(ids), dtype=torch.long, device=ids.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
+        emb = self.embed({key: v[first] for key, v in token_rows.items()})
+        return emb, unique, inverse
+
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        anchor = self.embed(batch["anchor"])
-        positive = self.embed(batch["positive"])
         mask = batch["negative_mask"]
         b, k = mask.shape
-        negatives = torch.zeros(b, k, anchor.shape[-1], device=anchor.device, dtype=anchor.dtype)
-        if mask.any():
-            flat = {key: v[mask] for key, v in batch["negatives"].items()}
-            negatives[mask] = self.embed(flat)
-        return info_nce(anchor, positive, negatives, mask, self.hparams.temperature, self.hparams.in_batch_negatives)
+        emb, unique, inverse = self._unique_embeddings(batch)
+        anchor, positive = emb[inverse[:b]], emb[inverse[b : 2 * b]]
+        negatives = torch.zeros(b, k, emb.shape[-1], device=emb.device, dtype=emb.dtype)
+        negatives[mask] = emb[inverse[2 * b :]]
+        extra = None
+        if self.hparams.in_batch_negatives:
+            extra = anchor @ emb.T
+            extra = extra.masked_fill(~self._in_batch_allowed(batch, unique, inverse), float("-inf"))
+        return info_nce(anchor, positive, negatives, mask, self.hparams.temperature, extra_logits=extra)
+
+    def _in_batch_allowed(self, batch: dict[str, Any], unique: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """bool [B, U]: which distinct batch codes may serve as extra negatives for each anchor.
+
+        Never the anchor, its positive, a code already among its negatives, or (with the
+        taxonomy known) an ancestor/descendant or a code as near in the tree as the positive.
+        """
+        anchors, positives = batch["anchor_idx"], batch["positive_idx"]
+        mask = batch["negative_mask"]
+        b = len(anchors)
+        ok = (unique[None, :] != anchors[:, None]) & (unique[None, :] != positives[:, None])
+        rows = torch.arange(b, device=unique.device).unsqueeze(1).expand_as(mask)[mask]
+        ok[rows, inverse[2 * b :]] = False
+        if getattr(self, "_related", None) is not None:
+            related = self._related.to(unique.device)
+            lca = self._lca.to(unique.device)
+            ok &= ~related[anchors][:, unique]
+            ok &= lca[anchors][:, unique] < lca[anchors, positives][:, None]
+        return ok
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -144,9 +192,19 @@ class NAICSEncoder(pl.LightningModule):
         self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["anchor_idx"]))
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if not self.hparams.cosine_schedule:
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = max(1, int(self.hparams.warmup_fraction * total))
+
+        def factor(step: int) -> float:
+            return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class FrozenPrefix:

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 
 def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
              negative_mask: torch.Tensor | None = None, temperature: float = 0.05,
-             in_batch: bool = False) -> torch.Tensor:
+             extra_logits: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE with the positive at column 0.
 
     anchor, positive: [B, d] unit vectors; negatives: [B, K, d]; negative_mask: bool [B, K]
-    (False = padding, excluded from the softmax). With ``in_batch`` the other rows' positives are
-    extra negatives, except where they equal this row's positive.
+    (False = padding, excluded from the softmax). ``extra_logits`` [B, U] are similarities of
+    further negatives (for example guarded in-batch codes), -inf where excluded.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r}: expected > 0")
@@ -22,10 +22,8 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
     if negative_mask is not None:
         neg = neg.masked_fill(~negative_mask, float("-inf"))
     logits = [pos, neg]
-    if in_batch:
-        cross = anchor @ positive.T
-        same = (positive @ positive.T) > 1 - 1e-6
-        logits.append(cross.masked_fill(same, float("-inf")))
+    if extra_logits is not None:
+        logits.append(extra_logits)
     logits_t = torch.cat(logits, dim=1) / temperature
     target = torch.zeros(len(anchor), dtype=torch.long, device=anchor.device)
     return F.cross_entropy(logits_t, target)

@@ -89,3 +89,27 @@ def test_info_nce_matches_a_hand_computed_softmax():
     n2 = n.clone()
     n2[1, 1] = torch.tensor([0.0, 1.0])
     assert info_nce(a, p, n2, mask, temperature=tau).item() == pytest.approx(loss.item())
+
+
+def test_in_batch_negatives_are_guarded_by_the_taxonomy():
+    from naics_hnm.taxonomy import Taxonomy
+
+    tx = Taxonomy.naics2022()
+    model = NAICSEncoder(config=TINY_BERT, in_batch_negatives=True)
+    model.set_taxonomy(tx)
+    rng = torch.Generator().manual_seed(0)
+    anchors = torch.tensor([tx.index(c) for c in ("111110", "311111", "445110", "5415")])
+    positives = torch.tensor([int(tx.parent[a]) for a in anchors])
+    negatives = torch.randint(0, len(tx), (4, 3), generator=rng)
+    negatives[1, 0] = tx.index("311119")  # a sibling: as near as the positive
+    mask = torch.tensor([[True, True, False]] * 4)
+    batch = {"anchor_idx": anchors, "positive_idx": positives, "negative_idx": negatives, "negative_mask": mask}
+    ids = torch.cat([anchors, positives, negatives[mask]])
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    allowed = model._in_batch_allowed(batch, unique, inverse)
+    for r, (a, p) in enumerate(zip(anchors.tolist(), positives.tolist())):
+        own = set(negatives[r][mask[r]].tolist())
+        related = {a, *tx.ancestors(a).tolist(), *tx.descendants(a).tolist()}
+        for j, u in enumerate(unique.tolist()):
+            expected = u not in related and u != p and u not in own and tx.lca_depth[a, u] < tx.lca_depth[a, p]
+            assert bool(allowed[r, j]) == expected, (tx.codes[a], tx.codes[u])
