@@ -10,19 +10,15 @@ import torch
 from naics_hnm.token_cache import TokenCache
 
 
-def _pad_rows(rows: Sequence[np.ndarray]) -> torch.Tensor:
+def _pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack id rows of any lengths, -1 padded, valid ids first (their order kept)."""
     width = max((len(r) for r in rows), default=0)
     out = np.full((len(rows), width), -1, dtype=np.int64)
     for i, r in enumerate(rows):
+        r = np.asarray(r, dtype=np.int64)
+        r = r[r >= 0]
         out[i, : len(r)] = r
-    return torch.from_numpy(out)
-
-
-def _compact(ids: torch.Tensor) -> torch.Tensor:
-    """Move valid ids (>= 0) to the front of each row, keeping their order; pad with -1."""
-    valid = ids >= 0
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-    return torch.where(torch.gather(valid, 1, order), torch.gather(ids, 1, order), torch.full_like(ids, -1))
+    return out
 
 
 def collate_fn(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
@@ -39,22 +35,22 @@ def collate_fn(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     tokens = items[0]["tokens"]
     if not isinstance(tokens, TokenCache) or any(item["tokens"] is not tokens for item in items):
         raise ValueError("collate_fn: every item must reference the same TokenCache under 'tokens'")
-    anchor_idx = torch.tensor([item["anchor_idx"] for item in items], dtype=torch.long)
-    positive_idx = torch.tensor([item["positive_idx"] for item in items], dtype=torch.long)
-    negative_idx = _compact(_pad_rows([np.asarray(item["negative_idx"]) for item in items]))
-    candidate_idx = _compact(_pad_rows([np.asarray(item["candidate_idx"]) for item in items]))
+    anchor_idx = np.array([item["anchor_idx"] for item in items], dtype=np.int64)
+    positive_idx = np.array([item["positive_idx"] for item in items], dtype=np.int64)
+    negative_idx = _pad_rows([item["negative_idx"] for item in items])
+    candidate_idx = _pad_rows([item["candidate_idx"] for item in items])
     negative_mask = negative_idx >= 0
-    everything = torch.cat([anchor_idx, positive_idx, negative_idx[negative_mask]])
-    width = max(int(tokens.lengths[everything].max()), 1)
+    everything = np.concatenate([anchor_idx, positive_idx, negative_idx[negative_mask]])
+    width = max(int(tokens._numpy()[1][everything].max()), 1)
     return {
         "anchor": tokens.gather(anchor_idx, width),
         "positive": tokens.gather(positive_idx, width),
         "negatives": tokens.gather(negative_idx, width),
-        "negative_mask": negative_mask,
-        "anchor_idx": anchor_idx,
-        "positive_idx": positive_idx,
-        "negative_idx": negative_idx,
-        "candidate_idx": candidate_idx,
+        "negative_mask": torch.from_numpy(negative_mask),
+        "anchor_idx": torch.from_numpy(anchor_idx),
+        "positive_idx": torch.from_numpy(positive_idx),
+        "negative_idx": torch.from_numpy(negative_idx),
+        "candidate_idx": torch.from_numpy(candidate_idx),
         "anchor_code": [item["anchor_code"] for item in items],
         "positive_code": [item["positive_code"] for item in items],
     }

@@ -122,6 +122,7 @@ class SamplingConfig:
     semi_hard_end: float = 0.40
     schedule: Schedule = field(default=Schedule.LINEAR)
     order_filter: bool = False
+    uniform: bool = False
 
     def __post_init__(self) -> None:
         for name in ("easy_start", "easy_end", "semi_hard_start", "semi_hard_end"):
@@ -136,6 +137,7 @@ class SamplingConfig:
             total = getattr(self, f"easy_{when}") + getattr(self, f"semi_hard_{when}")
             _check(total <= 1.0 + 1e-9, f"easy_{when} + semi_hard_{when}", total, "<= 1 (hard takes the rest)")
         _check(isinstance(self.order_filter, bool), "order_filter", self.order_filter, "True or False")
+        _check(isinstance(self.uniform, bool), "uniform", self.uniform, "True or False")
         try:
             object.__setattr__(self, "schedule", Schedule(self.schedule))
         except ValueError:

@@ -85,8 +85,12 @@ class NegativeTable:
         """The anchor's parent level: every valid negative is eligible."""
         return np.maximum(self.depth[np.asarray(anchors)] - 1, 0)
 
-    def ranges(self, anchors: np.ndarray, max_lca: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(starts, sizes), each int64 [B, 3] in bucket order (hard, semi-hard, easy)."""
+    def ranges(self, anchors: np.ndarray, max_lca: np.ndarray | None = None,
+               uniform: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, sizes), each int64 [B, 3] in bucket order (hard, semi-hard, easy).
+
+        With ``uniform`` every eligible code sits in the easy slot (one bucket, no curriculum).
+        """
         anchors = np.asarray(anchors, dtype=np.int64)
         top = self.default_max_lca(anchors) if max_lca is None else np.minimum(
             np.maximum(np.asarray(max_lca, dtype=np.int64), 0), self.default_max_lca(anchors))
@@ -97,6 +101,9 @@ class NegativeTable:
         hard_hi = np.where(top >= 1, at(top + 1), easy_hi)
         starts = np.stack([hard_lo, easy_hi, easy_lo], axis=1)
         sizes = np.stack([hard_hi - hard_lo, np.maximum(hard_lo - easy_hi, 0), easy_hi - easy_lo], axis=1)
+        if uniform:
+            starts = np.stack([hard_hi, hard_hi, easy_lo], axis=1)
+            sizes = np.stack([np.zeros_like(hard_hi), np.zeros_like(hard_hi), hard_hi - easy_lo], axis=1)
         return starts, sizes
 
     def position(self, anchors: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -148,17 +155,18 @@ class NegativeTable:
 
     def draw(self, keys: np.ndarray, anchors: np.ndarray, excluded_pos: np.ndarray,
              shares: tuple[float, float, float], n_first: int, n_total: int,
-             max_lca: np.ndarray | None = None) -> np.ndarray:
+             max_lca: np.ndarray | None = None, uniform: bool = False) -> np.ndarray:
         """Distinct negatives per item: int64 [B, n_total], -1 where an anchor has too few.
 
         Columns ``[:n_first]`` follow ``shares`` on their own (the selected negatives); the rest
         follow ``shares`` for the remaining slots. ``excluded_pos`` [B] is one absolute position
         per item that must not be drawn (the positive), or -1. ``max_lca`` [B] caps the LCA depth
-        of eligible negatives per item (default: the anchor's parent level).
+        of eligible negatives per item (default: the anchor's parent level). ``uniform`` draws
+        from all eligible codes alike, ignoring ``shares``.
         """
         anchors = np.asarray(anchors, dtype=np.int64)
         b = len(anchors)
-        starts, sizes = self.ranges(anchors, max_lca)
+        starts, sizes = self.ranges(anchors, max_lca, uniform)
         inside = (excluded_pos[:, None] >= starts) & (excluded_pos[:, None] < starts + sizes)
         available = sizes - inside
         first = spill(np.broadcast_to(split_counts(n_first, shares), (b, 3)).copy(), available)

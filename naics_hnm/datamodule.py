@@ -61,6 +61,10 @@ class NAICSDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers={num_workers!r}: expected an int >= 0")
         if not (isinstance(phase1_end_epoch, int) and phase1_end_epoch >= 0):
             raise ValueError(f"phase1_end_epoch={phase1_end_epoch!r}: expected an int >= 0")
+        if pairs_per_epoch is not None and not (isinstance(pairs_per_epoch, int) and pairs_per_epoch >= 1):
+            raise ValueError(f"pairs_per_epoch={pairs_per_epoch!r}: expected None or an int >= 1")
+        if not (isinstance(max_length, int) and max_length >= 2):
+            raise ValueError(f"max_length={max_length!r}: expected an int >= 2")
         if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
             raise ValueError(f"val_fraction={val_fraction!r}: expected a number in [0, 1)")
         self.taxonomy_source = taxonomy
@@ -158,8 +162,9 @@ class NAICSDataModule(pl.LightningDataModule):
         if self.train_dataset is None:
             raise RuntimeError("train_dataloader() called before setup(): call prepare_data() and setup() first")
         if self.trainer is not None:
-            # on resume Lightning creates the first iterator before it calls set_epoch on samplers
-            self._epoch = self.trainer.current_epoch
+            # on resume Lightning creates the first iterator before it calls set_epoch on samplers,
+            # and current_epoch still counts completed epochs: take the epoch about to run
+            self._epoch = self.trainer.fit_loop.epoch_progress.current.processed
         self._train_sampler = EpochSampler(len(self.train_dataset), seed=self.cfg.seed, shuffle=True,
                                            samples_per_epoch=self.pairs_per_epoch)
         self.set_epoch(self._epoch)

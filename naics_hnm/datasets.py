@@ -147,7 +147,8 @@ class Phase1MapDataset(Dataset):
             if self.sampling_cfg.order_filter:
                 max_lca = self.taxonomy.lca_depth[anchors[where], np.maximum(pos, 0)].astype(np.int64) - 1
             cand[where] = self.table.draw(keys, anchors[where], self.table.position(anchors[where], pos),
-                                          self.mix(epoch), self.cfg.n_negatives, self.cfg.n_candidates, max_lca)
+                                          self.mix(epoch), self.cfg.n_negatives, self.cfg.n_candidates, max_lca,
+                                          uniform=self.sampling_cfg.uniform)
         neg = cand[:, : self.cfg.n_negatives]
         return _make_items(self._codes, self.token_cache, anchors, positives, neg, cand)
 
@@ -180,24 +181,28 @@ class NAICSMapDataset(Dataset):
         self.token_cache = TokenCache.from_dict(token_cache)
         codes = codes if codes is not None else self.token_cache.codes
         n = self.token_cache.size
-        k = max((len(r.get("negative_idx", ())) for r in triplet_rows), default=0)
-        c = max((len(r.get("candidate_idx", r.get("negative_idx", ()))) for r in triplet_rows), default=0)
-        self.anchors = np.empty(len(triplet_rows), dtype=np.int64)
-        self.positives = np.empty(len(triplet_rows), dtype=np.int64)
-        self.negatives = np.full((len(triplet_rows), k), -1, dtype=np.int64)
-        self.candidates = np.full((len(triplet_rows), c), -1, dtype=np.int64)
+        parsed = []
         for r, row in enumerate(triplet_rows):
             try:
-                self.anchors[r], self.positives[r] = int(row["anchor_idx"]), int(row["positive_idx"])
+                anchor, positive = int(row["anchor_idx"]), int(row["positive_idx"])
                 negs = [int(v) for v in row["negative_idx"]]
                 cands = [int(v) for v in row.get("candidate_idx", negs)]
-            except (KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"triplet row {r}: {err!s}; expected anchor_idx, positive_idx, negative_idx") from None
-            ids = [self.anchors[r], self.positives[r], *negs, *cands]
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                raise ValueError(f"triplet row {r}: {err!s}; expected anchor_idx, positive_idx (ints) and "
+                                 "negative_idx (a list of ints)") from None
+            ids = [anchor, positive, *negs, *cands]
             if any(not 0 <= v < n for v in ids):
                 raise ValueError(f"triplet row {r}: id out of range [0, {n}) in {ids}")
             if len(set(negs)) != len(negs):
                 raise ValueError(f"triplet row {r}: repeated negative in {negs}")
+            parsed.append((anchor, positive, negs, cands))
+        k = max((len(p[2]) for p in parsed), default=0)
+        c = max((len(p[3]) for p in parsed), default=0)
+        self.anchors = np.array([p[0] for p in parsed], dtype=np.int64)
+        self.positives = np.array([p[1] for p in parsed], dtype=np.int64)
+        self.negatives = np.full((len(parsed), k), -1, dtype=np.int64)
+        self.candidates = np.full((len(parsed), c), -1, dtype=np.int64)
+        for r, (_, _, negs, cands) in enumerate(parsed):
             self.negatives[r, : len(negs)] = negs
             self.candidates[r, : len(cands)] = cands
         self._codes = np.array(codes if codes is not None else [str(i) for i in range(n)], dtype=object)

@@ -8,6 +8,7 @@ The file holds ``input_ids`` int32 [N, L] (right-padded), ``lengths`` int32 [N] 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -44,7 +45,11 @@ def tokenizer_identity(tokenizer) -> str:
     """A content hash of the tokenizer (its vocabulary and rules), independent of where it lives."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        payload = backend.to_str()
+        # truncation/padding hold whatever the last call set: not part of the tokenizer's identity
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        payload = json.dumps(state, sort_keys=True)
     else:
         payload = repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(f"{type(tokenizer).__name__}\n{payload}".encode()).hexdigest()
@@ -83,6 +88,9 @@ class TokenCache(Mapping):
         """Pad a plain ``{index: {"input_ids": ..., "attention_mask": ...}}`` mapping."""
         if isinstance(cache, TokenCache):
             return cache
+        for key in cache:
+            if not (isinstance(key, (int, np.integer)) and key >= 0):
+                raise ValueError(f"token cache key {key!r}: expected an int code index >= 0")
         if n is None:
             n = max(cache.keys(), default=-1) + 1
         rows = {}
@@ -119,18 +127,33 @@ class TokenCache(Mapping):
         """Number of rows (codes), present or not."""
         return len(self.lengths)
 
-    def gather(self, ids: torch.Tensor, width: int | None = None) -> dict[str, torch.Tensor]:
-        """Token tensors for ids of any shape; -1 gives an all-padding row. Trimmed to ``width``."""
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        valid = ids >= 0
-        safe = torch.where(valid, ids, torch.zeros_like(ids))
-        lengths = torch.where(valid, self.lengths[safe], torch.zeros_like(safe))
+    def gather(self, ids: torch.Tensor | np.ndarray, width: int | None = None) -> dict[str, torch.Tensor]:
+        """Token tensors for ids of any shape; -1 gives an all-padding row. Trimmed to ``width``.
+
+        Works in NumPy: small torch ops are slow when intra-op threads compete for few cores.
+        """
+        ids_np = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        ids_np = ids_np.astype(np.int64, copy=False)
+        table, table_lengths = self._numpy()
+        valid = ids_np >= 0
+        safe = np.where(valid, ids_np, 0)
+        lengths = np.where(valid, table_lengths[safe], 0)
         if width is None:
-            width = max(int(lengths.max()) if lengths.numel() else 1, 1)
-        input_ids = self.input_ids[safe][..., :width]
-        attention_mask = (torch.arange(width) < lengths.unsqueeze(-1)).to(torch.long)
-        input_ids = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, self.pad_token_id))
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+            width = max(int(lengths.max()) if lengths.size else 1, 1)
+        rows = table[safe]
+        if rows.shape[-1] >= width:
+            rows = rows[..., :width]
+        else:
+            rows = np.concatenate([rows, np.full((*rows.shape[:-1], width - rows.shape[-1]), self.pad_token_id,
+                                                 dtype=rows.dtype)], axis=-1)
+        mask = np.arange(width) < lengths[..., None]
+        input_ids = np.where(mask, rows, self.pad_token_id)
+        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+
+    def _numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        if getattr(self, "_np", None) is None:
+            self._np = (self.input_ids.numpy(), self.lengths.numpy())
+        return self._np
 
 
 def build_token_cache(path: str | Path, codes: Sequence[str], texts: Sequence[str], tokenizer,
@@ -164,6 +187,10 @@ def build_token_cache(path: str | Path, codes: Sequence[str], texts: Sequence[st
     return fingerprint
 
 
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def read_fingerprint(path: str | Path) -> str | None:
     """The stored fingerprint, or None when the file is missing or unreadable."""
     try:
@@ -192,7 +219,8 @@ def load_token_cache(path: str | Path, expected_fingerprint: str | None = None,
         raise TokenCacheError(f"token cache {str(path)!r} is not a readable HDF5 file ({err})") from None
     if attrs.get("format_version") != FORMAT_VERSION:
         raise TokenCacheError(
-            f"token cache {str(path)!r} has format_version={attrs.get('format_version')!r}, expected {FORMAT_VERSION}"
+            f"token cache {str(path)!r} has format_version={_plain(attrs.get('format_version'))!r}, "
+            f"expected {FORMAT_VERSION}"
         )
     n = int(attrs.get("n_codes", -1))
     if not (input_ids.shape[0] == lengths.shape[0] == len(codes) == n):
