@@ -12,6 +12,13 @@ from naics_hnm.token_cache import TokenCache
 
 def _pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
     """Stack id rows of any lengths, -1 padded, valid ids first (their order kept)."""
+    if rows and all(len(r) == len(rows[0]) for r in rows):
+        stacked = np.stack(rows).astype(np.int64, copy=False)
+        valid = stacked >= 0
+        if valid.all():
+            return stacked
+        order = np.argsort(~valid, axis=1, kind="stable")
+        return np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(stacked, order, 1), -1)
     width = max((len(r) for r in rows), default=0)
     out = np.full((len(rows), width), -1, dtype=np.int64)
     for i, r in enumerate(rows):

@@ -217,14 +217,18 @@ def _fill_sparse(keys, starts, sizes, excluded_pos, slot_bucket, dense, pos) -> 
     sparse = (slot_bucket < 3) & ~dense[np.arange(b)[:, None], bk]
     base = np.take_along_axis(starts, bk, axis=1)
     size = np.take_along_axis(sizes, bk, axis=1)
-    todo = sparse
+    todo = sparse.copy()
     for round_ in range(_MAX_ROUNDS):
-        if not todo.any():
+        rows = np.flatnonzero(todo.any(axis=1))
+        if len(rows) == 0:
             return
-        u = uniforms(keys, round_, n)
-        pos[todo] = (base + np.floor(u * size).astype(np.int64))[todo]
+        u = uniforms(keys[rows], round_, n)
+        fresh = base[rows] + np.floor(u * size[rows]).astype(np.int64)
+        sub = pos[rows]
+        sub[todo[rows]] = fresh[todo[rows]]
+        pos[rows] = sub
         # a redrawn slot may hit a later, settled one: the later one is redrawn then
-        todo = _later_duplicates(pos, excluded_pos) & sparse
+        todo[rows] = _later_duplicates(sub, excluded_pos[rows]) & sparse[rows]
     pos[todo] = -1
 
 
