@@ -122,7 +122,7 @@ def training_step_fn(model: NAICSEncoder, optimizer: torch.optim.Optimizer, batc
         loss = model._loss(batch)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -318,6 +318,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller search sizes")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 64 256 (quick: 64)")
+    parser.add_argument("--step-reps", type=int, default=None, help="timed training steps per B (default 3, quick 2)")
     parser.add_argument("--cache-dir", default=None, help="token cache folder (default: the package default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -335,7 +336,7 @@ def main() -> None:
     dm.prepare_data()
     dm.setup("fit")
     embeddings = embed_codes(model.embed, dm.token_cache, batch_size=512, module=model)
-    batch_ratios = bench_batch(model, embeddings, batch_sizes, 3 if args.quick else 5, 3 if args.quick else 5,
+    batch_ratios = bench_batch(model, embeddings, batch_sizes, args.step_reps or (2 if args.quick else 3), 3 if args.quick else 5,
                                args.cache_dir)
     search_ratios = bench_search([2125, 20000] if args.quick else [2125, 100000], [10, 64], 2125,
                                  3 if args.quick else 5, rng)
