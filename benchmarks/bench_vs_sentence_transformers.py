@@ -204,6 +204,8 @@ def main() -> None:
     print(f"{'runs (s)':<34} {' '.join(f'{t:.2f}' for t in times['theirs']):>14} "
           f"{' '.join(f'{t:.2f}' for t in times['ours']):>14} {'-':>18}")
     print(f"{'ratio ours / theirs':<34} {'':>14} {t_ours / t_theirs:>13.2f}x {'':>18}")
+    paired = statistics.median(o / t for o, t in zip(times["ours"], times["theirs"]))
+    print(f"{'median of per-round ratios':<34} {'':>14} {paired:>13.2f}x {'':>18}")
     print(f"what-if, ours embedding each distinct text once: median {t_dedup:.2f}s, ratio {t_dedup / t_theirs:.2f}x; "
           f"same negatives as ours: {bool((dd_ids == our_ids).all())}")
     print(f"{'mined negatives':<34} {their_mined:>14} {our_mined:>14} {of_mined:>18}")

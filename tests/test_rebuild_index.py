@@ -1,0 +1,134 @@
+"""python -m naics_hnm.rebuild_index: sources, summary, and bad input that leaves the old index intact."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from naics_hnm.embedding_index import EmbeddingIndex
+from naics_hnm.embeddings_file import save_embeddings
+from naics_hnm.encoder import TINY_BERT, NAICSEncoder
+from naics_hnm.rebuild_index import main
+from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.token_cache import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def naics() -> Taxonomy:
+    return Taxonomy.naics2022()
+
+
+@pytest.fixture()
+def embeddings_file(tmp_path, naics) -> tuple[Path, np.ndarray]:
+    emb = np.random.default_rng(0).normal(size=(len(naics), 24)).astype(np.float32)
+    path = tmp_path / "emb.h5"
+    save_embeddings(path, emb, naics.codes, model="random", epoch=3)
+    return path, emb
+
+
+def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "naics_hnm.rebuild_index", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_from_embeddings_file(tmp_path, embeddings_file, naics, capsys):
+    path, emb = embeddings_file
+    out = tmp_path / "idx" / "trained.faiss"
+    assert main(["--embeddings", str(path), "--output", str(out), "--quiet"]) == 0
+    summary = capsys.readouterr().out
+    assert "Indexed 2125 codes (dim 24" in summary and str(out) in summary
+    index = EmbeddingIndex.load(out, expected_codes=naics.codes)
+    assert index.epoch == 3 and index.model_fingerprint == "random"
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    scores, ids = index.search(unit[:5], 4)
+    expected = np.argsort(-(unit[:5] @ unit.T), axis=1, kind="stable")[:, :4]
+    assert np.array_equal(ids, expected)
+
+
+def test_from_checkpoint_matches_the_model(tmp_path, naics, capsys):
+    torch.manual_seed(0)
+    model = NAICSEncoder(config=TINY_BERT)
+    trainer = pl.Trainer(max_epochs=0, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    ckpt = tmp_path / "tiny.ckpt"
+    trainer.save_checkpoint(ckpt)
+    out = tmp_path / "ckpt.faiss"
+    assert main(["--checkpoint", str(ckpt), "--output", str(out), "--quiet", "--batch-size", "300"]) == 0
+    index = EmbeddingIndex.load(out, expected_codes=naics.codes)
+    tokens = load_tokenizer()(naics.texts[:7], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.eval().embed({k: tokens[k] for k in ("input_ids", "attention_mask")})
+    np.testing.assert_allclose(index.vectors[:7].numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_bad_input_leaves_the_previous_index_untouched(tmp_path, embeddings_file, naics, capsys):
+    path, emb = embeddings_file
+    out = tmp_path / "keep.faiss"
+    assert main(["--embeddings", str(path), "--output", str(out), "--quiet"]) == 0
+    before = (out.read_bytes(), Path(str(out) + ".json").read_bytes())
+
+    nan = emb.copy()
+    nan[5, 2] = np.nan
+    nan_path = tmp_path / "nan.h5"
+    with h5py.File(nan_path, "w") as f:  # written directly: save_embeddings refuses NaN itself
+        f["embeddings"] = nan
+        f["codes"] = np.array(naics.codes, dtype=object).astype(h5py.string_dtype("utf-8"))
+    other = tmp_path / "other.h5"
+    save_embeddings(other, emb[:100], naics.codes[:100])
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    wrong = tmp_path / "wrong.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}, "hyper_parameters": {"config": TINY_BERT}}, wrong)
+    cases = [
+        (["--embeddings", str(tmp_path / "missing.h5")], "does not exist"),
+        (["--embeddings", str(nan_path)], "NaN"),
+        (["--embeddings", str(other)], "100"),
+        (["--checkpoint", str(corrupt)], "not a readable"),
+        (["--checkpoint", str(wrong)], "does not fit"),
+        (["--checkpoint", str(tmp_path / "none.ckpt")], "no such file"),
+    ]
+    for args, message in cases:
+        assert main([*args, "--output", str(out), "--quiet"]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err, (args, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert (out.read_bytes(), Path(str(out) + ".json").read_bytes()) == before, args
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--batch-size", "0", "--output", str(out)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "rebuild_index: error: --batch-size 0: expected an int >= 1 (see --help)"
+
+
+def test_subprocess_error_is_one_line_and_help_lists_options(tmp_path):
+    result = _run_cli("--embeddings", str(tmp_path / "nope.h5"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("rebuild_index: error:")
+    help_text = _run_cli("--help", cwd=tmp_path).stdout
+    for option in ("--checkpoint", "--embeddings", "--model", "--model-class", "--taxonomy", "--output",
+                   "--metric", "--device", "--batch-size", "--max-length", "--quiet"):
+        assert option in help_text
+
+
+@pytest.mark.slow
+def test_default_builds_the_naics_index_with_the_pretrained_encoder(tmp_path):
+    result = _run_cli("--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    index = EmbeddingIndex.load(tmp_path / "indexes" / "naics2022_minilm.faiss",
+                                expected_codes=Taxonomy.naics2022().codes)
+    assert index.ntotal == 2125 and index.dim == 384
+    # pretrained MiniLM places "Soybean Farming" (111110) next to its same-titled parent 11111
+    tx = Taxonomy.naics2022()
+    _, ids = index.search_ids([tx.index("111110")], 2)
+    assert tx.codes[int(ids[0][1])] == "11111"
