@@ -29,18 +29,17 @@ def guarded_neighbours(index: EmbeddingIndex, anchor_ids: torch.Tensor, m: int, 
     scores_out = torch.full((len(anchor_ids), m), float("-inf"), device=device)
     ids_out = torch.full((len(anchor_ids), m), -1, dtype=torch.long, device=device)
     norms = (vectors * vectors).sum(1) if index.metric == "l2" else None
+    column_ban = None if allowed is None else ~allowed.to(device)[None, :]
     for start in range(0, len(anchor_ids), chunk):
         rows = anchor_ids[start : start + chunk]
         sim = vectors[rows] @ vectors.T
         if norms is not None:
             sim = 2 * sim - norms[rows, None] - norms[None, :]
-        banned = torch.zeros_like(sim, dtype=torch.bool)
+        banned = related[rows].to(device) if related is not None else torch.zeros_like(sim, dtype=torch.bool)
+        if column_ban is not None:
+            banned = banned | column_ban
         banned[torch.arange(len(rows), device=device), rows] = True
-        if related is not None:
-            banned |= related[rows].to(device)
-        if allowed is not None:
-            banned |= ~allowed.to(device)[None, :]
-        sim = sim.masked_fill(banned, float("-inf"))
+        sim.masked_fill_(banned, float("-inf"))
         top, order = torch.topk(sim, k, dim=1)
         # deterministic order among equal similarities: lower id first
         order, by_id = torch.sort(order, dim=1)
