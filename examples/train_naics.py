@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negatives", choices=MODES, default="mined",
                    help="random: uniform guarded negatives; curriculum: Phase 1 curriculum all along; "
                         "mined: curriculum, then FAISS-mined from --phase1-end-epoch (default)")
-    p.add_argument("--epochs", type=int, default=14)
-    p.add_argument("--phase1-end-epoch", type=int, default=4, help="first mined epoch (0-based)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--phase1-end-epoch", type=int, default=3, help="first mined epoch (0-based)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -58,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=48, help="curriculum candidates per item ranked in Phase 2+")
     p.add_argument("--neighbours", type=int, default=48, help="index neighbours added to each pool")
     p.add_argument("--margin", type=float, default=0.05, help="relative margin (negative: off)")
-    p.add_argument("--no-in-batch", action="store_true", help="no guarded in-batch negatives")
+    p.add_argument("--in-batch", action="store_true",
+                   help="also use guarded in-batch negatives (helps random negatives most; see README)")
     p.add_argument("--heldout-fraction", type=float, default=0.2)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--num-workers", type=int, default=0)
@@ -88,12 +90,14 @@ class EpochTable(Callback):
         mined = self.mode == "mined" and epoch >= dm.phase1_end_epoch
         hard, semi, easy = dm.train_dataset.mix(epoch)
         logged = trainer.callback_metrics
+        mining = next((c for c in trainer.callbacks if isinstance(c, HardNegativeMiningCallback)), None)
+        refreshed = mining is not None and mining.last_refresh_epoch == epoch
         row = {
             "epoch": epoch,
             "phase": "2 mined" if mined else ("random" if self.mode == "random" else "1 curriculum"),
             "mix_hard": hard, "mix_semi_hard": semi, "mix_easy": easy,
-            "refresh_s": float(logged["hnm/refresh_embed_s"] + logged["hnm/refresh_build_s"])
-            if mined and "hnm/refresh_embed_s" in logged else None,
+            "refresh_embed_s": mining.last_refresh_seconds["embed"] if refreshed else None,
+            "refresh_build_s": mining.last_refresh_seconds["build"] if refreshed else None,
             "train_loss": float(logged["train_loss"]) if "train_loss" in logged else None,
             "epoch_s": time.perf_counter() - self._start,
             **{k: v for k, v in metrics.items() if k != "epoch"},
@@ -104,7 +108,8 @@ class EpochTable(Callback):
             print(f"\n{'ep':>3} {'phase':<13} {'hard/semi/easy':<15} {'refresh':>7} {'loss':>6} "
                   f"{'ndcg@10':>7} {'coph':>5} {'ho_ndcg':>7} {'ho_p5':>5} {'ho_p4':>5} {'sec':>5}", flush=True)
         mix = "-" if self.mode == "random" else f"{hard:.2f}/{semi:.2f}/{easy:.2f}"
-        refresh = f"{row['refresh_s']:.1f}s" if row["refresh_s"] is not None else "-"
+        refresh = (f"{row['refresh_embed_s'] + row['refresh_build_s']:.1f}s"
+                   if row["refresh_embed_s"] is not None else "-")
         loss = f"{row['train_loss']:.3f}" if row["train_loss"] is not None else "-"
         print(f"{epoch:>3} {row['phase']:<13} {mix:<15} {refresh:>7} {loss:>6} {row['ndcg@10']:7.3f} "
               f"{row['cophenetic_pearson']:5.3f} {row.get('heldout_ndcg@10', float('nan')):7.3f} "
@@ -163,7 +168,7 @@ def run(args: argparse.Namespace) -> dict:
         sampling=SamplingConfig(order_filter=True, uniform=args.negatives == "random"),
     )
     model = NAICSEncoder(lr=args.lr, temperature=args.temperature, freeze_layers=args.freeze_layers,
-                         in_batch_negatives=not args.no_in_batch, cosine_schedule=True)
+                         in_batch_negatives=args.in_batch, cosine_schedule=True, dropout=0.0)
     evaluation = TaxonomyEvaluationCallback()
     table = EpochTable(args.negatives, evaluation, args.output / "metrics")
     callbacks: list[Callback] = [evaluation, table]
@@ -174,7 +179,8 @@ def run(args: argparse.Namespace) -> dict:
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1,
                          gradient_clip_val=1.0, logger=CSVLogger(args.output, name="logs"),
                          enable_checkpointing=False, callbacks=callbacks, num_sanity_val_steps=0,
-                         max_time={"minutes": args.max_minutes}, enable_model_summary=False)
+                         max_time={"minutes": args.max_minutes}, enable_model_summary=False,
+                         log_every_n_steps=10)
     trainer.fit(model, datamodule=dm)
     embeddings = evaluation.last_embeddings
     if embeddings is None or not table.rows or table.rows[-1]["epoch"] != trainer.current_epoch - 1:
@@ -201,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("naics_hnm").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    # the frozen lower layers stay in eval mode on purpose (their outputs are cached)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     summary = run(args)
     final = summary["final"]
     print(f"\nDone in {summary['wall_seconds'] / 60:.1f} min ({args.negatives} negatives, seed {args.seed}).")

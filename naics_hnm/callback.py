@@ -102,6 +102,7 @@ class HardNegativeMiningCallback(Callback):
         self.index: EmbeddingIndex | None = None
         self.refresh_count = 0
         self.last_refresh_epoch: int | None = None
+        self.last_refresh_seconds: dict[str, float] = {}
         self._embeddings: torch.Tensor | None = None
         self._nearest: torch.Tensor | None = None
         self._previous_top: torch.Tensor | None = None
@@ -199,6 +200,7 @@ class HardNegativeMiningCallback(Callback):
         t2 = time.perf_counter()
         self.refresh_count += 1
         self.last_refresh_epoch = epoch
+        self.last_refresh_seconds = {"embed": t1 - t0, "build": t2 - t1}
         self._embeddings = embeddings.detach().cpu()
         overlap = float("nan")
         if self._nearest is not None and self.k:

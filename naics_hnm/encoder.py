@@ -15,6 +15,10 @@ from naics_hnm.losses import info_nce
 from naics_hnm.token_cache import TokenCache, default_tokenizer_path
 
 
+LENGTH_BUCKET = 128
+"""Rows per length-sorted chunk in ``NAICSEncoder.embed``."""
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
@@ -49,12 +53,13 @@ class NAICSEncoder(pl.LightningModule):
             (from the datamodule's token cache) and let ``embed`` start from those hidden states for
             any token row it recognises; the result equals the full forward pass.
         cosine_schedule: linear warm-up over ``warmup_fraction`` of the steps, then cosine decay.
+        dropout: set every dropout probability of the encoder to this value (None keeps the model's).
     """
 
     def __init__(self, model: str | None = None, *, config: dict[str, Any] | None = None, lr: float = 5e-5,
                  weight_decay: float = 0.01, temperature: float = 0.05, in_batch_negatives: bool = False,
                  freeze_layers: int = 0, cache_frozen: bool = True, cosine_schedule: bool = False,
-                 warmup_fraction: float = 0.05) -> None:
+                 warmup_fraction: float = 0.05, dropout: float | None = None) -> None:
         super().__init__()
         if model is not None and config is not None:
             raise ValueError("NAICSEncoder(model=..., config=...): give one of them, not both")
@@ -69,6 +74,12 @@ class NAICSEncoder(pl.LightningModule):
             self.encoder = _without_pooler(AutoModel.from_config, AutoConfig.for_model(model_type, **cfg))
         else:
             self.encoder = _without_pooler(AutoModel.from_pretrained, model or default_tokenizer_path())
+        if dropout is not None:
+            if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+                raise ValueError(f"dropout={dropout!r}: expected None or a number in [0, 1)")
+            for module in self.encoder.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = float(dropout)
         layers = self._layers()
         if not (isinstance(freeze_layers, int) and 0 <= freeze_layers <= len(layers)):
             raise ValueError(f"freeze_layers={freeze_layers!r}: expected an int in [0, {len(layers)}]")
@@ -117,19 +128,32 @@ class NAICSEncoder(pl.LightningModule):
                                       else "all-MiniLM-L6-v2 (offline)")
 
     def embed(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Unit-norm embeddings [n, d] for ``{"input_ids", "attention_mask"}`` of shape [..., L]."""
+        """Unit-norm embeddings [n, d] for ``{"input_ids", "attention_mask"}`` of shape [..., L].
+
+        Rows are run in length-sorted chunks trimmed to their own longest row (right padding), so
+        short texts do not pay for the longest one in the batch.
+        """
         input_ids = tokens["input_ids"]
         lead = input_ids.shape[:-1]
         ids = input_ids.reshape(-1, input_ids.shape[-1])
         mask = tokens["attention_mask"].reshape(-1, input_ids.shape[-1])
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        chunks = []
+        for part in order.split(LENGTH_BUCKET):
+            width = max(int(lengths[part].max()), 1)
+            chunks.append(self._embed_rows(ids[part, :width], mask[part, :width]))
+        out = torch.cat(chunks)[torch.argsort(order)]
+        return out.reshape(*lead, -1) if len(lead) != 1 else out
+
+    def _embed_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = self._prefix.lookup(ids, mask) if self._prefix is not None else None
         if rows is None or bool((rows < 0).any()):
             hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         else:
             start = self._prefix.hidden(rows, ids.shape[1], ids.device)
             hidden = self._run_layers(start, mask, self._layers()[self.hparams.freeze_layers:])
-        out = F.normalize(mean_pool(hidden, mask), dim=-1)
-        return out.reshape(*lead, -1) if len(lead) != 1 else out
+        return F.normalize(mean_pool(hidden, mask), dim=-1)
 
     def set_taxonomy(self, taxonomy) -> None:
         """Tree relations for the in-batch negative guard (done by setup() from the datamodule)."""

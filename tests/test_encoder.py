@@ -113,3 +113,13 @@ def test_in_batch_negatives_are_guarded_by_the_taxonomy():
         for j, u in enumerate(unique.tolist()):
             expected = u not in related and u != p and u not in own and tx.lca_depth[a, u] < tx.lca_depth[a, p]
             assert bool(allowed[r, j]) == expected, (tx.codes[a], tx.codes[u])
+
+
+def test_dropout_override_makes_training_mode_deterministic(cache):
+    tokens = cache.gather(torch.arange(6))
+    model = NAICSEncoder(config=TINY_BERT, dropout=0.0)
+    assert torch.equal(model.train().embed(tokens), model.eval().embed(tokens))
+    noisy = NAICSEncoder(config={**TINY_BERT, "hidden_dropout_prob": 0.5})
+    assert not torch.equal(noisy.train().embed(tokens), noisy.eval().embed(tokens))
+    with pytest.raises(ValueError, match="dropout=1.5"):
+        NAICSEncoder(config=TINY_BERT, dropout=1.5)
