@@ -87,7 +87,6 @@ def run_ours(model, tokenizer, tx, anchors, parents, batch_size, workdir, order_
 
 def false_negative_counts(rows, tx, by_text):
     """rows: (anchor code set, positive text, negative texts). Returns (mined, fn_any_code, fn_strict)."""
-    titles = tx.titles
     mined = fn = strict = 0
     for anchor_codes, anchor_text, pos_text, negs in rows:
         for neg in negs:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from naics_hnm.atomic import atomic_path

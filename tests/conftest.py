@@ -9,7 +9,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import pytest
 
 from naics_hnm.taxonomy import Taxonomy

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import dict_token_cache
 from naics_hnm.config import SamplingConfig, StreamingConfig
-from naics_hnm.curriculum import EASY, HARD, SEMI_HARD, split_counts, spill
+from naics_hnm.curriculum import HARD, split_counts, spill
 from naics_hnm.datasets import Phase1MapDataset
 from naics_hnm.taxonomy import Taxonomy
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
