@@ -88,6 +88,7 @@ class NAICSDataModule(pl.LightningDataModule):
         self.train_dataset: Phase1MapDataset | None = None
         self.val_dataset: NAICSMapDataset | None = None
         self._train_sampler: EpochSampler | None = None
+        self._loaded_tokenizer = None
         self._epoch = 0
 
     @property
@@ -106,10 +107,15 @@ class NAICSDataModule(pl.LightningDataModule):
     def _fingerprint(self, tokenizer) -> str:
         return cache_fingerprint(self._taxonomy().texts, tokenizer, self.max_length)
 
+    def _tokenizer(self):
+        if self._loaded_tokenizer is None:
+            self._loaded_tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._loaded_tokenizer
+
     def prepare_data(self) -> None:
         """Build the token cache (once; again exactly when its fingerprint changes)."""
         taxonomy = self._taxonomy()
-        tokenizer = load_tokenizer(self.tokenizer_name)
+        tokenizer = self._tokenizer()
         expected = self._fingerprint(tokenizer)
         if read_fingerprint(self.cache_path) == expected:
             log.info("token cache up to date: %s", self.cache_path)
@@ -122,7 +128,7 @@ class NAICSDataModule(pl.LightningDataModule):
         if self.train_dataset is not None:
             return
         taxonomy = self._taxonomy()
-        expected = self._fingerprint(load_tokenizer(self.tokenizer_name))
+        expected = self._fingerprint(self._tokenizer())
         self.token_cache = load_token_cache(self.cache_path, expected, expected_codes=taxonomy.codes)
         allowed = allowed_mask(taxonomy, self.cfg.exclude_codes)
         pairs = tree_pairs(taxonomy, self.cfg.positive_relations, allowed, self.cfg.max_siblings, self.cfg.seed)

@@ -102,7 +102,7 @@ class NAICSEncoder(pl.LightningModule):
         cache = getattr(dm, "token_cache", None)
         if stage == "fit" and self.hparams.freeze_layers and self.hparams.cache_frozen and cache is not None:
             self.cache_frozen_prefix(cache)
-        if getattr(dm, "taxonomy", None) is not None and getattr(self, "_related", None) is None:
+        if self.hparams.in_batch_negatives and getattr(dm, "taxonomy", None) is not None and self._related is None:
             self.set_taxonomy(dm.taxonomy)
 
     @torch.no_grad()
