@@ -31,9 +31,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     taxonomy = Taxonomy.naics2022()
-    tokenizer = load_tokenizer()
-    encoded = tokenizer(taxonomy.texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
-    cache = TokenCache(encoded["input_ids"], encoded["attention_mask"].sum(1), codes=taxonomy.codes)
+    cache = TokenCache.from_texts(taxonomy.texts, load_tokenizer(), max_length=32, codes=taxonomy.codes)
     model = NAICSEncoder()
     embeddings = embed_codes(model.embed, cache, module=model, progress=True)
     index = EmbeddingIndex.build(embeddings, metric="cosine", device="auto", codes=taxonomy.codes)

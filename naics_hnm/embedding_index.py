@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from naics_hnm.atomic import atomic_path
+from naics_hnm.taxonomy import codes_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +158,6 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def codes_fingerprint(codes: Sequence[str]) -> str:
-    """sha256 of the newline-joined code list (the same as ``Taxonomy.fingerprint``)."""
-    return hashlib.sha256("\n".join(codes).encode()).hexdigest()
 
 
 def sidecar_path(path: str | Path) -> Path:

@@ -9,7 +9,6 @@ any caller attributes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ import h5py
 import numpy as np
 
 from naics_hnm.atomic import atomic_path
+from naics_hnm.taxonomy import codes_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,6 @@ class EmbeddingsFile:
     embeddings: np.ndarray
     codes: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)
-
-
-def codes_fingerprint(codes: Sequence[str]) -> str:
-    """sha256 of the newline-joined codes (the same as ``Taxonomy.fingerprint``)."""
-    return hashlib.sha256("\n".join(codes).encode()).hexdigest()
 
 
 def _first_non_finite_row(array: np.ndarray) -> int | None:

@@ -199,9 +199,10 @@ class NAICSEncoder(pl.LightningModule):
         ok = (unique[None, :] != anchors[:, None]) & (unique[None, :] != positives[:, None])
         rows = torch.arange(b, device=unique.device).unsqueeze(1).expand_as(mask)[mask]
         ok[rows, inverse[2 * b :]] = False
-        if getattr(self, "_related", None) is not None:
-            related = self._related.to(unique.device)
-            lca = self._lca.to(unique.device)
+        if self._related is not None:
+            if self._related.device != unique.device:
+                self._related, self._lca = self._related.to(unique.device), self._lca.to(unique.device)
+            related, lca = self._related, self._lca
             ok &= ~related[anchors][:, unique]
             ok &= lca[anchors][:, unique] < lca[anchors, positives][:, None]
         return ok

@@ -99,10 +99,7 @@ def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.nda
     from naics_hnm.token_cache import TokenCache, load_tokenizer
 
     tokenizer = load_tokenizer(args.model if args.model and not args.checkpoint else None)
-    encoded = tokenizer(taxonomy.texts, truncation=True, max_length=args.max_length, padding=True,
-                        return_tensors="pt")
-    cache = TokenCache(encoded["input_ids"], encoded["attention_mask"].sum(1), codes=taxonomy.codes,
-                       pad_token_id=int(tokenizer.pad_token_id or 0))
+    cache = TokenCache.from_texts(taxonomy.texts, tokenizer, args.max_length, codes=taxonomy.codes)
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     model.to(device)
     return embed_codes(model.embed, cache, batch_size=args.batch_size, device=device, module=model,

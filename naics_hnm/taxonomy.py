@@ -24,6 +24,11 @@ _CODE = re.compile(r"^\d+$")
 CSV_COLUMNS = ("code", "title", "description", "examples", "excluded_codes")
 
 
+def codes_fingerprint(codes: Sequence[str]) -> str:
+    """sha256 of the newline-joined code list: identifies an id space (order included)."""
+    return hashlib.sha256("\n".join(codes).encode()).hexdigest()
+
+
 class TaxonomyError(ValueError):
     """A taxonomy that cannot be built: names the offending row or code."""
 
@@ -173,8 +178,8 @@ class Taxonomy:
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 over the code list (order included): identifies the id space."""
-        return hashlib.sha256("\n".join(self.codes).encode()).hexdigest()
+        """:func:`codes_fingerprint` of the code list: identifies the id space."""
+        return codes_fingerprint(self.codes)
 
     @cached_property
     def ancestor_path(self) -> np.ndarray:

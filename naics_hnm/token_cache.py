@@ -84,6 +84,14 @@ class TokenCache(Mapping):
         self.pad_token_id = pad_token_id
 
     @classmethod
+    def from_texts(cls, texts: Sequence[str], tokenizer, max_length: int = 32,
+                   codes: Sequence[str] | None = None) -> "TokenCache":
+        """Tokenise ``texts`` in memory (no file), e.g. for a one-off embedding of every code."""
+        input_ids, lengths = tokenize(texts, tokenizer, max_length)
+        return cls(torch.from_numpy(input_ids.astype(np.int64)), torch.from_numpy(lengths.astype(np.int64)),
+                   codes=codes, pad_token_id=int(tokenizer.pad_token_id or 0))
+
+    @classmethod
     def from_dict(cls, cache: Mapping[int, Mapping[str, Any]], n: int | None = None) -> "TokenCache":
         """Pad a plain ``{index: {"input_ids": ..., "attention_mask": ...}}`` mapping."""
         if isinstance(cache, TokenCache):
@@ -156,6 +164,16 @@ class TokenCache(Mapping):
         return self._np
 
 
+def tokenize(texts: Sequence[str], tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int32 token ids [N, L] and lengths [N] of ``texts``."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int32)
+    input_ids = np.full((len(texts), int(lengths.max())), tokenizer.pad_token_id or 0, dtype=np.int32)
+    for i, ids in enumerate(encoded["input_ids"]):
+        input_ids[i, : len(ids)] = ids
+    return input_ids, lengths
+
+
 def build_token_cache(path: str | Path, codes: Sequence[str], texts: Sequence[str], tokenizer,
                       max_length: int = 32, tokenizer_name: str = "") -> str:
     """Tokenise ``texts`` and write the HDF5 cache atomically; returns the fingerprint."""
@@ -164,12 +182,7 @@ def build_token_cache(path: str | Path, codes: Sequence[str], texts: Sequence[st
     if not (isinstance(max_length, int) and max_length >= 2):
         raise ValueError(f"max_length={max_length!r}: expected an int >= 2")
     fingerprint = cache_fingerprint(texts, tokenizer, max_length)
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int32)
-    width = int(lengths.max())
-    input_ids = np.full((len(texts), width), tokenizer.pad_token_id or 0, dtype=np.int32)
-    for i, ids in enumerate(encoded["input_ids"]):
-        input_ids[i, : len(ids)] = ids
+    input_ids, lengths = tokenize(texts, tokenizer, max_length)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("input_ids", data=input_ids, compression="gzip")
@@ -183,7 +196,7 @@ def build_token_cache(path: str | Path, codes: Sequence[str], texts: Sequence[st
                 pad_token_id=int(tokenizer.pad_token_id or 0),
                 n_codes=len(codes),
             )
-    log.info("token cache: %d codes, max %d tokens -> %s", len(codes), width, path)
+    log.info("token cache: %d codes, max %d tokens -> %s", len(codes), input_ids.shape[1], path)
     return fingerprint
 
 
