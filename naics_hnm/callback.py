@@ -1,73 +1,75 @@
-"""HardNegativeMiningCallback: refresh a FAISS index of the current model each epoch and mine each batch."""
+"""HardNegativeMiningCallback: Lightning hooks around :class:`naics_hnm.miner.HardNegativeMiner`."""
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from naics_hnm.mining_data import MiningData
 from naics_hnm.embedding import EmbedFn, embed_codes
-from naics_hnm.embedding_index import EmbeddingIndex
-from naics_hnm.guard import GuardStats
-from naics_hnm.mining import mine_candidates
-from naics_hnm.neighbours import guarded_neighbours
+from naics_hnm.embeddings_file import EmbeddingsFileError, load_embeddings, save_embeddings
+from naics_hnm.miner import DEVICES, METRICS, HardNegativeMiner
+from naics_hnm.sharded_search import Shard
+from naics_hnm.tree_guard import GuardStats
 
 log = logging.getLogger(__name__)
-_METRICS = ("cosine", "ip", "l2")
-_DEVICES = ("auto", "cpu", "cuda")
 
 
-def _compact_unique(ids: torch.Tensor) -> torch.Tensor:
-    """Drop repeated ids within each row (first occurrence wins) and move valid ids to the front."""
-    sorted_ids, order = torch.sort(ids, dim=1, stable=True)
-    repeat_sorted = torch.zeros_like(ids, dtype=torch.bool)
-    repeat_sorted[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
-    repeat = torch.zeros_like(repeat_sorted).scatter(1, order, repeat_sorted)
-    ids = ids.masked_fill(repeat, -1)
-    valid = ids >= 0
-    front = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-    return torch.gather(ids, 1, front)
+class EmbeddingDtype(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
 
 
 class HardNegativeMiningCallback(Callback):
-    """Phase 2+ hard-negative mining for a NAICSDataModule-style datamodule.
+    """Phase 2+ hard-negative mining for a datamodule that offers ``mining_data()`` (NAICSDataModule).
 
     At every train epoch start it delivers the epoch to the datamodule (so the Phase 1 curriculum
     moves, even with persistent workers). From ``start_epoch`` on, every ``refresh_every_n_epochs``
-    epochs, it embeds every code with the model being trained (eval mode, no grad), builds an
-    :class:`EmbeddingIndex` and finds each code's ``neighbours`` nearest guarded codes. Each
-    training batch's ``candidate_idx`` pool is widened with its anchors' neighbours, ranked exactly
-    with the index, and the ``k`` hardest survivors replace ``negatives`` / ``negative_idx`` /
-    ``negative_mask`` (plus ``negative_scores``) before ``training_step`` sees the batch. Never the
-    anchor, its positive, an ancestor or a descendant; with ``order_filter`` only codes whose lowest
-    common ancestor with the anchor is shallower than the positive's; with ``relative_margin`` no
-    candidate above ``(1 - m) * sim(anchor, positive)``.
+    epochs, it embeds every code with the model being trained (eval mode, no grad) and refreshes a
+    :class:`HardNegativeMiner`: an index over the embeddings and each code's ``neighbours`` nearest
+    guarded codes. Each training batch's ``candidate_idx`` pool is widened with its anchors'
+    neighbours, ranked exactly, and the ``k`` hardest survivors replace ``negatives`` /
+    ``negative_idx`` / ``negative_mask`` (plus ``negative_scores``) before ``training_step`` sees
+    the batch. Never the anchor, its positive, an ancestor or a descendant; with ``order_filter``
+    only codes whose lowest common ancestor with the anchor is shallower than the positive's; with
+    ``relative_margin`` no candidate above ``(1 - m) * sim(anchor, positive)``.
+
+    The refresh embeddings are written to ``embeddings_dir`` (an HDF5 file per refresh, default
+    ``<default_root_dir>/hnm_embeddings``); a checkpoint holds only their path and sha256, and a
+    resume rebuilds the same index from that file.
 
     Args:
-        k: negatives per anchor in Phase 2+.
-        start_epoch: first mined (0-based) epoch; None takes the datamodule's ``phase1_end_epoch``.
-        relative_margin: positive-aware margin (TopK-PercPos); None turns it off.
-        order_filter: keep only candidates strictly farther in the tree than the positive.
-        refresh_every_n_epochs: rebuild the index every n mined epochs.
-        embed_fn: ``tokens -> Tensor[n, d]``; default ``pl_module.embed``.
-        device: "auto" (faiss GPU when available), "cpu" or "cuda" for the index.
-        metric: "cosine", "ip" or "l2".
-        neighbours: M nearest guarded codes per anchor added to each pool (0: rank the pool only).
+        k, start_epoch, relative_margin, order_filter, refresh_every_n_epochs, embed_fn, device,
+        metric, neighbours, index_factory, search_params: see :class:`HardNegativeMiner`;
+            ``start_epoch`` None takes the datamodule's ``phase1_end_epoch``; ``embed_fn``
+            ``tokens -> Tensor[n, d]`` defaults to ``pl_module.embed``.
         embed_batch_size: codes per forward pass while refreshing.
+        embedding_dtype: "float32" or "float16" for the refresh embeddings held in memory.
+        shard_index: under DDP, each rank indexes only its shard of the codes (see :mod:`naics_hnm.sharded_search`).
         save_dir: when set, each refreshed index is saved there as ``epoch{e}.faiss`` (+ sidecar).
     """
 
     def __init__(self, k: int = 8, start_epoch: int | None = None, relative_margin: float | None = 0.05,
                  order_filter: bool = True, refresh_every_n_epochs: int = 1, embed_fn: EmbedFn | None = None,
                  device: str = "auto", *, metric: str = "cosine", neighbours: int = 64,
-                 embed_batch_size: int = 512, save_dir: str | Path | None = None) -> None:
+                 index_factory: str | None = None, search_params: dict | None = None, embed_batch_size: int = 512,
+                 embedding_dtype: str = "float32", shard_index: bool = False,
+                 embeddings_dir: str | Path | None = None, save_dir: str | Path | None = None) -> None:
         call = "HardNegativeMiningCallback"
         if not (isinstance(k, int) and k >= 1):
             raise ValueError(f"{call}(k={k!r}): expected an int >= 1")
@@ -80,14 +82,19 @@ class HardNegativeMiningCallback(Callback):
             raise ValueError(f"{call}(refresh_every_n_epochs={refresh_every_n_epochs!r}): expected an int >= 1")
         if embed_fn is not None and not callable(embed_fn):
             raise TypeError(f"{call}(embed_fn={embed_fn!r}): expected a callable tokens -> Tensor[n, d]")
-        if device not in _DEVICES:
-            raise ValueError(f"{call}(device={device!r}): expected one of {_DEVICES}")
-        if metric not in _METRICS:
-            raise ValueError(f"{call}(metric={metric!r}): expected one of {_METRICS}")
+        if device not in DEVICES:
+            raise ValueError(f"{call}(device={device!r}): expected one of {DEVICES}")
+        if metric not in METRICS:
+            raise ValueError(f"{call}(metric={metric!r}): expected one of {METRICS}")
         if not (isinstance(neighbours, int) and neighbours >= 0):
             raise ValueError(f"{call}(neighbours={neighbours!r}): expected an int >= 0")
         if not (isinstance(embed_batch_size, int) and embed_batch_size >= 1):
             raise ValueError(f"{call}(embed_batch_size={embed_batch_size!r}): expected an int >= 1")
+        try:
+            self.embedding_dtype = EmbeddingDtype(embedding_dtype)
+        except ValueError:
+            raise ValueError(f"{call}(embedding_dtype={embedding_dtype!r}): expected one of "
+                             f"{[d.value for d in EmbeddingDtype]}") from None
         self.k = k
         self.start_epoch = start_epoch
         self.relative_margin = None if relative_margin is None else float(relative_margin)
@@ -97,68 +104,76 @@ class HardNegativeMiningCallback(Callback):
         self.device = device
         self.metric = metric
         self.neighbours = neighbours
+        self.index_factory = index_factory
+        self.search_params = search_params
         self.embed_batch_size = embed_batch_size
+        self.shard_index = bool(shard_index)
+        self.embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
         self.save_dir = Path(save_dir) if save_dir is not None else None
-        self.index: EmbeddingIndex | None = None
+        self.miner: HardNegativeMiner | None = None
         self.refresh_count = 0
         self.last_refresh_epoch: int | None = None
         self.last_refresh_seconds: dict[str, float] = {}
-        self._embeddings: torch.Tensor | None = None
-        self._nearest: torch.Tensor | None = None
+        self._embeddings_file: dict[str, Any] | None = None
         self._previous_top: torch.Tensor | None = None
         self._stats = GuardStats()
         self._similarity_sum = 0.0
         self._similarity_count = 0
-        self._related: torch.Tensor | None = None
-        self._lca: torch.Tensor | None = None
-        self._allowed: torch.Tensor | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(k=self.k, metric=self.metric)
 
-    def _datamodule(self, trainer: pl.Trainer):
+    @property
+    def index(self):
+        """The current :class:`EmbeddingIndex` (None before the first refresh)."""
+        return None if self.miner is None else self.miner.index
+
+    def _data(self, trainer: pl.Trainer) -> MiningData:
         dm = trainer.datamodule
-        needed = ("taxonomy", "token_cache", "train_dataset", "set_epoch", "phase1_end_epoch")
-        if dm is None or any(not hasattr(dm, name) for name in needed):
-            raise RuntimeError(
-                "HardNegativeMiningCallback needs trainer.fit(model, datamodule=NAICSDataModule(...)) "
-                f"(a datamodule with {', '.join(needed)}); got {type(dm).__name__}"
-            )
-        return dm
+        if dm is None or not callable(getattr(dm, "mining_data", None)):
+            raise RuntimeError("HardNegativeMiningCallback needs trainer.fit(model, datamodule=...) with a datamodule "
+                               f"that has mining_data() (such as NAICSDataModule); got {type(dm).__name__}")
+        return dm.mining_data()
 
     def first_mined_epoch(self, trainer: pl.Trainer) -> int:
-        return self.start_epoch if self.start_epoch is not None else int(self._datamodule(trainer).phase1_end_epoch)
+        return self.start_epoch if self.start_epoch is not None else int(self._data(trainer).phase1_end_epoch)
 
     def is_mining(self, trainer: pl.Trainer) -> bool:
         """True from the Phase 2 start epoch on."""
         return trainer.current_epoch >= self.first_mined_epoch(trainer)
 
+    def _make_miner(self, trainer: pl.Trainer) -> HardNegativeMiner:
+        data = self._data(trainer)
+        shard = None
+        if self.shard_index and trainer.world_size > 1:
+            def all_gather(array: np.ndarray) -> np.ndarray:
+                gathered = trainer.strategy.all_gather(torch.from_numpy(array).to(trainer.strategy.root_device))
+                return gathered.cpu().numpy()
+            shard = Shard(trainer.global_rank, trainer.world_size, all_gather)
+        return HardNegativeMiner(
+            data.taxonomy, allowed=data.allowed, k=self.k, metric=self.metric, relative_margin=self.relative_margin,
+            order_filter=self.order_filter, neighbours=self.neighbours, index_factory=self.index_factory,
+            search_params=self.search_params, device=self.device, shard=shard)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        dm = self._datamodule(trainer)
         if self.embed_fn is None and not callable(getattr(pl_module, "embed", None)):
-            raise TypeError(
-                f"HardNegativeMiningCallback: {type(pl_module).__name__} has no embed(tokens) method; "
-                "add one or pass embed_fn=..."
-            )
-        if dm.train_dataset is None:
-            dm.setup("fit")
-
-    def _relations(self, trainer: pl.Trainer, device: torch.device) -> None:
-        if self._related is not None and self._related.device == device:
-            return
-        dm = self._datamodule(trainer)
-        self._related = torch.from_numpy(dm.taxonomy.related).to(device)
-        self._lca = torch.from_numpy(dm.taxonomy.lca_depth).to(device)
-        self._allowed = torch.from_numpy(dm.train_dataset.allowed.copy()).to(device)
+            raise TypeError(f"HardNegativeMiningCallback: {type(pl_module).__name__} has no embed(tokens) method; "
+                            "add one or pass embed_fn=...")
+        self._data(trainer)
+        if self.embeddings_dir is None:
+            self.embeddings_dir = Path(trainer.default_root_dir) / "hnm_embeddings"
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.first_mined_epoch(trainer) >= trainer.max_epochs:
+            log.warning("HardNegativeMiningCallback: mining starts at epoch %d but max_epochs=%d; no epoch is mined",
+                        self.first_mined_epoch(trainer), trainer.max_epochs)
+        self.miner = self._make_miner(trainer)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dm = self._datamodule(trainer)
-        dm.set_epoch(trainer.current_epoch)
+        self._data(trainer).set_epoch(trainer.current_epoch)
         self._stats = GuardStats()
         self._similarity_sum, self._similarity_count = 0.0, 0
         if not self.is_mining(trainer):
@@ -167,89 +182,99 @@ class HardNegativeMiningCallback(Callback):
         due = bool(trainer.strategy.broadcast(due, src=0))
         if due and self.last_refresh_epoch != trainer.current_epoch:
             self.refresh(trainer, pl_module)
-        elif self.index is None and self._embeddings is not None:
-            self._build(trainer, self._embeddings.to(pl_module.device), trainer.current_epoch)
+        else:
+            self._restore(trainer)
+
+    def _restore(self, trainer: pl.Trainer) -> None:
+        """After a resume: rebuild the index of the last refresh from its embeddings file."""
+        if self.miner is None or self.miner.index is not None or self._embeddings_file is None:
+            return
+        info = self._embeddings_file
+        try:
+            loaded = load_embeddings(info["path"], expected_codes=self.miner.taxonomy.codes)
+        except EmbeddingsFileError as err:
+            raise RuntimeError(f"HardNegativeMiningCallback: cannot resume mining from {info['path']!r} ({err}); "
+                               "the refresh embeddings file of this checkpoint is needed") from None
+        if _digest(loaded.embeddings) != info["sha256"]:
+            raise RuntimeError(f"HardNegativeMiningCallback: {info['path']!r} does not hold the embeddings this "
+                               "checkpoint was refreshed with (sha256 differs)")
+        self.miner.refresh(loaded.embeddings, info["epoch"], progress=trainer.is_global_zero)
+        self._previous_top = self._top_neighbours()
 
     def _embed_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
         """Every code's embedding; under DDP each rank embeds a shard and the shards are all-gathered."""
-        dm = self._datamodule(trainer)
-        cache = dm.token_cache
+        cache = self._data(trainer).token_cache
         n, world, rank = cache.size, trainer.world_size, trainer.global_rank
-        embed_fn = self.embed_fn or pl_module.embed
-        ids = torch.arange(n)
         per_rank = -(-n // world)
-        shard = ids[rank * per_rank : (rank + 1) * per_rank]
+        shard = torch.arange(rank * per_rank, min(n, (rank + 1) * per_rank))
         pad = per_rank - len(shard)
         if pad:
             shard = torch.cat([shard, torch.zeros(pad, dtype=torch.long)])
-        emb = embed_codes(embed_fn, cache, shard, batch_size=self.embed_batch_size, device=pl_module.device,
-                          module=pl_module, progress=trainer.is_global_zero,
-                          desc=f"epoch {trainer.current_epoch}: embedding {n} codes")
+        emb = embed_codes(self.embed_fn or pl_module.embed, cache, shard, batch_size=self.embed_batch_size,
+                          device=pl_module.device, module=pl_module, progress=trainer.is_global_zero,
+                          desc=f"epoch {trainer.current_epoch}: embedding {n} codes",
+                          dtype=getattr(torch, self.embedding_dtype.value))
         if world == 1:
             return emb
-        gathered = trainer.strategy.all_gather(emb)  # [world, per_rank, d]
-        return gathered.reshape(world * per_rank, -1)[:n]
+        gathered = trainer.strategy.all_gather(emb.to(pl_module.device))  # [world, per_rank, d]
+        return gathered.reshape(world * per_rank, -1)[:n].cpu()
+
+    def _top_neighbours(self) -> torch.Tensor | None:
+        ids = None if self.miner is None else self.miner.neighbour_ids
+        return None if ids is None else ids[:, : self.k].clone()
 
     def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Re-embed every code with the current model and rebuild the index and neighbour lists."""
         epoch = trainer.current_epoch
         t0 = time.perf_counter()
-        embeddings = self._embed_all(trainer, pl_module)
+        embeddings = self._embed_all(trainer, pl_module).float().numpy()
         t1 = time.perf_counter()
-        self._build(trainer, embeddings, epoch)
+        timings = self.miner.refresh(embeddings, epoch, progress=trainer.is_global_zero)
         t2 = time.perf_counter()
+        self._save_embeddings(trainer, embeddings, epoch)
         self.refresh_count += 1
         self.last_refresh_epoch = epoch
-        self.last_refresh_seconds = {"embed": t1 - t0, "build": t2 - t1}
-        self._embeddings = embeddings.detach().cpu()
+        self.last_refresh_seconds = {"embed": t1 - t0, "build": t2 - t1, **timings}
         overlap = float("nan")
-        if self._nearest is not None and self.k:
-            top = self._nearest[:, : self.k]
-            if self._previous_top is not None:
-                same = (top[:, :, None] == self._previous_top.to(top.device)[:, None, :]) & (top[:, :, None] >= 0)
-                overlap = same.any(2).float().sum().item() / max(int((top >= 0).sum()), 1)
-            self._previous_top = top.cpu()
+        top = self._top_neighbours()
+        if top is not None and self._previous_top is not None:
+            same = (top[:, :, None] == self._previous_top.to(top.device)[:, None, :]) & (top[:, :, None] >= 0)
+            overlap = same.any(2).float().sum().item() / max(int((top >= 0).sum()), 1)
+        self._previous_top = top
         metrics = {"hnm/refresh_embed_s": t1 - t0, "hnm/refresh_build_s": t2 - t1, "hnm/neighbour_overlap": overlap,
                    "hnm/refresh_count": float(self.refresh_count)}
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, rank_zero_only=True, sync_dist=False)
-        rank_zero_info(f"hard-negative index refreshed at epoch {epoch}: embed {t1 - t0:.2f}s, build "
-                       f"{t2 - t1:.3f}s, {self.index.ntotal} codes on {self.index.device}, overlap {overlap:.3f}")
+        rank_zero_info(f"hard-negative index refreshed at epoch {epoch}: embed {t1 - t0:.2f}s, index "
+                       f"{timings['build']:.3f}s, neighbours {timings['neighbours']:.3f}s, {self.index.ntotal} codes "
+                       f"on {self.index.device}, overlap {overlap:.3f}")
         if self.save_dir is not None and trainer.is_global_zero:
             self.index.save(self.save_dir / f"epoch{epoch}.faiss")
 
-    def _build(self, trainer: pl.Trainer, embeddings: torch.Tensor, epoch: int) -> None:
-        dm = self._datamodule(trainer)
-        self.index = EmbeddingIndex.build(embeddings, metric=self.metric, device=self.device,
-                                          codes=dm.taxonomy.codes, epoch=epoch)
-        device = self.index.vectors.device
-        self._relations(trainer, device)
-        self._nearest = None
-        if self.neighbours:
-            _, self._nearest = guarded_neighbours(self.index, torch.arange(self.index.ntotal, device=device),
-                                                  self.neighbours, related=self._related, allowed=self._allowed)
+    def _save_embeddings(self, trainer: pl.Trainer, embeddings: np.ndarray, epoch: int) -> None:
+        path = self.embeddings_dir / f"refresh_epoch{epoch:04d}.h5"
+        if trainer.is_global_zero:
+            save_embeddings(path, embeddings, self.miner.taxonomy.codes, model=type(trainer.lightning_module).__name__,
+                            epoch=epoch)
+        trainer.strategy.barrier("hnm_embeddings_saved")
+        self._embeddings_file = {"path": str(path.resolve()), "sha256": _digest(embeddings), "epoch": epoch}
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.index is None or not self.is_mining(trainer):
+        if not self.is_mining(trainer):
             return
-        self.mine_batch(trainer, batch)
+        self._restore(trainer)
+        if self.index is not None:
+            self.mine_batch(trainer, batch)
 
     def mine_batch(self, trainer: pl.Trainer, batch: dict[str, Any]) -> None:
         """Replace the batch's negatives in place with the k hardest guarded candidates."""
-        dm = self._datamodule(trainer)
-        assert self.index is not None
+        if self.miner is None or self.miner.index is None:
+            raise RuntimeError("HardNegativeMiningCallback.mine_batch() before the first refresh")
         device = self.index.vectors.device
         anchors = batch["anchor_idx"].to(device)
-        positives = batch["positive_idx"].to(device)
-        pool = batch["candidate_idx"].to(device)
-        if self._nearest is not None:
-            pool = _compact_unique(torch.cat([pool, self._nearest[anchors]], dim=1))
-        scores, ids, stats = mine_candidates(
-            self.index, anchors, pool, k=self.k, positive_ids=positives, relative_margin=self.relative_margin,
-            related=self._related, lca_depth=self._lca if self.order_filter else None,
-            order_filter=self.order_filter, return_stats=True,
-        )
+        pool = self.miner.widen(anchors, batch["candidate_idx"].to(device))
+        scores, ids, stats = self.miner.mine(anchors, batch["positive_idx"].to(device), pool, widen=False)
         self._stats = self._stats + stats
         valid = ids >= 0
         if valid.any():
@@ -257,7 +282,7 @@ class HardNegativeMiningCallback(Callback):
             self._similarity_count += int(valid.sum())
         out_device = batch["anchor_idx"].device
         ids = ids.to(out_device)
-        cache = dm.token_cache
+        cache = self._data(trainer).token_cache
         everything = torch.cat([batch["anchor_idx"].cpu(), batch["positive_idx"].cpu(), ids[ids >= 0].cpu()])
         width = max(int(cache.lengths[everything].max()), 1)
         for key, rows in (("anchor", batch["anchor_idx"]), ("positive", batch["positive_idx"]), ("negatives", ids)):
@@ -278,17 +303,15 @@ class HardNegativeMiningCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "refresh_count": self.refresh_count,
-            "last_refresh_epoch": self.last_refresh_epoch,
-            "embeddings": self._embeddings,
-            "previous_top": self._previous_top,
-        }
+        """Plain values; the refresh embeddings live in a file named here (never N x d in the checkpoint)."""
+        return {"refresh_count": self.refresh_count, "last_refresh_epoch": self.last_refresh_epoch,
+                "embeddings_file": None if self._embeddings_file is None else dict(self._embeddings_file)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.refresh_count = int(state_dict.get("refresh_count", 0))
         self.last_refresh_epoch = state_dict.get("last_refresh_epoch")
-        self._embeddings = state_dict.get("embeddings")
-        self._previous_top = state_dict.get("previous_top")
-        self.index = None
+        self._embeddings_file = state_dict.get("embeddings_file")
+        self._previous_top = None
+        if self.miner is not None:
+            self.miner.index = None

@@ -1,10 +1,11 @@
-"""Bucketed negative tables and vectorised, counter-keyed curriculum draws.
+"""Bucketed negatives and vectorised, counter-keyed curriculum draws.
 
 For every anchor the valid negatives (not the anchor, not an ancestor or descendant, not an
-excluded code) are stored once, grouped by difficulty bucket (hard | semi-hard | easy) in one flat
-int32 array with per-anchor offsets. A draw for a batch of items is then a handful of NumPy
-operations: split the requested counts over the buckets (spilling into neighbours when one runs
-short), pick distinct positions per bucket, and map positions to code ids.
+excluded code) form a virtual list grouped by difficulty bucket (hard | semi-hard | easy), given
+by a few DFS ranges (:mod:`naics_hnm.tree_ranges`) rather than stored. A draw for a batch of items
+is a handful of NumPy operations: split the requested counts over the buckets (spilling into
+neighbours when one runs short), pick distinct list positions per bucket, and map positions to
+code ids.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 
 from naics_hnm.counter_rng import uniforms
 from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.tree_ranges import LevelRanges, TreeIndex
 
 HARD, SEMI_HARD, EASY = 0, 1, 2
 BUCKETS = ("hard", "semi_hard", "easy")
@@ -44,57 +46,47 @@ def spill(request: np.ndarray, available: np.ndarray) -> np.ndarray:
 
 
 class NegativeTable:
-    """Per-anchor valid negatives for a taxonomy and a set of allowed codes.
+    """Per-anchor valid negatives for a taxonomy and a set of allowed codes, without per-anchor tables.
 
-    Each anchor's valid negatives (not itself, not an ancestor or descendant, allowed) are stored
-    in one flat array, sorted by the depth of their lowest common ancestor (LCA) with the anchor,
-    so every difficulty bucket is a contiguous range. For an item whose negatives may share at most
+    An anchor's valid negatives (not itself, not an ancestor or descendant, allowed) form a list
+    sorted by the depth of their lowest common ancestor (LCA) with the anchor, then by DFS order
+    (:mod:`naics_hnm.tree_ranges`: each level is two ranges of the DFS order), so every difficulty
+    bucket is a contiguous range of list positions. For an item whose negatives may share at most
     LCA depth ``max_lca`` with the anchor: easy = LCA at the root, hard = LCA at ``max_lca``,
     semi-hard = in between. By default ``max_lca`` is the anchor's parent level (hard = the
     nearest non-related codes); with the order filter it is one above the positive's LCA.
+    Memory is O(N x depth); a batch's ranges are computed on the fly in O(B x depth).
     """
 
     def __init__(self, taxonomy: Taxonomy, allowed: np.ndarray | None = None) -> None:
-        n = len(taxonomy)
-        allowed = np.ones(n, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
-        if allowed.shape != (n,):
-            raise ValueError(f"allowed mask of shape {allowed.shape}: expected ({n},)")
+        self.tree = TreeIndex(taxonomy, allowed)
         self.depth = taxonomy.depth.astype(np.int64)
-        levels = int(self.depth.max())
-        key = taxonomy.lca_depth.astype(np.int16)
-        key[taxonomy.related | ~allowed[None, :]] = levels + 1
-        order = np.argsort(key, axis=1, kind="stable")
-        counts = np.stack([(key == t).sum(axis=1) for t in range(levels)], axis=1).astype(np.int64)
-        valid = counts.sum(axis=1)
-        starts = np.concatenate([[0], np.cumsum(valid)[:-1]])
-        # level_offsets[a, t]: start of LCA depth t in flat; level_offsets[a, levels]: end of a's list
-        self.level_offsets = np.concatenate([starts[:, None], starts[:, None] + np.cumsum(counts, axis=1)], axis=1)
-        keep = np.arange(n)[None, :] < valid[:, None]
-        self.flat = order[keep].astype(np.int32)
-        self._position = np.empty((n, n), dtype=np.int64 if n > 32767 else np.int16)
-        self._position[np.arange(n)[:, None], order] = np.arange(n)[None, :]
-        self._valid = key <= levels
-        self._lca = taxonomy.lca_depth
+        self.guard = self.tree.guard
 
     @property
     def sizes(self) -> np.ndarray:
         """int64 [N, 3]: each anchor's default bucket sizes (hard, semi-hard, easy)."""
-        return self.ranges(np.arange(len(self.depth)))[1]
+        return self.bucket_sizes(np.arange(len(self.depth)))
+
+    def bucket_sizes(self, anchors: np.ndarray) -> np.ndarray:
+        """int64 [B, 3]: the anchors' default bucket sizes (hard, semi-hard, easy)."""
+        anchors = np.asarray(anchors, dtype=np.int64)
+        return self.ranges(anchors, self.tree.ranges(anchors))[1]
 
     def default_max_lca(self, anchors: np.ndarray) -> np.ndarray:
         """The anchor's parent level: every valid negative is eligible."""
         return np.maximum(self.depth[np.asarray(anchors)] - 1, 0)
 
-    def ranges(self, anchors: np.ndarray, max_lca: np.ndarray | None = None,
+    def ranges(self, anchors: np.ndarray, level_ranges: LevelRanges, max_lca: np.ndarray | None = None,
                uniform: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(starts, sizes), each int64 [B, 3] in bucket order (hard, semi-hard, easy).
+        """(starts, sizes), each int64 [B, 3] in bucket order (hard, semi-hard, easy), in list positions.
 
         With ``uniform`` every eligible code sits in the easy slot (one bucket, no curriculum).
         """
         anchors = np.asarray(anchors, dtype=np.int64)
         top = self.default_max_lca(anchors) if max_lca is None else np.minimum(
             np.maximum(np.asarray(max_lca, dtype=np.int64), 0), self.default_max_lca(anchors))
-        off = self.level_offsets[anchors]
+        off = level_ranges.offsets
         at = lambda t: np.take_along_axis(off, t[:, None], axis=1)[:, 0]  # noqa: E731
         easy_lo, easy_hi = off[:, 0], off[:, 1]
         hard_lo = np.where(top >= 1, at(top), easy_hi)
@@ -106,25 +98,18 @@ class NegativeTable:
             sizes = np.stack([np.zeros_like(hard_hi), np.zeros_like(hard_hi), hard_hi - easy_lo], axis=1)
         return starts, sizes
 
-    def position(self, anchors: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """Absolute position of ``codes`` in their anchor's list (into ``flat``), -1 if not a valid negative."""
-        anchors, codes = np.asarray(anchors), np.asarray(codes)
-        safe = np.maximum(codes, 0)
-        ok = self._valid[anchors, safe] & (codes >= 0)
-        pos = self.level_offsets[anchors, 0] + self._position[anchors, safe]
-        return np.where(ok, pos, -1)
-
     def bucket_of(self, anchors: np.ndarray, codes: np.ndarray, max_lca: np.ndarray | None = None) -> np.ndarray:
         """Bucket id (0 hard, 1 semi-hard, 2 easy, 3 not eligible) of each (anchor, code)."""
         anchors, codes = np.broadcast_arrays(np.asarray(anchors), np.asarray(codes))
         top = self.default_max_lca(anchors) if max_lca is None else np.minimum(
             np.broadcast_to(max_lca, anchors.shape), self.default_max_lca(anchors))
-        lca = self._lca[anchors, codes].astype(np.int64)
+        safe = np.maximum(codes, 0)
+        lca = self.guard.lca_depth(anchors, safe)
+        valid = (codes >= 0) & ~self.guard.related(anchors, safe) & self.guard.is_allowed(safe)
         bucket = np.where(lca == 0, EASY, np.where(lca == top, HARD, SEMI_HARD))
-        return np.where(self._valid[anchors, codes] & (lca <= top), bucket, 3)
+        return np.where(valid & (lca <= top), bucket, 3)
 
-    def level_positives(self, keys: np.ndarray, anchors: np.ndarray, ancestor_path: np.ndarray,
-                        allowed: np.ndarray, decay: float) -> np.ndarray:
+    def level_positives(self, keys: np.ndarray, anchors: np.ndarray, allowed: np.ndarray, decay: float) -> np.ndarray:
         """One positive per anchor from a sampled tree level (-1 where the anchor has none).
 
         Level d (1 .. depth-1) is picked with weight ``decay**d`` among levels that hold any
@@ -132,11 +117,12 @@ class NegativeTable:
         depth d: the anchor's ancestor at that depth and the codes of its other subtrees.
         """
         anchors = np.asarray(anchors, dtype=np.int64)
-        levels = self.level_offsets.shape[1] - 1
-        off = self.level_offsets[anchors]
+        level_ranges = self.tree.ranges(anchors)
+        off = level_ranges.offsets
+        levels = off.shape[1] - 1
         seg = np.diff(off, axis=1)[:, 1:]  # [B, levels-1]: codes with LCA at depth 1 .. levels-1
         d = np.arange(1, levels)
-        anc = ancestor_path[anchors][:, 1:levels]
+        anc = self.tree.path[anchors][:, 1:levels].astype(np.int64)
         anc_ok = (anc >= 0) & (anc < len(allowed)) & (d[None, :] < self.depth[anchors][:, None])
         anc_ok &= allowed[np.clip(anc, 0, len(allowed) - 1)]
         count = np.where(d[None, :] < self.depth[anchors][:, None], seg, 0) + anc_ok
@@ -144,14 +130,22 @@ class NegativeTable:
         total = weight.sum(axis=1)
         u = uniforms(keys, 2000, 2)
         cum = np.cumsum(weight, axis=1)
-        level = np.minimum((u[:, :1] * total[:, None] >= cum).sum(axis=1), levels - 2)
+        level = np.minimum((u[:, :1] * total[:, None] >= cum).sum(axis=1), max(levels - 2, 0))
         rows = np.arange(len(anchors))
+        if levels < 2:
+            return np.full(len(anchors), -1, dtype=np.int64)
         n_at = count[rows, level]
         j = np.minimum(np.floor(u[:, 1] * n_at).astype(np.int64), np.maximum(n_at - 1, 0))
         use_anc = anc_ok[rows, level] & (j == n_at - 1)
-        flat_pos = off[rows, level + 1] + j
-        pos = np.where(use_anc, anc[rows, level], self.flat[np.minimum(flat_pos, len(self.flat) - 1)])
+        list_pos = np.minimum(off[rows, level + 1] + j, np.maximum(off[:, -1] - 1, 0))
+        drawn = level_ranges.codes_at(rows, list_pos[:, None])[:, 0]
+        pos = np.where(use_anc, anc[rows, level], drawn)
         return np.where(total > 0, pos, -1)
+
+    def position(self, anchors: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """List position of ``codes`` in their anchor's list, -1 if not a valid negative."""
+        anchors = np.asarray(anchors, dtype=np.int64)
+        return self.tree.ranges(anchors).positions_of(anchors, np.asarray(codes, dtype=np.int64))
 
     def draw(self, keys: np.ndarray, anchors: np.ndarray, excluded_pos: np.ndarray,
              shares: tuple[float, float, float], n_first: int, n_total: int,
@@ -166,7 +160,8 @@ class NegativeTable:
         """
         anchors = np.asarray(anchors, dtype=np.int64)
         b = len(anchors)
-        starts, sizes = self.ranges(anchors, max_lca, uniform)
+        level_ranges = self.tree.ranges(anchors)
+        starts, sizes = self.ranges(anchors, level_ranges, max_lca, uniform)
         inside = (excluded_pos[:, None] >= starts) & (excluded_pos[:, None] < starts + sizes)
         available = sizes - inside
         first = spill(np.broadcast_to(split_counts(n_first, shares), (b, 3)).copy(), available)
@@ -184,10 +179,8 @@ class NegativeTable:
         dense = 2 * totals > available
         _fill_dense(keys, starts, sizes, excluded_pos, slot_bucket, rank, dense, pos)
         _fill_sparse(keys, starts, sizes, excluded_pos, slot_bucket, dense, pos)
-        out = np.full((b, n_total), -1, dtype=np.int64)
-        ok = pos >= 0
-        out[ok] = self.flat[pos[ok]]
-        return out
+        codes = level_ranges.codes_at(np.arange(b), np.maximum(pos, 0))
+        return np.where(pos >= 0, codes, -1)
 
 
 def _fill_dense(keys, starts, sizes, excluded_pos, slot_bucket, rank, dense, pos) -> None:

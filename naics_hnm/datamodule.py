@@ -15,6 +15,7 @@ from naics_hnm.collate import collate_fn
 from naics_hnm.config import SamplingConfig, StreamingConfig
 from naics_hnm.datasets import NAICSMapDataset, Phase1MapDataset
 from naics_hnm.epoch_sampler import EpochSampler
+from naics_hnm.mining_data import MiningData
 from naics_hnm.pairs import allowed_mask, tree_pairs
 from naics_hnm.taxonomy import Taxonomy, load_taxonomy
 from naics_hnm.token_cache import (TokenCache, build_token_cache, cache_fingerprint, load_token_cache,
@@ -146,6 +147,14 @@ class NAICSDataModule(pl.LightningDataModule):
         log.info("%s: %d train pairs, %d validation pairs, %d excluded codes", taxonomy,
                  len(train_pairs), len(val_pairs), int((~allowed).sum()))
 
+    def mining_data(self) -> MiningData:
+        """What :class:`HardNegativeMiningCallback` needs: taxonomy, allowed codes, tokens, epochs."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        return MiningData(taxonomy=self._taxonomy(), allowed=self.train_dataset.allowed,
+                          token_cache=self.token_cache, phase1_end_epoch=self.phase1_end_epoch,
+                          set_epoch=self.set_epoch)
+
     def set_epoch(self, epoch: int) -> None:
         """Move the training data to ``epoch``: the sampler (and so every worker) and the dataset."""
         self._epoch = int(epoch)
@@ -155,7 +164,13 @@ class NAICSDataModule(pl.LightningDataModule):
             self.train_dataset.set_epoch(self._epoch)
 
     def on_train_epoch_start(self) -> None:
-        """Update the dataset epoch for the curriculum (called by HardNegativeMiningCallback)."""
+        """Move the training data to the trainer's current epoch.
+
+        Lightning never calls this on a datamodule; it is kept as the seed's public API, a thin
+        call into :meth:`set_epoch`. During ``fit`` the epoch reaches the data through the
+        sampler's ``(epoch, index)`` pairs (Lightning calls ``set_epoch`` on it) and through
+        :class:`HardNegativeMiningCallback`, which calls :meth:`set_epoch` at each epoch start.
+        """
         if self.trainer is not None:
             self.set_epoch(self.trainer.current_epoch)
 

@@ -139,12 +139,12 @@ class Phase1MapDataset(Dataset):
             sel = rows_arr[where]
             keys = item_keys(self.cfg.seed, epoch, sel)
             if self.levels:
-                positives[where] = self.table.level_positives(keys, anchors[where], self.taxonomy.ancestor_path,
+                positives[where] = self.table.level_positives(keys, anchors[where],
                                                               self.allowed, self.cfg.level_decay)
             pos = positives[where]
             max_lca = None
             if self.sampling_cfg.order_filter:
-                max_lca = self.taxonomy.lca_depth[anchors[where], np.maximum(pos, 0)].astype(np.int64) - 1
+                max_lca = self.taxonomy.lca_depth(anchors[where], np.maximum(pos, 0)) - 1
             cand[where] = self.table.draw(keys, anchors[where], self.table.position(anchors[where], pos),
                                           self.mix(epoch), self.cfg.n_negatives, self.cfg.n_candidates, max_lca,
                                           uniform=self.sampling_cfg.uniform)

@@ -35,11 +35,14 @@ def length_order(token_cache: TokenCache, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def embed_codes(embed_fn: EmbedFn, token_cache: TokenCache, ids: torch.Tensor | None = None, *,
                 batch_size: int = 512, device: torch.device | str = "cpu", module: torch.nn.Module | None = None,
-                progress: bool = False, desc: str = "embedding codes") -> torch.Tensor:
-    """float32 [len(ids), d] embeddings of ``ids`` (default: every code), in the order of ``ids``.
+                progress: bool = False, desc: str = "embedding codes",
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """CPU [len(ids), d] embeddings of ``ids`` (default: every code), in the order of ``ids``.
 
-    Each distinct token sequence is embedded once, longest first, in batches of ``batch_size``.
-    ``module`` (usually the LightningModule) is put in eval mode while embedding and restored after.
+    Each distinct token sequence is embedded once, longest first, in batches of ``batch_size``;
+    every batch is written straight into one preallocated ``dtype`` array (float16 halves it), so
+    peak memory is that array plus one batch. ``module`` (usually the LightningModule) is put in
+    eval mode while embedding and restored after.
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
@@ -50,20 +53,25 @@ def embed_codes(embed_fn: EmbedFn, token_cache: TokenCache, ids: torch.Tensor | 
     if len(missing):
         raise ValueError(f"embed_codes: no tokens for code index {int(missing[0])} ({len(missing)} missing)")
     distinct, slot = distinct_token_rows(token_cache, ids)
+    by_slot = torch.argsort(slot, stable=True)
+    bounds = torch.searchsorted(slot[by_slot], torch.arange(len(distinct) + 1))
     perm = length_order(token_cache, distinct)
     out: torch.Tensor | None = None
     with eval_mode(module):
         for start in tqdm(range(0, len(distinct), batch_size), desc=desc, disable=not progress, leave=False):
             rows = perm[start : start + batch_size]
             tokens = {k: v.to(device) for k, v in token_cache.gather(distinct[rows]).items()}
-            emb = embed_fn(tokens).float()
+            emb = embed_fn(tokens)
             if emb.ndim != 2 or emb.shape[0] != len(rows):
                 raise ValueError(f"embed function returned shape {tuple(emb.shape)}: expected [{len(rows)}, d]")
             if out is None:
-                out = torch.empty(len(distinct), emb.shape[1], dtype=torch.float32, device=emb.device)
-            out[rows.to(emb.device)] = emb
+                out = torch.empty(len(ids), emb.shape[1], dtype=dtype)
+            counts = bounds[rows + 1] - bounds[rows]
+            within = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+            positions = by_slot[torch.repeat_interleave(bounds[rows], counts) + within]
+            out[positions] = emb.detach().to("cpu", dtype)[torch.repeat_interleave(torch.arange(len(rows)), counts)]
     assert out is not None
-    return out[slot.to(out.device)]
+    return out
 
 
 def distinct_token_rows(token_cache: TokenCache, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

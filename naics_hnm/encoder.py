@@ -13,6 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from naics_hnm.losses import info_nce
 from naics_hnm.token_cache import TokenCache, default_tokenizer_path
+from naics_hnm.tree_guard import TreeGuard
 
 
 LENGTH_BUCKET = 128
@@ -88,8 +89,7 @@ class NAICSEncoder(pl.LightningModule):
             for p in module.parameters():
                 p.requires_grad_(False)
         self._prefix: FrozenPrefix | None = None
-        self._related: torch.Tensor | None = None
-        self._lca: torch.Tensor | None = None
+        self._guard: TreeGuard | None = None
 
     def train(self, mode: bool = True) -> "NAICSEncoder":
         super().train(mode)
@@ -102,7 +102,7 @@ class NAICSEncoder(pl.LightningModule):
         cache = getattr(dm, "token_cache", None)
         if stage == "fit" and self.hparams.freeze_layers and self.hparams.cache_frozen and cache is not None:
             self.cache_frozen_prefix(cache)
-        if self.hparams.in_batch_negatives and getattr(dm, "taxonomy", None) is not None and self._related is None:
+        if self.hparams.in_batch_negatives and getattr(dm, "taxonomy", None) is not None and self._guard is None:
             self.set_taxonomy(dm.taxonomy)
 
     @torch.no_grad()
@@ -157,8 +157,7 @@ class NAICSEncoder(pl.LightningModule):
 
     def set_taxonomy(self, taxonomy) -> None:
         """Tree relations for the in-batch negative guard (done by setup() from the datamodule)."""
-        self._related = torch.from_numpy(taxonomy.related)
-        self._lca = torch.from_numpy(taxonomy.lca_depth.astype("int64"))
+        self._guard = TreeGuard(taxonomy)
 
     def _unique_embeddings(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed each distinct code of the batch once: (embeddings [U, d], code ids [U], row of each slot)."""
@@ -199,12 +198,10 @@ class NAICSEncoder(pl.LightningModule):
         ok = (unique[None, :] != anchors[:, None]) & (unique[None, :] != positives[:, None])
         rows = torch.arange(b, device=unique.device).unsqueeze(1).expand_as(mask)[mask]
         ok[rows, inverse[2 * b :]] = False
-        if self._related is not None:
-            if self._related.device != unique.device:
-                self._related, self._lca = self._related.to(unique.device), self._lca.to(unique.device)
-            related, lca = self._related, self._lca
-            ok &= ~related[anchors][:, unique]
-            ok &= lca[anchors][:, unique] < lca[anchors, positives][:, None]
+        if self._guard is not None:
+            rows, codes = anchors.unsqueeze(1), unique.unsqueeze(0).expand(b, -1)
+            ok &= ~self._guard.related(rows, codes)
+            ok &= self._guard.lca_depth(rows, codes) < self._guard.lca_depth(anchors, positives).unsqueeze(1)
         return ok
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -96,7 +96,7 @@ def cophenetic_correlation(
     x = unit[selected]
     upper = np.triu_indices(selected.size, k=1)
     cosine_distance = 1.0 - (x @ x.T)[upper]
-    tree = taxonomy.tree_distance[np.ix_(selected, selected)][upper].astype(np.float64)
+    tree = taxonomy.tree_distance(selected[upper[0]], selected[upper[1]]).astype(np.float64)
     return {
         "pearson": _pearson(cosine_distance, tree),
         "spearman": _pearson(average_ranks(cosine_distance), average_ranks(tree)),
@@ -138,7 +138,7 @@ def _ndcg_chunk(
 ) -> np.ndarray:
     k = discount.size
     similarity = unit[queries] @ unit[corpus].T
-    gains = np.exp2(taxonomy.lca_depth[np.ix_(queries, corpus)].astype(np.float64)) - 1.0
+    gains = np.exp2(taxonomy.lca_depth(queries[:, None], corpus[None, :]).astype(np.float64)) - 1.0
     is_self = queries[:, None] == corpus[None, :]
     similarity[is_self] = -np.inf
     gains[is_self] = 0.0
@@ -222,8 +222,9 @@ def placement_hits(
             "expected at least one held-out and one trained code"
         )
     nearest = trained[np.argmax(unit[held] @ unit[trained].T, axis=1)]
-    shared = taxonomy.lca_depth[held, nearest]
-    best = taxonomy.lca_depth[np.ix_(held, trained)].max(axis=1)
+    shared = taxonomy.lca_depth(held, nearest)
+    best = np.concatenate([taxonomy.lca_depth(held[i : i + _QUERY_CHUNK, None], trained[None, :]).max(axis=1)
+                           for i in range(0, held.size, _QUERY_CHUNK)])
     out: dict[str, float] = {}
     for name, need in (("parent5", depth - 1), ("parent4", depth - 2)):
         hit, reachable = shared >= need, best >= need

@@ -1,68 +1,32 @@
-"""False-negative guard and positive-aware margin over batches of (anchor, candidate) ids.
+"""Public guard and margin masks over batches of (anchor, candidate) ids, numpy or torch.
 
-All masks are vectorised over ``[B, C]`` candidate arrays (numpy, or torch on any device) and
-returned in the kind of ``candidate_ids``. ``True`` in a mask means *keep*.
-
-Rules, in the order used to attribute each removed candidate in :class:`GuardStats`:
-padding (``-1``, never counted), the anchor itself, the positive, taxonomy relatives
-(``related[a, c]``), the order filter (``lca_depth[a, c] >= lca_depth[a, p]``), ``exclude``; the
-margin (:func:`margin_mask`) is applied afterwards by the miner.
+``True`` in a mask means *keep*. The false-negative rule itself lives in one place,
+:mod:`naics_hnm.tree_guard`; this module validates user input for it (:func:`guard_mask`) and
+holds the positive-aware margin the miner applies afterwards (:func:`margin_mask`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
 from naics_hnm.embedding_index import METRICS, as_id_tensor, check_id_range, like_input
+from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.tree_guard import GuardStats, TreeGuard, guard_tensors
+
+__all__ = ["GuardStats", "TreeGuard", "as_tree_guard", "check_margin", "exclude_mask", "guard_mask",
+           "margin_mask", "margin_tensors"]
 
 
-@dataclass
-class GuardStats:
-    """Counts of candidates (valid, non-padding) and why they were removed."""
-
-    candidates: int = 0
-    removed_self: int = 0
-    removed_positive: int = 0
-    removed_related: int = 0
-    removed_order: int = 0
-    removed_exclude: int = 0
-    removed_margin: int = 0
-    kept: int = 0
-
-    def __add__(self, other: "GuardStats") -> "GuardStats":
-        if not isinstance(other, GuardStats):
-            return NotImplemented
-        return GuardStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
-
-    def as_fractions(self) -> dict[str, float]:
-        """``removed_*`` and ``kept`` as fractions of ``candidates`` (0.0 when there are none)."""
-        total = self.candidates
-        return {
-            name: (value / total if total else 0.0)
-            for name, value in asdict(self).items()
-            if name != "candidates"
-        }
-
-
-def as_relation_matrix(matrix: Any, name: str, n: int | None = None) -> torch.Tensor:
-    """A square [N, N] relation matrix as a tensor (zero-copy for numpy)."""
-    if not isinstance(matrix, torch.Tensor):
-        matrix = torch.from_numpy(np.asarray(matrix))
-    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"{name} must be a square [N, N] matrix, got shape {tuple(matrix.shape)}")
-    if n is not None and matrix.shape[0] != n:
-        raise ValueError(f"{name} is {tuple(matrix.shape)}, expected [{n}, {n}] (one row per id)")
-    return matrix
-
-
-def _lookup(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``matrix[rows, cols]`` gathered where the matrix lives; the small result moves to the ids."""
-    out = matrix[rows.to(matrix.device), cols.to(matrix.device)]
-    return out.to(cols.device)
+def as_tree_guard(tree: Any) -> TreeGuard | None:
+    """None, a :class:`TreeGuard`, or a :class:`Taxonomy` (wrapped) -> TreeGuard or None."""
+    if tree is None or isinstance(tree, TreeGuard):
+        return tree
+    if isinstance(tree, Taxonomy):
+        return TreeGuard(tree)
+    raise TypeError(f"taxonomy={type(tree).__name__}: expected a Taxonomy, a TreeGuard or None")
 
 
 def is_bool_mask(x: Any) -> bool:
@@ -111,90 +75,36 @@ def exclude_mask(candidates: torch.Tensor, exclude: Any) -> torch.Tensor:
     return (candidates.unsqueeze(2) == table.unsqueeze(1)).any(dim=2)
 
 
-def guard_mask(
-    anchor_ids: Any,
-    candidate_ids: Any,
-    *,
-    positive_ids: Any = None,
-    related: Any = None,
-    lca_depth: Any = None,
-    order_filter: bool = False,
-    exclude: Any = None,
-) -> tuple[Any, GuardStats]:
+def guard_mask(anchor_ids: Any, candidate_ids: Any, *, positive_ids: Any = None, taxonomy: Any = None,
+               order_filter: bool = False, exclude: Any = None) -> tuple[Any, GuardStats]:
     """``(keep [B, C], stats)``: drop padding, the anchor, its positive, relatives, order, exclude.
 
-    ``positive_ids`` may hold ``-1`` (no positive: neither the positive rule nor the order filter
-    applies to that row). ``related`` (bool [N, N]) and ``lca_depth`` (int [N, N]) may be numpy or
-    torch; lookups run where the matrix lives and only the [B, C] result moves.
+    ``taxonomy`` (a Taxonomy or a :class:`TreeGuard`) adds the tree rules: never an ancestor or
+    descendant of the anchor, never a disallowed code, and with ``order_filter`` never a code as
+    near the anchor as its positive. ``positive_ids`` may hold ``-1`` (no positive for that row).
+    ``exclude``: a bool mask [B, C] or B id collections. Output is numpy or torch like ``candidate_ids``.
     """
     device = candidate_ids.device if isinstance(candidate_ids, torch.Tensor) else "cpu"
-    keep, stats = guard_tensors(
-        as_id_tensor(anchor_ids, "anchor_ids", device, 1),
-        as_id_tensor(candidate_ids, "candidate_ids", device, 2),
-        positives=None if positive_ids is None else as_id_tensor(positive_ids, "positive_ids", device, 1),
-        related=related, lca_depth=lca_depth, order_filter=order_filter, exclude=exclude,
-    )
-    return like_input(candidate_ids, keep)[0], stats
-
-
-def guard_tensors(
-    anchors: torch.Tensor,
-    candidates: torch.Tensor,
-    *,
-    positives: torch.Tensor | None = None,
-    related: Any = None,
-    lca_depth: Any = None,
-    order_filter: bool = False,
-    exclude: Any = None,
-) -> tuple[torch.Tensor, GuardStats]:
-    """:func:`guard_mask` on int64 tensors that share a device; returns a bool tensor there."""
+    tree = as_tree_guard(taxonomy)
+    anchors = as_id_tensor(anchor_ids, "anchor_ids", device, 1)
+    candidates = as_id_tensor(candidate_ids, "candidate_ids", device, 2)
+    positives = None if positive_ids is None else as_id_tensor(positive_ids, "positive_ids", device, 1)
     b = anchors.shape[0]
     if candidates.shape[0] != b:
         raise ValueError(f"candidate_ids has {candidates.shape[0]} rows, expected B={b} (one per anchor)")
     if positives is not None and positives.shape != anchors.shape:
         raise ValueError(f"positive_ids has shape {tuple(positives.shape)}, expected [B] = [{b}]")
-    if order_filter and (positives is None or lca_depth is None):
-        raise ValueError("order_filter=True needs positive_ids and lca_depth (or a taxonomy)")
-    related_t = None if related is None else as_relation_matrix(related, "related")
-    lca_t = None if lca_depth is None else as_relation_matrix(lca_depth, "lca_depth")
-    n = next((m.shape[0] for m in (related_t, lca_t) if m is not None), None)
-    if related_t is not None and lca_t is not None and lca_t.shape != related_t.shape:
-        raise ValueError(
-            f"lca_depth is {tuple(lca_t.shape)} but related is {tuple(related_t.shape)}; expected equal shapes"
-        )
-    if n is not None:
-        check_id_range(anchors, "anchor_ids", n, allow_padding=False)
-        check_id_range(candidates, "candidate_ids", n, allow_padding=True)
-        if positives is not None:
-            check_id_range(positives, "positive_ids", n, allow_padding=True)
-    else:
-        check_id_range(anchors, "anchor_ids", 2**62, allow_padding=False)
-        check_id_range(candidates, "candidate_ids", 2**62, allow_padding=True)
-
-    valid = candidates >= 0
-    safe = candidates.clamp(min=0)
-    rows = anchors.unsqueeze(1).expand_as(candidates)
-    rules: list[tuple[str, torch.Tensor]] = [("removed_self", candidates == rows)]
+    if order_filter and (positives is None or tree is None):
+        raise ValueError("order_filter=True needs positive_ids and a taxonomy")
+    n = len(tree) if tree is not None else 2**62
+    check_id_range(anchors, "anchor_ids", n, allow_padding=False)
+    check_id_range(candidates, "candidate_ids", n, allow_padding=True)
     if positives is not None:
-        rules.append(("removed_positive", (candidates == positives.unsqueeze(1)) & (positives.unsqueeze(1) >= 0)))
-    if related_t is not None:
-        rules.append(("removed_related", _lookup(related_t, rows, safe).bool()))
-    if order_filter:
-        has_pos = positives >= 0
-        pos_depth = _lookup(lca_t, anchors, positives.clamp(min=0)).to(torch.int64)
-        cand_depth = _lookup(lca_t, rows, safe).to(torch.int64)
-        rules.append(("removed_order", (cand_depth >= pos_depth.unsqueeze(1)) & has_pos.unsqueeze(1)))
-    if exclude is not None:
-        rules.append(("removed_exclude", exclude_mask(candidates, exclude)))
-
-    stats = GuardStats(candidates=int(valid.sum()))
-    keep = valid
-    for name, removed in rules:
-        hit = keep & removed
-        setattr(stats, name, int(hit.sum()))
-        keep = keep & ~removed
-    stats.kept = int(keep.sum())
-    return keep, stats
+        check_id_range(positives, "positive_ids", n, allow_padding=True)
+    excluded = None if exclude is None else exclude_mask(candidates, exclude)
+    keep, stats = guard_tensors(anchors, candidates, positives, tree=tree, order_filter=order_filter,
+                                exclude=excluded)
+    return like_input(candidate_ids, keep)[0], stats
 
 
 def margin_mask(candidate_scores: Any, positive_scores: Any, relative_margin: float, metric: str) -> Any:

@@ -28,14 +28,8 @@ from naics_hnm.embedding_index import (
     select_topk,
     worst_score,
 )
-from naics_hnm.guard import (
-    GuardStats,
-    as_relation_matrix,
-    check_margin,
-    guard_tensors,
-    is_bool_mask,
-    margin_tensors,
-)
+from naics_hnm.guard import as_tree_guard, check_margin, exclude_mask, is_bool_mask, margin_tensors
+from naics_hnm.tree_guard import GuardStats, TreeGuard, guard_tensors
 
 
 @dataclass
@@ -49,8 +43,7 @@ class _Request:
     positives: torch.Tensor | None
     exclude: Any
     margin: float | None
-    related: torch.Tensor | None
-    lca_depth: torch.Tensor | None
+    tree: TreeGuard | None
     order_filter: bool
 
     def subset(self, rows: torch.Tensor) -> "_Request":
@@ -60,7 +53,7 @@ class _Request:
         return _Request(
             self.index, self.anchors[rows], None, self.k,
             None if self.positives is None else self.positives[rows],
-            exclude, self.margin, self.related, self.lca_depth, self.order_filter,
+            exclude, self.margin, self.tree, self.order_filter,
         )
 
 
@@ -73,24 +66,23 @@ def mine_candidates(
     positive_ids: Any = None,
     exclude: Any = None,
     relative_margin: float | None = None,
-    related: Any = None,
-    lca_depth: Any = None,
-    order_filter: bool = False,
     taxonomy: Any = None,
+    order_filter: bool = False,
     return_stats: bool = False,
 ) -> tuple:
     """The k hardest guarded candidates per anchor: ``(scores [B, k], ids [B, k])`` (+ stats).
 
     Never returns the anchor, its positive (``positive_ids``, ``-1`` = none) or anything in
     ``exclude`` (a length-B list of id collections, or a bool mask [B, C] in pool mode).
-    ``related`` / ``lca_depth`` / ``order_filter`` are the optional taxonomy guard; ``taxonomy``
-    (a :class:`naics_hnm.taxonomy.Taxonomy`) supplies both matrices. ``relative_margin=m`` drops
+    ``taxonomy`` (a :class:`~naics_hnm.taxonomy.Taxonomy` or a :class:`~naics_hnm.tree_guard.TreeGuard`)
+    adds the tree guard: never an ancestor or descendant of the anchor (nor a code outside the
+    guard's ``allowed`` mask); ``order_filter`` keeps only codes whose lowest common ancestor with
+    the anchor is shallower than the positive's. ``relative_margin=m`` drops
     candidates more similar than ``(1 - m)`` times the positive (see :func:`guard.margin_mask`).
     Output is padded with ``-1`` / ``-inf`` (``+inf`` for l2), numpy or torch like the input ids.
     """
     request = _validate(
-        index, anchor_ids, candidate_ids, k, positive_ids, exclude, relative_margin,
-        related, lca_depth, order_filter, taxonomy,
+        index, anchor_ids, candidate_ids, k, positive_ids, exclude, relative_margin, order_filter, taxonomy,
     )
     with torch.no_grad():
         if request.candidates is None:
@@ -104,7 +96,7 @@ def mine_candidates(
 
 def _validate(
     index: Any, anchor_ids: Any, candidate_ids: Any, k: Any, positive_ids: Any, exclude: Any,
-    relative_margin: Any, related: Any, lca_depth: Any, order_filter: bool, taxonomy: Any,
+    relative_margin: Any, order_filter: bool, taxonomy: Any,
 ) -> _Request:
     if not isinstance(index, EmbeddingIndex):
         raise TypeError(f"index must be an EmbeddingIndex, got {type(index).__name__}")
@@ -137,22 +129,18 @@ def _validate(
         raise ValueError(
             f"relative_margin={relative_margin!r} needs positive_ids (the margin is relative to the positive)"
         )
-    if taxonomy is not None:
-        if len(taxonomy) != n:
-            raise ValueError(
-                f"taxonomy has {len(taxonomy)} codes but the index has {n} rows; expected the same id space"
-            )
-        if index.codes_fingerprint is not None and index.codes_fingerprint != taxonomy.fingerprint:
-            raise ValueError(
-                f"taxonomy fingerprint {taxonomy.fingerprint} differs from the index's {index.codes_fingerprint}"
-            )
-        related = taxonomy.related if related is None else related
-        lca_depth = taxonomy.lca_depth if lca_depth is None else lca_depth
-    related_t = None if related is None else as_relation_matrix(related, "related", n)
-    lca_t = None if lca_depth is None else as_relation_matrix(lca_depth, "lca_depth", n)
-    if order_filter and (positives is None or lca_t is None):
-        raise ValueError("order_filter=True needs positive_ids and lca_depth (or taxonomy=)")
-    return _Request(index, anchors, candidates, k, positives, exclude, margin, related_t, lca_t, bool(order_filter))
+    tree = as_tree_guard(taxonomy)
+    if tree is not None:
+        if len(tree) != n:
+            raise ValueError(f"taxonomy has {len(tree)} codes but the index has {n} rows; expected the same id space")
+        fingerprint = tree.taxonomy.fingerprint
+        if index.codes_fingerprint is not None and index.codes_fingerprint != fingerprint:
+            raise ValueError(f"taxonomy fingerprint {fingerprint} differs from the index's {index.codes_fingerprint}")
+    if order_filter and (positives is None or tree is None):
+        raise ValueError("order_filter=True needs positive_ids and taxonomy=")
+    if candidates is not None and exclude is not None:
+        exclude = exclude_mask(candidates, exclude)
+    return _Request(index, anchors, candidates, k, positives, exclude, margin, tree, bool(order_filter))
 
 
 def _positive_scores(request: _Request) -> torch.Tensor:
@@ -168,10 +156,11 @@ def _mine_pool(
     """Guard + margin + stable top-k over a candidate pool; also survivors per row."""
     index = request.index
     candidates = candidates.masked_fill(duplicate_mask(candidates), -1)
-    keep, stats = guard_tensors(
-        request.anchors, candidates, positives=request.positives, related=request.related,
-        lca_depth=request.lca_depth, order_filter=request.order_filter, exclude=request.exclude,
-    )
+    exclude = request.exclude
+    if exclude is not None and not isinstance(exclude, torch.Tensor):
+        exclude = exclude_mask(candidates, exclude)
+    keep, stats = guard_tensors(request.anchors, candidates, request.positives, tree=request.tree,
+                                order_filter=request.order_filter, exclude=exclude)
     scores = index.pair_scores(request.anchors, candidates)
     keep = keep.to(scores.device)
     if request.margin is not None:
@@ -186,9 +175,10 @@ def _mine_pool(
 def _initial_depth(request: _Request) -> int:
     """k plus the most rows one anchor can lose to self, positive, relatives and exclude."""
     slack = 2
-    if request.related is not None:
-        rows = request.anchors.to(request.related.device)
-        slack += int(request.related[rows].sum(dim=1).max()) if rows.numel() else 0
+    if request.tree is not None and request.anchors.numel():
+        taxonomy = request.tree.taxonomy
+        rows = request.anchors.cpu().numpy()
+        slack += int((taxonomy.depth[rows] + taxonomy.end[rows] - taxonomy.pre[rows]).max())
     if request.exclude is not None:
         slack += max((len(list(e)) for e in request.exclude if e is not None), default=0)
     return min(request.index.ntotal, request.k + slack)

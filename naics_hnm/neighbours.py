@@ -1,52 +1,90 @@
-"""Guarded global nearest neighbours of indexed codes: the pool-widening step of Phase 2+."""
+"""Guarded nearest neighbours of indexed codes: the pool-widening lists of Phase 2+.
+
+Each anchor's ``m`` most similar codes that the tree guard keeps (never the anchor, an ancestor,
+a descendant or a disallowed code) come from the index itself - flat or approximate - in batches
+of queries, so memory is O(batch x depth) beyond the [N, m] result. A row whose first ``depth``
+neighbours are mostly guarded away (an internal code with a large subtree) is searched again
+deeper, up to ``max_search``; what is still short is padded with -1 and counted.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from naics_hnm.embedding_index import EmbeddingIndex
+from naics_hnm.tree_guard import TreeGuard, guard_tensors
+
+log = logging.getLogger(__name__)
+
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
-@torch.no_grad()
-def guarded_neighbours(index: EmbeddingIndex, anchor_ids: torch.Tensor, m: int, *,
-                       related: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
-                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``m`` most similar codes per anchor, never the anchor, a related code or a disallowed one.
+@dataclass
+class NeighbourReport:
+    rows: int = 0
+    short_rows: int = 0
+    searches: int = 0
 
-    ``related`` is bool [N, N] (anchor, ancestor or descendant); ``allowed`` bool [N]. Returns
-    ``(scores, ids)`` [B, m] on the index device, most similar first; -1 / worst score pads rows
-    with fewer than ``m`` eligible codes. Scores are similarities (negated squared distance for l2).
-    Equal similarities are listed lower id first (which of several codes tied exactly at the m-th
-    place is kept is up to ``torch.topk``).
+
+def _first_kept(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray, m: int,
+                metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row the first ``m`` kept entries (search order), ties by lower id; (scores, ids, n_kept)."""
+    worst = np.inf if metric == "l2" else -np.inf
+    masked = np.where(keep, scores, worst)
+    key = masked if metric == "l2" else -masked
+    order = np.lexsort((np.where(keep, ids, np.iinfo(np.int64).max), key), axis=1)[:, :m]
+    top_ids = np.take_along_axis(np.where(keep, ids, -1), order, axis=1)
+    top_scores = np.take_along_axis(masked, order, axis=1)
+    if top_ids.shape[1] < m:
+        pad = m - top_ids.shape[1]
+        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=worst)
+    return top_scores, top_ids, keep.sum(axis=1)
+
+
+def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *, guard: TreeGuard | None = None,
+                       batch_size: int = 8192, max_search: int = 4096, search: SearchFn | None = None,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray, NeighbourReport]:
+    """``(scores [B, m], ids [B, m] int32, report)``: each anchor's ``m`` nearest guarded codes.
+
+    Scores follow the index metric (similarity, or squared distance for l2), best first; -1 pads.
+    With a flat index the result equals a brute-force search over all guarded codes (for rows not
+    cut short by ``max_search``). ``search(queries_ids, k) -> (scores, ids)`` replaces the index
+    search (the sharded DDP search plugs in here).
     """
     if not (isinstance(m, int) and m >= 1):
         raise ValueError(f"m={m!r}: expected an int >= 1")
-    vectors = index.vectors
-    device = vectors.device
-    anchor_ids = torch.as_tensor(anchor_ids, dtype=torch.long, device=device)
-    n = vectors.shape[0]
-    k = min(m, n)
-    scores_out = torch.full((len(anchor_ids), m), float("-inf"), device=device)
-    ids_out = torch.full((len(anchor_ids), m), -1, dtype=torch.long, device=device)
-    norms = (vectors * vectors).sum(1) if index.metric == "l2" else None
-    column_ban = None if allowed is None else ~allowed.to(device)[None, :]
-    for start in range(0, len(anchor_ids), chunk):
-        rows = anchor_ids[start : start + chunk]
-        sim = vectors[rows] @ vectors.T
-        if norms is not None:
-            sim = 2 * sim - norms[rows, None] - norms[None, :]
-        banned = related[rows].to(device) if related is not None else torch.zeros_like(sim, dtype=torch.bool)
-        if column_ban is not None:
-            banned = banned | column_ban
-        banned[torch.arange(len(rows), device=device), rows] = True
-        sim.masked_fill_(banned, float("-inf"))
-        top, order = torch.topk(sim, k, dim=1)
-        # deterministic order among equal similarities: lower id first
-        order, by_id = torch.sort(order, dim=1)
-        top = torch.gather(top, 1, by_id)
-        top, by_score = torch.sort(top, dim=1, descending=True, stable=True)
-        order = torch.gather(order, 1, by_score)
-        ok = torch.isfinite(top)
-        scores_out[start : start + len(rows), :k] = top
-        ids_out[start : start + len(rows), :k] = torch.where(ok, order, torch.full_like(order, -1))
-    return scores_out, ids_out
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+    anchor_ids = np.asarray(anchor_ids, dtype=np.int64)
+    n = index.ntotal
+    search = search or (lambda rows, k: index.search_ids(rows, k))
+    limit = min(n, max(max_search, m + 1))
+    first_depth = min(limit, m + 2 + (guard.taxonomy.max_depth if guard is not None else 0))
+    out_scores = np.empty((len(anchor_ids), m), dtype=np.float32)
+    out_ids = np.empty((len(anchor_ids), m), dtype=np.int32)
+    report = NeighbourReport(rows=len(anchor_ids))
+    starts = range(0, len(anchor_ids), batch_size)
+    for start in tqdm(starts, desc="neighbour lists", disable=not progress, leave=False):
+        rows = np.arange(start, min(start + batch_size, len(anchor_ids)))
+        depth = first_depth
+        while len(rows):
+            scores, ids = search(anchor_ids[rows], depth)
+            report.searches += 1
+            keep, _ = guard_tensors(torch.from_numpy(anchor_ids[rows]), torch.from_numpy(ids), tree=guard)
+            top_s, top_i, kept = _first_kept(scores, ids, keep.numpy(), m, index.metric)
+            done = (kept >= m) | (depth >= limit)
+            out_scores[rows[done]], out_ids[rows[done]] = top_s[done], top_i[done]
+            report.short_rows += int((kept[done] < min(m, n - 1)).sum())
+            rows = rows[~done]
+            depth = min(limit, depth * 4)
+    if report.short_rows:
+        log.info("neighbour lists: %d of %d codes have fewer than %d guarded neighbours within the first %d "
+                 "search results (padded with -1)", report.short_rows, report.rows, m, limit)
+    return out_scores, out_ids, report

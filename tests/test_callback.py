@@ -73,7 +73,7 @@ def _brute_force(emb, tx, anchor, positive, pool, k, margin, order_filter):
             if c < 0 or c in banned or c in seen:
                 continue
             seen.add(c)
-            if order_filter and tx.lca_depth[a, c] >= tx.lca_depth[a, p]:
+            if order_filter and tx.lca_depth(a, c) >= tx.lca_depth(a, p):
                 continue
             if margin is not None and sims[a, c] > sim_p - margin * abs(sim_p):
                 continue

@@ -8,7 +8,9 @@ import torch
 
 from naics_hnm.embedding_index import EmbeddingIndex
 from naics_hnm.mining import mine_candidates
+from naics_hnm.synthetic_tree import random_tree
 from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.tree_guard import TreeGuard
 
 METRICS = ("cosine", "ip", "l2")
 
@@ -23,8 +25,32 @@ def scores_of(x: np.ndarray, metric: str, a: int, ids) -> np.ndarray:
     return v[ids] @ v[a]
 
 
+class TreeReference:
+    """Relations by walking parent pointers, independent of the library's DFS arrays."""
+
+    def __init__(self, tx: Taxonomy):
+        self.lineage = []
+        for i in range(len(tx)):
+            chain, p = [i], int(tx.parent[i])
+            while p >= 0:
+                chain.append(p)
+                p = int(tx.parent[p])
+            self.lineage.append(chain[::-1])  # root side first, i last
+
+    def related(self, a: int, c: int) -> bool:
+        return a in self.lineage[c] or c in self.lineage[a]
+
+    def lca(self, a: int, c: int) -> int:
+        depth = 0
+        for x, y in zip(self.lineage[a], self.lineage[c]):
+            if x != y:
+                break
+            depth += 1
+        return depth
+
+
 def brute_force(x, metric, anchors, k, pools=None, positives=None, exclude=None, margin=None,
-                related=None, lca=None, order_filter=False):
+                tree=None, order_filter=False):
     """Per anchor: drop anchor, positive, excluded, related, order, margin; stable top-k."""
     n = len(x)
     worst = np.inf if metric == "l2" else -np.inf
@@ -39,9 +65,9 @@ def brute_force(x, metric, anchors, k, pools=None, positives=None, exclude=None,
                 continue
             if exclude is not None and c in set(exclude[r]):
                 continue
-            if related is not None and related[a, c]:
+            if tree is not None and tree.related(a, c):
                 continue
-            if order_filter and p >= 0 and lca[a, c] >= lca[a, p]:
+            if order_filter and p >= 0 and tree.lca(a, c) >= tree.lca(a, p):
                 continue
             ids.append(c)
         s = scores_of(x, metric, a, ids) if ids else np.empty(0)
@@ -67,22 +93,22 @@ def setup_batch(seed: int, n: int, b: int = 24):
     positives[positives == anchors] = (positives[positives == anchors] + 1) % n
     positives[-1] = -1
     exclude = [set(rng.integers(0, n, 5).tolist()) for _ in range(b)]
-    related = rng.random((n, n)) < 0.05
-    related |= related.T | np.eye(n, dtype=bool)
-    return anchors, positives, exclude, related
+    tree = random_tree(rng, n, max_depth=6)
+    tx = Taxonomy(tree.codes, tree.parents, tree.titles)
+    return anchors, positives, exclude, tx
 
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("margin", [None, 0.05])
 def test_global_mode_equals_brute_force(data, metric, margin):
-    anchors, positives, exclude, related = setup_batch(21, len(data))
+    anchors, positives, exclude, tx = setup_batch(21, len(data))
     index = EmbeddingIndex.build(data, metric=metric, device="cpu")
     scores, ids, stats = mine_candidates(
         index, anchors, k=8, positive_ids=positives, exclude=exclude, relative_margin=margin,
-        related=related, return_stats=True,
+        taxonomy=tx, order_filter=True, return_stats=True,
     )
     want_s, want_i = brute_force(data, metric, anchors, 8, positives=positives, exclude=exclude,
-                                 margin=margin, related=related)
+                                 margin=margin, tree=TreeReference(tx), order_filter=True)
     np.testing.assert_array_equal(ids, want_i)
     np.testing.assert_allclose(scores, want_s, rtol=1e-4, atol=1e-4)
     assert stats.kept >= (ids >= 0).sum()
@@ -112,7 +138,7 @@ def test_global_mode_deepens_search(data, metric):
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_pool_mode_equals_brute_force(data, metric):
-    anchors, positives, exclude, related = setup_batch(23, len(data))
+    anchors, positives, exclude, tx = setup_batch(23, len(data))
     rng = np.random.default_rng(24)
     pools = rng.integers(0, len(data), (len(anchors), 40))
     pools[:, :2] = np.stack([anchors, positives], 1)
@@ -121,9 +147,9 @@ def test_pool_mode_equals_brute_force(data, metric):
     index = EmbeddingIndex.build(data, metric=metric, device="cpu")
     for k in (4, 45):
         scores, ids = mine_candidates(index, anchors, pools, k=k, positive_ids=positives, exclude=exclude,
-                                      relative_margin=0.1, related=related)
+                                      relative_margin=0.1, taxonomy=TreeGuard(tx))
         want_s, want_i = brute_force(data, metric, anchors, k, pools=pools, positives=positives,
-                                     exclude=exclude, margin=0.1, related=related)
+                                     exclude=exclude, margin=0.1, tree=TreeReference(tx))
         np.testing.assert_array_equal(ids, want_i)
         np.testing.assert_allclose(scores, want_s, rtol=1e-4, atol=1e-4)
 
@@ -173,15 +199,15 @@ def test_naics_taxonomy_guard_global_and_pool():
     scores, ids, stats = mine_candidates(index, anchors, k=8, positive_ids=positives, taxonomy=tx,
                                          order_filter=True, relative_margin=0.05, return_stats=True)
     want_s, want_i = brute_force(x, "cosine", anchors, 8, positives=positives, margin=0.05,
-                                 related=tx.related, lca=tx.lca_depth, order_filter=True)
+                                 tree=TreeReference(tx), order_filter=True)
     np.testing.assert_array_equal(ids, want_i)
     np.testing.assert_allclose(scores, want_s, rtol=1e-4, atol=1e-4)
     assert stats.removed_related > 0 and stats.removed_order > 0
     pools = rng.integers(0, len(tx), (16, 60))
     pools[:, :5] = np.stack([tx.ancestor_path[a, 1:6] for a in anchors])
     got = mine_candidates(index, anchors, pools, k=8, positive_ids=positives, taxonomy=tx, order_filter=True)[1]
-    want = brute_force(x, "cosine", anchors, 8, pools=pools, positives=positives, related=tx.related,
-                       lca=tx.lca_depth, order_filter=True)[1]
+    want = brute_force(x, "cosine", anchors, 8, pools=pools, positives=positives, tree=TreeReference(tx),
+                       order_filter=True)[1]
     np.testing.assert_array_equal(got, want)
 
 
@@ -193,10 +219,10 @@ def test_rejects_bad_input(data):
         mine_candidates(index, np.array([0]), k=2, relative_margin=0.1)
     with pytest.raises(ValueError, match="relative_margin=1.5"):
         mine_candidates(index, np.array([0]), k=2, positive_ids=np.array([1]), relative_margin=1.5)
-    with pytest.raises(ValueError, match="order_filter=True needs positive_ids and lca_depth"):
+    with pytest.raises(ValueError, match="order_filter=True needs positive_ids and taxonomy="):
         mine_candidates(index, np.array([0]), k=2, order_filter=True)
-    with pytest.raises(ValueError, match="related is \\(3, 3\\), expected \\[300, 300\\]"):
-        mine_candidates(index, np.array([0]), k=2, related=np.eye(3, dtype=bool))
+    with pytest.raises(TypeError, match="taxonomy=ndarray: expected a Taxonomy, a TreeGuard or None"):
+        mine_candidates(index, np.array([0]), k=2, taxonomy=np.eye(3, dtype=bool))
     with pytest.raises(ValueError, match="exclude as a bool mask"):
         mine_candidates(index, np.array([0]), k=2, exclude=np.zeros((1, 3), dtype=bool))
     with pytest.raises(ValueError, match="positive_ids holds id 300"):
@@ -212,10 +238,10 @@ def test_gpu_mining_matches_cpu(data):
 
     if not hasattr(faiss, "StandardGpuResources"):
         pytest.skip("faiss has no GPU build")
-    anchors, positives, exclude, related = setup_batch(27, len(data))
+    anchors, positives, exclude, tx = setup_batch(27, len(data))
     cpu = EmbeddingIndex.build(data, device="cpu")
     gpu = EmbeddingIndex.build(data, device="cuda")
-    kwargs = dict(k=6, positive_ids=positives, exclude=exclude, related=related, relative_margin=0.05)
+    kwargs = dict(k=6, positive_ids=positives, exclude=exclude, taxonomy=tx, order_filter=True, relative_margin=0.05)
     c_s, c_i = mine_candidates(cpu, anchors, **kwargs)
     g_s, g_i = mine_candidates(gpu, torch.from_numpy(anchors).cuda(), **kwargs)
     np.testing.assert_array_equal(g_i.cpu().numpy(), c_i)

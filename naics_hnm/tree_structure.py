@@ -1,0 +1,120 @@
+"""Per-code arrays of a rooted forest, built level by level from parent pointers in O(N x depth).
+
+Everything here is vectorised over one tree level at a time, so 1,000,000 codes build in about a
+second and nothing is quadratic in N:
+
+- ``depth``: 1 for top-level codes (a virtual root at depth 0 joins the forest);
+- ``pre`` / ``end``: DFS pre-order numbers with children visited in ascending id, so that the
+  subtree of ``a`` is exactly the contiguous position range ``[pre[a], end[a])``;
+- ``dfs_order``: the inverse permutation (position -> id);
+- ``ancestor_path``: int32 [N, D+1], column t is the ancestor at depth t (column 0 the virtual root,
+  written as N; column ``depth[i]`` is i itself; -1 beyond).
+
+For a digit-prefix taxonomy such as NAICS, sorted codes are already in DFS order (``pre[i] == i``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+MAX_DEPTH = 64
+
+
+class TreeError(ValueError):
+    """A parent array that is not a forest: names the offending code."""
+
+
+@dataclass(frozen=True)
+class TreeArrays:
+    parent: np.ndarray
+    depth: np.ndarray
+    pre: np.ndarray
+    end: np.ndarray
+    dfs_order: np.ndarray
+    ancestor_path: np.ndarray
+
+
+def _levels(parent: np.ndarray, name: Callable[[int], str]) -> list[np.ndarray]:
+    """Codes grouped by depth (index 0 = depth 1), children of a node in ascending id."""
+    n = len(parent)
+    order = np.argsort(parent, kind="stable")  # children grouped by parent, ascending id within
+    sorted_parent = parent[order]
+    first_child = np.searchsorted(sorted_parent, np.arange(-1, n), side="left")
+    last_child = np.searchsorted(sorted_parent, np.arange(-1, n), side="right")
+    levels = [order[first_child[0] : last_child[0]]]  # parent -1: the top level
+    reached = len(levels[0])
+    while reached < n:
+        frontier = levels[-1]
+        starts, stops = first_child[frontier + 1], last_child[frontier + 1]
+        counts = stops - starts
+        if counts.sum() == 0:
+            break
+        if len(levels) >= MAX_DEPTH:
+            deep = frontier[counts > 0][0]
+            raise TreeError(f"code {name(int(deep))} at depth {MAX_DEPTH} has children: expected a tree at "
+                            f"most {MAX_DEPTH} levels deep")
+        offsets = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        levels.append(order[offsets])
+        reached += len(levels[-1])
+    if reached < n:
+        seen = np.zeros(n, dtype=bool)
+        for level in levels:
+            seen[level] = True
+        raise TreeError(f"code {name(_on_cycle(parent, int(np.flatnonzero(~seen)[0])))} is on a parent cycle "
+                        f"({n - reached} codes never reach a top-level code)")
+    return levels
+
+
+def _on_cycle(parent: np.ndarray, start: int) -> int:
+    """A code on the cycle that ``start``'s parent chain runs into."""
+    visited: set[int] = set()
+    node = start
+    while node not in visited:
+        visited.add(node)
+        node = int(parent[node])
+    return node
+
+
+def build_tree(parent: np.ndarray, name: Callable[[int], str] = str) -> TreeArrays:
+    """Depth, DFS numbering and ancestor paths of the forest ``parent`` (int64 [N], -1 = top level).
+
+    ``name(i)`` formats code i for error messages. Raises :class:`TreeError` for a code that is
+    its own parent, a parent id out of range, a cycle, or a tree deeper than ``MAX_DEPTH``.
+    """
+    parent = np.ascontiguousarray(parent, dtype=np.int64)
+    n = len(parent)
+    bad = np.flatnonzero((parent < -1) | (parent >= n))
+    if bad.size:
+        raise TreeError(f"code {name(int(bad[0]))} has parent id {int(parent[bad[0]])}: expected -1 or [0, {n})")
+    own = np.flatnonzero(parent == np.arange(n))
+    if own.size:
+        raise TreeError(f"code {name(int(own[0]))} is its own parent")
+    levels = _levels(parent, name)
+    depth = np.zeros(n, dtype=np.int16)
+    for d, level in enumerate(levels, start=1):
+        depth[level] = d
+    size = np.ones(n, dtype=np.int64)
+    for level in reversed(levels[1:]):
+        np.add.at(size, parent[level], size[level])
+    pre = np.zeros(n, dtype=np.int64)
+    for d, level in enumerate(levels):
+        # levels list children of one parent together, ascending id: an exclusive cumsum per group
+        group_parent = parent[level]
+        before = np.cumsum(size[level]) - size[level]
+        group_start = np.r_[True, group_parent[1:] != group_parent[:-1]]
+        first_of_group = np.maximum.accumulate(np.where(group_start, np.arange(len(level)), 0))
+        offset = before - before[first_of_group]
+        pre[level] = offset if d == 0 else pre[group_parent] + 1 + offset
+    end = pre + size
+    dfs_order = np.empty(n, dtype=np.int64)
+    dfs_order[pre] = np.arange(n)
+    path = np.full((n, len(levels) + 1), -1, dtype=np.int32)
+    path[:, 0] = n
+    for d, level in enumerate(levels, start=1):
+        if d > 1:
+            path[level, :d] = path[parent[level], :d]
+        path[level, d] = level
+    return TreeArrays(parent, depth, pre, end, dfs_order, path)
