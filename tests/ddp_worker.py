@@ -1,7 +1,8 @@
 """Run by tests/test_callback.py: a 2-process CPU DDP fit with the mining callback.
 
-Each rank saves the refreshed index vectors, a single-process reference embedding of every code
-computed with the same weights, and the anchors it trained on.
+Each rank saves the refreshed index vectors, its neighbour lists, a single-process reference
+embedding of every code computed with the same weights, and the anchors it trained on. A second
+argument ``shard`` turns on the sharded index (each rank searches only its half of the codes).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Dump(Callback):
             return
         reference = embed_codes(pl_module.embed, trainer.datamodule.token_cache, module=pl_module)
         np.savez(self.out / f"rank{trainer.global_rank}.npz", vectors=self.mining.index.vectors.cpu().numpy(),
-                 reference=reference.numpy(), anchors=np.zeros(0))
+                 reference=reference.numpy(), anchors=np.zeros(0),
+                 neighbours=self.mining.miner.neighbour_ids.cpu().numpy())
 
     def on_train_end(self, trainer, pl_module):
         path = self.out / f"rank{trainer.global_rank}.npz"
@@ -47,7 +49,7 @@ def main() -> None:
     pl.seed_everything(3)
     dm = NAICSDataModule(batch_size=16, num_workers=0, cache_dir=out / "cache", phase1_end_epoch=1,
                          pairs_per_epoch=64)
-    mining = HardNegativeMiningCallback(k=4, neighbours=8)
+    mining = HardNegativeMiningCallback(k=4, neighbours=8, shard_index=len(sys.argv) > 2 and sys.argv[2] == "shard")
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                          enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                          limit_val_batches=0, callbacks=[mining, Dump(mining, out)])

@@ -213,15 +213,42 @@ def test_state_dict_is_plain_and_load_has_defaults():
     assert cb.refresh_count == 0 and cb.index is None
 
 
+def _ddp_run(tmp_path, *extra):
+    script = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), *extra], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ddp_sharded_index_equals_one_process(tmp_path):
+    """Two CPU ranks (gloo) each index half of the codes; merged neighbour lists equal one process's."""
+    from naics_hnm.embedding_index import EmbeddingIndex
+    from naics_hnm.neighbours import guarded_neighbours
+    from naics_hnm.taxonomy import Taxonomy
+    from naics_hnm.tree_guard import TreeGuard
+
+    ranks = _ddp_run(tmp_path, "shard")
+    assert np.array_equal(ranks[0]["neighbours"], ranks[1]["neighbours"])
+    vectors = ranks[0]["vectors"]
+    full = EmbeddingIndex.build(vectors, metric="ip", device="cpu")
+    scores, want, _ = guarded_neighbours(full, np.arange(len(vectors)), 8, guard=TreeGuard(Taxonomy.naics2022()))
+    got = ranks[0]["neighbours"]
+    # equal ids wherever the score is not tied (NAICS has codes with identical titles, so identical vectors)
+    gaps = np.abs(scores[:, :, None] - scores[:, None, :]) + np.eye(8)[None] * 1.0
+    untied = gaps.min(axis=2) > 1e-5
+    assert untied.sum() > 1000
+    np.testing.assert_array_equal(got[untied], want[untied])
+    for row in np.flatnonzero((got != want).any(axis=1)):
+        np.testing.assert_allclose(np.sort(vectors[got[row]] @ vectors[row]), np.sort(scores[row]), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_share_one_index(tmp_path):
     """Two CPU ranks (gloo): each embeds a shard, all-gather, and both build the same index."""
-    script = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
+    ranks = _ddp_run(tmp_path)
     assert np.array_equal(ranks[0]["vectors"], ranks[1]["vectors"])
     # the gathered embeddings equal a single-process embedding of every code with the same weights
     np.testing.assert_allclose(ranks[0]["vectors"], ranks[0]["reference"], atol=1e-5)
