@@ -37,3 +37,17 @@ def uniforms(keys: np.ndarray, stream: int, n: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         x = _mix(keys[:, None] + (cols[None, :] + np.uint64(1)) * _GOLDEN)
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def later_duplicates(pos: np.ndarray, excluded_pos: np.ndarray) -> np.ndarray:
+    """True where a position repeats an earlier column of its row or equals the excluded one."""
+    b, n = pos.shape
+    full = np.concatenate([excluded_pos[:, None], pos], axis=1)
+    full = np.where(full < 0, -np.arange(1, n + 2)[None, :] - 10, full)
+    order = np.argsort(full, axis=1, kind="stable")
+    sorted_vals = np.take_along_axis(full, order, axis=1)
+    dup_sorted = np.zeros_like(full, dtype=bool)
+    dup_sorted[:, 1:] = sorted_vals[:, 1:] == sorted_vals[:, :-1]
+    dup = np.zeros_like(dup_sorted)
+    np.put_along_axis(dup, order, dup_sorted, axis=1)
+    return dup[:, 1:]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from naics_hnm.counter_rng import later_duplicates as _later_duplicates
 from naics_hnm.counter_rng import uniforms
 from naics_hnm.taxonomy import Taxonomy
 from naics_hnm.tree_ranges import LevelRanges, TreeIndex
@@ -232,17 +233,3 @@ def _bucket_uniforms(keys: np.ndarray, buckets: np.ndarray, width: int) -> np.nd
         sel = buckets == bucket
         out[sel] = uniforms(keys[sel], 1000 + int(bucket), width)
     return out
-
-
-def _later_duplicates(pos: np.ndarray, excluded_pos: np.ndarray) -> np.ndarray:
-    """True where a position repeats an earlier column of its row or equals the excluded one."""
-    b, n = pos.shape
-    full = np.concatenate([excluded_pos[:, None], pos], axis=1)
-    full = np.where(full < 0, -np.arange(1, n + 2)[None, :] - 10, full)
-    order = np.argsort(full, axis=1, kind="stable")
-    sorted_vals = np.take_along_axis(full, order, axis=1)
-    dup_sorted = np.zeros_like(full, dtype=bool)
-    dup_sorted[:, 1:] = sorted_vals[:, 1:] == sorted_vals[:, :-1]
-    dup = np.zeros_like(dup_sorted)
-    np.put_along_axis(dup, order, dup_sorted, axis=1)
-    return dup[:, 1:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from naics_hnm.config import Relation
-from naics_hnm.counter_rng import item_keys
+from naics_hnm.counter_rng import item_keys, later_duplicates, uniforms
 from naics_hnm.taxonomy import Taxonomy
 
 
@@ -54,38 +54,61 @@ def sibling_pairs(parent: np.ndarray, allowed: np.ndarray, max_siblings: int | N
                   max_block: int = 1 << 22) -> list[np.ndarray]:
     """(anchor, sibling) pairs of allowed codes that share a parent, in blocks of about ``max_block`` pairs.
 
-    ``max_siblings`` keeps, per anchor, the siblings with the lowest seeded score
-    ``item_keys(seed, 0, anchor * N + sibling)`` (lower id first on a tie). Memory is bounded by
-    the block size, never N x N.
+    Without ``max_siblings`` every ordered pair is listed (the output itself is sum g(g - 1) for
+    groups of size g). With it each anchor keeps all its siblings when it has at most
+    ``max_siblings``, else a distinct sample of ``max_siblings`` of them keyed by (seed, anchor),
+    drawn in O(max_siblings) per anchor, so even a flat taxonomy of 1M codes stays O(N) in time
+    and memory.
     """
-    n = len(parent)
     members = np.flatnonzero(allowed & (parent >= 0))
     members = members[np.argsort(parent[members], kind="stable")]
     if len(members) == 0:
         return []
     group_start = np.flatnonzero(np.r_[True, parent[members][1:] != parent[members][:-1]])
     group_size = np.diff(np.r_[group_start, len(members)])
-    work = np.cumsum(group_size.astype(np.int64) ** 2)
+    member_group = np.repeat(np.arange(len(group_size)), group_size)
+    start, size = group_start[member_group], group_size[member_group]
+    self_pos = np.arange(len(members)) - start
+    per_member = size - 1 if max_siblings is None else np.minimum(size - 1, max_siblings)
+    work = np.cumsum(np.maximum(per_member, 1))
     out: list[np.ndarray] = []
     first = 0
-    while first < len(group_start):
-        last = max(first + 1, int(np.searchsorted(work, work[first] - group_size[first] ** 2 + max_block, "right")))
-        sizes, starts = group_size[first:last], group_start[first:last]
-        member_group = np.repeat(np.arange(len(sizes)), sizes)
-        member_pos = starts[0] + np.arange(sizes.sum())
-        reps = sizes[member_group]
-        a_pos = np.repeat(member_pos, reps)
-        within = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
-        s_pos = np.repeat(starts[member_group], reps) + within
-        keep = a_pos != s_pos
-        a, sib = members[a_pos[keep]], members[s_pos[keep]]
-        if max_siblings is not None:
-            score = item_keys(seed, 0, a * n + sib) >> np.uint64(11)
-            order = np.lexsort((sib, score, a))
-            a, sib = a[order], sib[order]
-            run_start = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
-            rank = np.arange(len(a)) - np.repeat(run_start, np.diff(np.r_[run_start, len(a)]))
-            a, sib = a[rank < max_siblings], sib[rank < max_siblings]
-        out.append(np.stack([a, sib], axis=1))
+    while first < len(members):
+        last = max(first + 1, int(np.searchsorted(work, work[first] - max(per_member[first], 1) + max_block, "right")))
+        rows = np.arange(first, last)
+        full = per_member[rows] == size[rows] - 1
+        out.append(_all_siblings(members, rows[full], start, size, self_pos))
+        if max_siblings is not None and not full.all():
+            out.append(_sampled_siblings(members, rows[~full], start, size, self_pos, max_siblings, seed))
         first = last
-    return out
+    return [block for block in out if len(block)]
+
+
+def _all_siblings(members, rows, start, size, self_pos) -> np.ndarray:
+    """Every (anchor, sibling) pair of the member ``rows``."""
+    reps = size[rows] - 1
+    total = int(reps.sum())
+    within = np.arange(total) - np.repeat(np.cumsum(reps) - reps, reps)
+    within = within + (within >= np.repeat(self_pos[rows], reps))  # skip the anchor itself
+    anchors = np.repeat(members[rows], reps)
+    return np.stack([anchors, members[np.repeat(start[rows], reps) + within]], axis=1)
+
+
+def _sampled_siblings(members, rows, start, size, self_pos, m: int, seed: int) -> np.ndarray:
+    """``m`` distinct siblings per member row (each has more than ``m``), keyed by (seed, anchor)."""
+    anchors = members[rows]
+    keys = item_keys(seed, 1, anchors)
+    picked = np.full((len(rows), m), -1, dtype=np.int64)
+    for round_ in range(64):
+        todo = np.flatnonzero((picked < 0).any(axis=1))
+        if len(todo) == 0:
+            break
+        draw = np.floor(uniforms(keys[todo], round_, m) * (size[rows[todo], None] - 1)).astype(np.int64)
+        draw += draw >= self_pos[rows[todo], None]
+        sub = picked[todo]
+        sub = np.where(sub < 0, draw, sub)
+        sub[later_duplicates(sub, np.full(len(todo), -1))] = -1
+        picked[todo] = sub
+    if (picked < 0).any():
+        raise RuntimeError("sibling sampling did not converge; this is a bug")
+    return np.stack([np.repeat(anchors, m), members[(start[rows, None] + picked).ravel()]], axis=1)

@@ -81,16 +81,16 @@ class Taxonomy:
         for i, title in enumerate(titles):
             if not title:
                 raise TaxonomyError(f"{where(i)}: code {codes[i]!r} has an empty title")
-        try:
-            parents = prefix_parents(codes, where) if parent is None else _text_column(parent, n, "parent")
-        except PrefixTreeError as err:
-            raise TaxonomyError(str(err)) from None
         order = np.argsort(np.array(codes), kind="stable")
         self._sorted = np.array(codes)[order]
         dup = np.flatnonzero(self._sorted[1:] == self._sorted[:-1])
         if dup.size:
             first = order[dup[0] + 1]
             raise TaxonomyError(f"{where(int(first))}: duplicate code {codes[first]!r}")
+        try:
+            parents = prefix_parents(codes, where) if parent is None else _text_column(parent, n, "parent")
+        except PrefixTreeError as err:
+            raise TaxonomyError(str(err)) from None
         self.name = str(name)
         self.codes: list[str] = self._sorted.tolist()
         self.titles = [titles[i] for i in order]

@@ -84,9 +84,11 @@ class TreeGuard:
     def lca_depth(self, a: Any, c: Any) -> Any:
         """Depth of the lowest common ancestor of each (a, c) pair (0 = the root); broadcasts."""
         arr = self._arrays(c)
+        if isinstance(c, torch.Tensor):
+            a, c = torch.broadcast_tensors(torch.as_tensor(a, device=c.device), c)
+        else:
+            a, c = np.broadcast_arrays(np.asarray(a), np.asarray(c))
         pa, pc = arr["path"][a], arr["path"][c]
-        if pa.ndim < pc.ndim:
-            pa = pa.reshape(pa.shape[:-1] + (1,) * (pc.ndim - pa.ndim) + pa.shape[-1:])
         same = (pa == pc) & (pa >= 0)
         return same.sum(-1) if isinstance(same, torch.Tensor) else same.sum(-1).astype(np.int64)
 

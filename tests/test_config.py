@@ -132,7 +132,7 @@ def test_positive_relations_choose_pairs(naics, token_cache):
     parent = naics.parent
     parents = {(i, int(parent[i])) for i in range(n) if parent[i] >= 0}
     children = {(p, c) for c, p in parents}
-    siblings = {(i, j) for i in range(n) for j in naics.children[parent[i]].tolist() if parent[i] >= 0 and i != j}
+    siblings = {(i, j) for i in range(n) if parent[i] >= 0 for j in naics.children(parent[i]).tolist() if i != j}
     assert _pairs_of(make(naics, token_cache, positive_relations=("parent",))) == parents
     assert _pairs_of(make(naics, token_cache, positive_relations=("child",))) == children
     assert _pairs_of(make(naics, token_cache, positive_relations=("sibling",))) == siblings

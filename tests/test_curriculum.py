@@ -136,7 +136,7 @@ def test_curriculum_gets_harder(naics, token_cache):
         items = ds.__getitems__([(epoch, i) for i in range(len(ds))])
         a = np.array([it["anchor_idx"] for it in items])
         neg = np.stack([it["negative_idx"] for it in items])
-        mean_distance[epoch] = naics.tree_distance[a[:, None], neg].astype(float).mean()
+        mean_distance[epoch] = naics.tree_distance(a[:, None], neg).astype(float).mean()
         hard_share[epoch] = (ds.table.bucket_of(a[:, None], neg) == HARD).mean()
     assert mean_distance[0] > mean_distance[1] > mean_distance[2]
     assert mean_distance[0] - mean_distance[2] > 0.5

@@ -25,7 +25,7 @@ def test_levels_items_and_false_negative_guard(naics, token_cache, naics_ancesto
     for epoch in (0, 2, 4):
         for it in _epoch(ds, epoch):
             a, p = it["anchor_idx"], it["positive_idx"]
-            lca_p = naics.lca_depth[a, p]
+            lca_p = naics.lca_depth(a, p)
             assert 1 <= lca_p < naics.depth[a] and p not in naics_descendants[a] and p != a
             assert p not in banned_codes
             saw_ancestor |= p in naics_ancestors[a]
@@ -35,7 +35,8 @@ def test_levels_items_and_false_negative_guard(naics, token_cache, naics_ancesto
             forbidden = {a, p} | naics_ancestors[a] | naics_descendants[a] | banned_codes
             assert not forbidden & set(cands)
             # order filter: every negative is strictly farther in the tree than the positive
-            assert all(naics.lca_depth[a, c] < lca_p for c in cands)
+            assert all(naics.lca_depth(a, c) < lca_p for c in cands)
+            assert (naics.lca_depth(a, np.array(cands)) < lca_p).all()
     assert saw_ancestor and saw_cousin
 
 
@@ -47,7 +48,7 @@ def test_order_filter_changes_which_negatives_are_eligible(naics, token_cache):
         for it in _epoch(ds, 2):
             a, p = it["anchor_idx"], it["positive_idx"]
             cands = it["candidate_idx"][it["candidate_idx"] >= 0]
-            count += int((naics.lca_depth[a, cands] >= naics.lca_depth[a, p]).sum())
+            count += int((naics.lca_depth(a, cands) >= naics.lca_depth(a, p)).sum())
         return count
 
     assert violations(False) > 1000  # siblings' subtrees are "hard" negatives without the filter
@@ -58,7 +59,7 @@ def test_level_decay_moves_the_positive_level(naics, token_cache):
     def mean_lca(decay):
         cfg = StreamingConfig(positive_relations=("levels",), level_decay=decay)
         ds = Phase1MapDataset(cfg, SamplingConfig(), token_cache, 3, taxonomy=naics)
-        return np.mean([naics.lca_depth[it["anchor_idx"], it["positive_idx"]] for it in _epoch(ds, 0)])
+        return np.mean([naics.lca_depth(it["anchor_idx"], it["positive_idx"]) for it in _epoch(ds, 0)])
 
     near, far = mean_lca(4.0), mean_lca(0.25)
     assert near > far + 0.5  # a large decay base favours near relatives

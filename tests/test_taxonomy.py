@@ -1,4 +1,4 @@
-"""Taxonomy: NAICS 2022 facts, relation matrices vs a parent-pointer reference, CSV loading."""
+"""Taxonomy: NAICS 2022 facts, relation methods vs a parent-pointer reference, CSV loading."""
 
 from __future__ import annotations
 
@@ -54,12 +54,35 @@ def test_naics2022_parent_is_longest_code_prefix(naics):
 def test_tree_distance_known_pairs(naics):
     d = naics.tree_distance
     i = naics.index
-    assert d[i("111110"), i("111120")] == 4  # LCA 1111
-    assert d[i("111110"), i("211120")] == 10  # different sectors: only the root in common
-    assert d[i("111110"), i("111110")] == 0
-    assert d[i("111110"), i("11")] == 4
-    assert d[i("311111"), i("325110")] == 8  # both in 31-33
-    assert naics.lca_depth[i("311111"), i("325110")] == 1
+    assert d(i("111110"), i("111120")) == 4  # LCA 1111
+    assert d(i("111110"), i("211120")) == 10  # different sectors: only the root in common
+    assert d(i("111110"), i("111110")) == 0
+    assert d(i("111110"), i("11")) == 4
+    assert d(i("311111"), i("325110")) == 8  # both in 31-33
+    assert naics.lca_depth(i("311111"), i("325110")) == 1
+    assert naics.lca_depth(i("111110"), i("211120")) == 0
+    assert naics.lca_depth(i("111110"), i("11")) == 1 and naics.lca_depth(i("11"), i("111110")) == 1
+    assert naics.is_ancestor(i("111110"), i("11")) and not naics.is_ancestor(i("11"), i("111110"))
+    assert not naics.is_ancestor(i("11"), i("11"))  # proper ancestors only
+    assert naics.related(i("11"), i("111110")) and naics.related(i("111110"), i("11"))
+    assert naics.related(i("11"), i("11")) and not naics.related(i("111110"), i("111120"))
+
+
+def test_relations_broadcast_over_id_blocks(naics):
+    """The relation methods take broadcastable id arrays: a [B, 1] x [1, C] block equals per-pair calls."""
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, len(naics), 17)
+    c = rng.integers(0, len(naics), 23)
+    for method in (naics.lca_depth, naics.related, naics.tree_distance, naics.is_ancestor):
+        block = method(a[:, None], c[None, :])
+        assert block.shape == (17, 23), method.__name__
+        want = np.array([[method(int(x), int(y)) for y in c] for x in a])
+        np.testing.assert_array_equal(block, want, err_msg=method.__name__)
+        np.testing.assert_array_equal(method(a[:, None], c), block, err_msg=method.__name__)
+        row = method(int(a[0]), c)  # a scalar against a vector
+        np.testing.assert_array_equal(row, block[0], err_msg=method.__name__)
+    assert naics.lca_depth(a[:, None], c).dtype == np.int64
+    assert naics.related(a[:, None], c).dtype == np.bool_
 
 
 def _reference_lca(anc_or_self, depth, i, j):
@@ -80,16 +103,27 @@ def test_relations_match_parent_pointer_reference(naics):
         sibs = [j for j in range(n) if naics.parent[j] == naics.parent[i] and j != i]
         if sibs:
             pairs = np.vstack([pairs, [[i, rng.choice(sibs)]]])
-    for i, j in pairs:
-        lca = _reference_lca(anc_or_self, naics.depth, i, j)
-        assert naics.lca_depth[i, j] == lca
-        assert naics.tree_distance[i, j] == naics.depth[i] + naics.depth[j] - 2 * lca
-        assert naics.is_ancestor[i, j] == (j in anc[i])
-        assert naics.related[i, j] == (i == j or j in anc[i] or i in anc[j])
+    lca_ref = np.array([_reference_lca(anc_or_self, naics.depth, i, j) for i, j in pairs])
+    ancestor_ref = np.array([j in anc[i] for i, j in pairs])
+    related_ref = np.array([i == j or j in anc[i] or i in anc[j] for i, j in pairs])
+    depth = naics.depth.astype(np.int64)
+    # vectorised over all pairs at once, and one pair at a time
+    a, c = pairs[:, 0], pairs[:, 1]
+    np.testing.assert_array_equal(naics.lca_depth(a, c), lca_ref)
+    np.testing.assert_array_equal(naics.tree_distance(a, c), depth[a] + depth[c] - 2 * lca_ref)
+    np.testing.assert_array_equal(naics.is_ancestor(a, c), ancestor_ref)
+    np.testing.assert_array_equal(naics.related(a, c), related_ref)
+    for k, (i, j) in enumerate(pairs):
+        assert naics.lca_depth(i, j) == lca_ref[k]
+        assert naics.tree_distance(i, j) == naics.depth[i] + naics.depth[j] - 2 * lca_ref[k]
+        assert naics.is_ancestor(i, j) == ancestor_ref[k]
+        assert naics.related(i, j) == related_ref[k]
+    assert related_ref.sum() > 300 and ancestor_ref.sum() > 200
     for i in rng.integers(0, n, size=200):
         assert naics.ancestors(i).tolist() == sorted(anc[i], key=lambda a: -naics.depth[a])
-        assert set(naics.descendants(i).tolist()) == {j for j in range(n) if i in anc[j]}
+        assert naics.descendants(i).tolist() == sorted(j for j in range(n) if i in anc[j])
         assert set(naics.siblings(i).tolist()) == {j for j in range(n) if naics.parent[j] == naics.parent[i] and j != i}
+        assert naics.children(i).tolist() == [j for j in range(n) if naics.parent[j] == i]
 
 
 def test_descendants_by_code_prefix(naics):
@@ -154,21 +188,28 @@ def test_csv_optional_columns(make_csv):
         (dict(rows=[("11", "A", "x")], header=("code", "title", "colour")), r"unknown column.*'colour'"),
         (dict(rows=[("11",)], header=("code",)), r"lacks column.*'title'"),
         (dict(rows=[("A",)], header=("title",)), r"lacks column.*'code'"),
-        (dict(rows=[("11", "A"), ("111", "B"), ("111", "C")]), r"duplicate code '111'"),
+        (dict(rows=[("11", "A"), ("111", "B"), ("111", "C")]), r"line 4: .*duplicate code '111'"),
         (dict(rows=[("11", "A"), ("2111", "B")]), r"code '2111' has no parent"),
-        (dict(rows=[("11", "A"), ("12a", "B")]), r"row 2: code '12a'"),
+        (dict(rows=[("11", "A"), ("12a", "B")]), r"line 3: code '12a'"),
         (dict(rows=[("11", "A"), ("111", "  ")]), r"code '111' has an empty title"),
         (dict(rows=[("33-31", "A")]), r"'33-31' is malformed"),
         (dict(rows=[("3-33", "A")]), r"'3-33' is malformed"),
         (dict(rows=[("31-33", "A"), ("32", "B")]), r"overlaps"),
         (dict(rows=[("31-33", "A"), ("33-34", "B")]), r"'33'"),
-        (dict(raw="code,title\n11,A,extra\n"), r"line 2: more fields than the header"),
-        (dict(rows=[]), r"at least one code"),
+        (dict(raw="code,title\n11,A,extra\n"), r"line 2: 3 fields, more fields than the header's 2"),
+        (dict(rows=[]), r"has a header but no rows"),
     ],
 )
 def test_csv_bad_input(make_csv, kwargs, match):
     with pytest.raises(TaxonomyError, match=match):
         Taxonomy.from_csv(make_csv(**kwargs))
+
+
+def test_constructor_needs_a_code():
+    with pytest.raises(TaxonomyError, match="at least one code"):
+        Taxonomy([], None, [])
+    with pytest.raises(TaxonomyError, match="at least one code"):
+        Taxonomy([], [], [])
 
 
 def test_csv_missing_file(tmp_path):

@@ -1,0 +1,199 @@
+"""Building and tuning approximate faiss indexes: seeded training sample, search parameters.
+
+Training. A factory that needs training (IVF, PQ, SQ, ...) is trained on a deterministic sample
+of ``min(N, max(64 * nlist, 16384))`` rows drawn with ``numpy.random.default_rng(seed)``: 64 points
+per inverted list is enough for k-means to place the centroids, and 16384 = 64 x 256 covers the
+256 centroids of an 8-bit product or scalar quantiser. A build is therefore a deterministic
+function of (data, factory, seed), except HNSW, whose graph faiss builds in parallel. N below
+nlist is an error naming both; N below the 39 * nlist that faiss asks for is logged as a warning.
+
+Search parameters (``{"nprobe": ..., "efSearch": ..., "k_factor": ...}``). ``nprobe`` (IVF lists
+scanned) and ``efSearch`` (HNSW beam width; faiss uses ``max(efSearch, k)``) are faiss's own.
+``k_factor`` is ours: the index returns ``k * k_factor`` candidates, which are re-scored exactly
+with the float32 vectors kept for ranking; it defaults to 4 where the stored codes are lossy (PQ,
+SQ, transforms) and 1 elsewhere. Scores of lossy indexes are always re-scored, hence exact.
+
+The defaults were chosen by measuring recall@64 against exact inner-product search (1000 indexed
+rows as queries, cosine, faiss 1.15.1, 2 CPU cores):
+
+- IVF, recall by nprobe. Gaussian mixture N=20000, d=32, 100 clusters, sigma=1 (centre spread 1):
+  IVF64 8: 0.942, 16: 0.977, 32: 0.996; IVF256 8: 0.932, 16: 0.964, 32: 0.985, 64: 0.997.
+  all-MiniLM-L6-v2 embeddings of the 2125 NAICS 2022 codes (d=384): IVF16 8: 0.974, 16: 1.000;
+  IVF32 8: 0.934, 16: 0.986, 24: 0.998; IVF64 16: 0.959, 32: 0.993. Tree-structured mixtures
+  (N=100k-200k, IVF256-IVF4096) reach >= 0.995 from nprobe 4-8. Hence
+  ``nprobe = min(nlist, max(16, 4 * ceil(sqrt(nlist))))``: 16, 24, 32, 64, 128, 256 for nlist
+  16, 32, 64, 256, 1024, 4096. Weakly clustered data needs more (isotropic noise, IVF1024: 0.63
+  at nprobe 128); pass ``search_params`` there.
+- HNSW, recall by efSearch. Mixture above: HNSW16 64: 0.950, 128: 0.975, 256: 0.991; HNSW32 64:
+  0.975, 128: 0.991. NAICS MiniLM: HNSW16 64: 0.979, 128: 0.994; HNSW32 64: 0.996, 128: 0.999.
+  Hence ``efSearch = 128``.
+- Lossy codes, recall by k_factor (1, 2, 4). Mixture d=32 IVF256,PQ16: 0.928, 0.996, 0.997;
+  mixture d=128 IVF256,PQ32: 0.819, 0.996, 1.000; NAICS MiniLM IVF16,PQ32: 0.814, 0.972, 0.998;
+  PQ48: 0.867, 0.993, 1.000. Hence ``k_factor = 4``.
+- Training IVF1024 on N=200000, d=128: 16.6 s on all rows, 5.9 s on the 65536-row sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+TRAIN_POINTS_PER_LIST = 64
+TRAIN_POINTS_MIN = 16384
+FAISS_MIN_POINTS_PER_LIST = 39
+DEFAULT_EF_SEARCH = 128
+DEFAULT_K_FACTOR = 4
+
+
+def default_nprobe(nlist: int) -> int:
+    """The measured default: ``min(nlist, max(16, 4 * ceil(sqrt(nlist))))`` (see module docstring)."""
+    return min(nlist, max(16, 4 * math.ceil(math.sqrt(nlist))))
+
+
+def train_size(n: int, nlist: int) -> int:
+    """Rows used to train: ``min(n, max(64 * nlist, 16384))``."""
+    return min(n, max(TRAIN_POINTS_PER_LIST * nlist, TRAIN_POINTS_MIN))
+
+
+def training_sample(x: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """``size`` distinct rows of ``x`` in row order, drawn by ``default_rng(seed)``; ``x`` itself if all."""
+    if size >= x.shape[0]:
+        return x
+    rows = np.sort(np.random.default_rng(seed).choice(x.shape[0], size=size, replace=False))
+    return x[rows]
+
+
+def build_faiss_index(x: np.ndarray, metric_type: int, index_factory: str, seed: int) -> faiss.Index:
+    """A CPU faiss index from ``index_factory`` holding the rows of ``x`` (trained on a sample).
+
+    Raises ValueError naming the factory when faiss refuses it or N is below its nlist.
+    """
+    n, d = x.shape
+    try:
+        index = faiss.index_factory(d, index_factory, metric_type)
+    except RuntimeError as exc:
+        raise ValueError(f"index_factory={index_factory!r} is not a faiss factory string for dim {d}: "
+                         f"{_faiss_message(exc)}") from exc
+    ivf = faiss.try_extract_index_ivf(index)
+    nlist = int(ivf.nlist) if ivf is not None else 0
+    if n < nlist:
+        suggested = 2 ** int(math.log2(max(1, n // FAISS_MIN_POINTS_PER_LIST)))
+        raise ValueError(f"index_factory={index_factory!r} has nlist={nlist} inverted lists but there are only "
+                         f"N={n} vectors; expected N >= nlist (ideally N >= {FAISS_MIN_POINTS_PER_LIST} * nlist), "
+                         f"e.g. IVF{suggested}")
+    if n < FAISS_MIN_POINTS_PER_LIST * nlist:
+        logger.warning("index_factory=%r: N=%d vectors train nlist=%d lists poorly; expected N >= %d",
+                       index_factory, n, nlist, FAISS_MIN_POINTS_PER_LIST * nlist)
+    try:
+        if not index.is_trained:
+            sample = training_sample(x, train_size(n, nlist), seed)
+            start = time.perf_counter()
+            index.train(sample)
+            logger.info("trained %r on %d of %d vectors (seed %d) in %.2fs", index_factory, len(sample), n, seed,
+                        time.perf_counter() - start)
+        index.add(x)
+    except RuntimeError as exc:
+        raise ValueError(f"index_factory={index_factory!r} failed for {n} vectors of dim {d}: "
+                         f"{_faiss_message(exc)}") from exc
+    return index
+
+
+@dataclass(frozen=True)
+class SearchTraits:
+    """What an index's search parameters can be, read once from its CPU version.
+
+    ``keys`` are the parameters it takes (none for an exact flat index), ``nlist`` its inverted
+    lists (0 without IVF), ``exact_storage`` whether it stores the vectors uncompressed, so that
+    its own scores are already exact.
+    """
+
+    keys: tuple[str, ...]
+    nlist: int
+    exact_storage: bool
+
+    @classmethod
+    def of(cls, index: faiss.Index) -> "SearchTraits":
+        ivf = faiss.try_extract_index_ivf(index)
+        if isinstance(index, faiss.IndexFlat):
+            return cls((), 0, True)
+        keys = ["k_factor"]
+        if ivf is not None:
+            keys.append("nprobe")
+        if isinstance(_unwrap(index), faiss.IndexHNSW):
+            keys.append("efSearch")
+        exact = isinstance(index, (faiss.IndexIVFFlat, faiss.IndexHNSWFlat))
+        return cls(tuple(keys), int(ivf.nlist) if ivf is not None else 0, exact)
+
+    def defaults(self) -> dict[str, int]:
+        """The measured defaults (see the module docstring)."""
+        params: dict[str, int] = {}
+        if "nprobe" in self.keys:
+            params["nprobe"] = default_nprobe(self.nlist)
+        if "efSearch" in self.keys:
+            params["efSearch"] = DEFAULT_EF_SEARCH
+        if self.keys and not self.exact_storage:
+            params["k_factor"] = DEFAULT_K_FACTOR
+        return params
+
+    def check(self, params: Mapping[str, Any] | None, index_type: str) -> dict[str, int]:
+        """``params`` validated as a plain dict of ints.
+
+        Raises TypeError for a non-mapping or a non-integer value, and ValueError naming the key
+        for a key this index does not take, a value below 1 or an nprobe above nlist.
+        """
+        if params is None:
+            return {}
+        if not isinstance(params, Mapping):
+            raise TypeError(f"search_params must be a dict such as {{'nprobe': 64}}, got {type(params).__name__}")
+        checked: dict[str, int] = {}
+        for key, value in params.items():
+            if key not in self.keys:
+                takes = f"takes only {list(self.keys)}" if self.keys else "is exact and takes no search parameters"
+                raise ValueError(f"search parameter {key!r} does not apply: index {index_type!r} {takes}")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"search parameter {key}={value!r}: expected an integer")
+            if value < 1:
+                raise ValueError(f"search parameter {key}={value}: expected an integer >= 1")
+            checked[key] = int(value)
+        if checked.get("nprobe", 0) > self.nlist:
+            raise ValueError(f"search parameter nprobe={checked['nprobe']} exceeds the index's nlist={self.nlist}; "
+                             f"expected 1 <= nprobe <= {self.nlist}")
+        return checked
+
+
+def apply_search_params(index: faiss.Index, params: Mapping[str, int]) -> None:
+    """Set faiss's own parameters (all but ``k_factor``) on ``index``, CPU or GPU."""
+    space = faiss.GpuParameterSpace() if _is_gpu(index) else faiss.ParameterSpace()
+    for key, value in params.items():
+        if key == "k_factor":
+            continue
+        try:
+            space.set_index_parameter(index, key, value)
+        except RuntimeError as exc:
+            raise ValueError(f"search parameter {key}={value} cannot be set on this index: {_faiss_message(exc)}") from exc
+
+
+def _unwrap(index: faiss.Index) -> faiss.Index:
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def _is_gpu(index: faiss.Index) -> bool:
+    return hasattr(faiss, "GpuIndex") and isinstance(index, faiss.GpuIndex)
+
+
+def _faiss_message(exc: BaseException) -> str:
+    """The first line of a faiss error without its "Error in <function> at <file>:<line>: " prefix."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return re.sub(r"^Error in .*? at \S+:\d+: ", "", line)
