@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
         callbacks.insert(0, HardNegativeMiningCallback(
             k=args.negatives_per_anchor, relative_margin=args.margin if args.margin >= 0 else None,
             order_filter=True, neighbours=args.neighbours))
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1,
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1, default_root_dir=args.output,
                          gradient_clip_val=1.0, logger=CSVLogger(args.output, name="logs"),
                          enable_checkpointing=False, callbacks=callbacks, num_sanity_val_steps=0,
                          max_time={"minutes": args.max_minutes}, enable_model_summary=False,
