@@ -115,6 +115,7 @@ class HardNegativeMiningCallback(Callback):
         self.last_refresh_epoch: int | None = None
         self.last_refresh_seconds: dict[str, float] = {}
         self._embeddings_file: dict[str, Any] | None = None
+        self._prepared_epoch: int | None = None
         self._previous_top: torch.Tensor | None = None
         self._stats = GuardStats()
         self._similarity_sum = 0.0
@@ -173,14 +174,27 @@ class HardNegativeMiningCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._data(trainer).set_epoch(trainer.current_epoch)
+        self._prepare_epoch(trainer, pl_module)
+
+    def _prepare_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Deliver the epoch to the data and make its index ready, once per epoch.
+
+        Called at the epoch start and again before the first batch: Lightning skips
+        ``on_train_epoch_start`` when it resumes from a checkpoint written mid-epoch or at the
+        last batch of an epoch, and the resumed batches must be mined all the same.
+        """
+        epoch = trainer.current_epoch
+        if self._prepared_epoch == epoch:
+            return
+        self._prepared_epoch = epoch
+        self._data(trainer).set_epoch(epoch)
         self._stats = GuardStats()
         self._similarity_sum, self._similarity_count = 0.0, 0
         if not self.is_mining(trainer):
             return
-        due = (trainer.current_epoch - self.first_mined_epoch(trainer)) % self.refresh_every_n_epochs == 0
+        due = (epoch - self.first_mined_epoch(trainer)) % self.refresh_every_n_epochs == 0
         due = bool(trainer.strategy.broadcast(due, src=0))
-        if due and self.last_refresh_epoch != trainer.current_epoch:
+        if due and self.last_refresh_epoch != epoch:
             self.refresh(trainer, pl_module)
         else:
             self._restore(trainer)
@@ -261,10 +275,8 @@ class HardNegativeMiningCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if not self.is_mining(trainer):
-            return
-        self._restore(trainer)
-        if self.index is not None:
+        self._prepare_epoch(trainer, pl_module)
+        if self.is_mining(trainer) and self.index is not None:
             self.mine_batch(trainer, batch)
 
     def mine_batch(self, trainer: pl.Trainer, batch: dict[str, Any]) -> None:
@@ -313,5 +325,6 @@ class HardNegativeMiningCallback(Callback):
         self.last_refresh_epoch = state_dict.get("last_refresh_epoch")
         self._embeddings_file = state_dict.get("embeddings_file")
         self._previous_top = None
+        self._prepared_epoch = None
         if self.miner is not None:
             self.miner.index = None

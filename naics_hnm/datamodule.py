@@ -16,6 +16,7 @@ from naics_hnm.config import SamplingConfig, StreamingConfig
 from naics_hnm.datasets import NAICSMapDataset, Phase1MapDataset
 from naics_hnm.epoch_sampler import EpochSampler
 from naics_hnm.mining_data import MiningData
+from naics_hnm.resumable_loader import ResumableLoader
 from naics_hnm.pairs import allowed_mask, tree_pairs
 from naics_hnm.taxonomy import Taxonomy, load_taxonomy
 from naics_hnm.token_cache import (TokenCache, build_token_cache, cache_fingerprint, load_token_cache,
@@ -189,7 +190,15 @@ class NAICSDataModule(pl.LightningDataModule):
         self._train_sampler = EpochSampler(len(self.train_dataset), seed=self.cfg.seed, shuffle=True,
                                            samples_per_epoch=self.pairs_per_epoch)
         self.set_epoch(self._epoch)
-        return self._loader(self.train_dataset, sampler=self._train_sampler)
+        return ResumableLoader(self.train_dataset, sampler=self._train_sampler, batches_started=self._batches_started,
+                               batch_size=self.batch_size, collate_fn=collate_fn, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0)
+
+    def _batches_started(self) -> int:
+        """Batches of the current epoch the training loop has started (0 outside a Trainer)."""
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def val_dataloader(self) -> DataLoader:
         """Validation pairs with fixed negatives, in order."""

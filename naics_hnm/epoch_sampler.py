@@ -3,7 +3,9 @@
 Lightning calls ``set_epoch`` on samplers, never on datasets, and persistent DataLoader workers
 keep their own copy of the dataset. This sampler therefore yields ``(epoch, index)`` pairs: the
 epoch travels with each index through the workers' index queues, so an item is computed for the
-epoch it belongs to in any worker, persistent or not. Shuffling follows
+epoch it belongs to in any worker, persistent or not. A resume in the middle of an epoch starts
+after the samples already trained on (:meth:`resume`, driven by
+:class:`naics_hnm.resumable_loader.ResumableLoader`). Shuffling follows
 :class:`torch.utils.data.DistributedSampler` (a generator seeded with ``seed + epoch``); it is a
 subclass so that Lightning keeps it under DDP instead of wrapping it, and shards by rank itself.
 """
@@ -36,6 +38,13 @@ class EpochSampler(DistributedSampler):
                          seed=seed, drop_last=False)
         self.num_samples = math.ceil(self.samples_per_epoch / self.num_replicas)
         self.total_size = self.num_samples * self.num_replicas
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Start ``epoch`` after this rank's first ``skip`` samples, once (a mid-epoch resume)."""
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(skip, int) and skip >= 0):
+            raise ValueError(f"resume(epoch={epoch!r}, skip={skip!r}): expected two ints >= 0")
+        self._resume = (epoch, skip)
 
     def epoch_indices(self, epoch: int) -> list[int]:
         """This rank's indices for ``epoch`` (a pure function of seed, epoch and rank)."""
@@ -50,7 +59,11 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        return ((epoch, i) for i in self.epoch_indices(epoch))
+        indices = self.epoch_indices(epoch)
+        if self._resume is not None and self._resume[0] == epoch:
+            indices = indices[self._resume[1] :]
+        self._resume = None
+        return ((epoch, i) for i in indices)
 
     def __len__(self) -> int:
         return self.num_samples
