@@ -37,6 +37,7 @@ from naics_hnm.embeddings_file import save_embeddings  # noqa: E402
 from naics_hnm.evaluation import holdout_split  # noqa: E402
 from naics_hnm.evaluation_callback import TaxonomyEvaluationCallback  # noqa: E402
 from naics_hnm.taxonomy import Taxonomy  # noqa: E402
+from naics_hnm.writable import ensure_writable_dir  # noqa: E402
 
 log = logging.getLogger("train_naics")
 MODES = ("random", "curriculum", "mined")
@@ -205,6 +206,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # fail now, not after training, on a folder that cannot take the results
+        ensure_writable_dir(args.output, "--output")
+        ensure_writable_dir(args.index.parent, "--index folder")
+    except ValueError as err:
+        print(f"train_naics: error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("naics_hnm").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

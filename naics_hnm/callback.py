@@ -22,6 +22,7 @@ from naics_hnm.embeddings_file import EmbeddingsFileError, load_embeddings, save
 from naics_hnm.miner import DEVICES, METRICS, HardNegativeMiner
 from naics_hnm.sharded_search import Shard
 from naics_hnm.tree_guard import GuardStats
+from naics_hnm.writable import ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,10 @@ class HardNegativeMiningCallback(Callback):
         self._data(trainer)
         if self.embeddings_dir is None:
             self.embeddings_dir = Path(trainer.default_root_dir) / "hnm_embeddings"
+        if trainer.is_global_zero:
+            for what, folder in (("embeddings_dir", self.embeddings_dir), ("save_dir", self.save_dir)):
+                if folder is not None:
+                    ensure_writable_dir(folder, f"HardNegativeMiningCallback({what})")
         if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.first_mined_epoch(trainer) >= trainer.max_epochs:
             log.warning("HardNegativeMiningCallback: mining starts at epoch %d but max_epochs=%d; no epoch is mined",
                         self.first_mined_epoch(trainer), trainer.max_epochs)

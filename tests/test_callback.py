@@ -254,3 +254,15 @@ def test_ddp_two_processes_share_one_index(tmp_path):
     np.testing.assert_allclose(ranks[0]["vectors"], ranks[0]["reference"], atol=1e-5)
     # the ranks saw different anchors (sharded data) but mined with the same index
     assert not np.array_equal(ranks[0]["anchors"], ranks[1]["anchors"])
+
+
+def test_unwritable_save_dir_fails_at_setup_not_after_training(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    dm = NAICSDataModule(cache_dir=tmp_path / "cache", batch_size=8)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                         callbacks=[HardNegativeMiningCallback(save_dir=blocker)])
+    model = Recorder()
+    with pytest.raises(ValueError, match=r"HardNegativeMiningCallback\(save_dir\)=.*not_a_folder' is a file"):
+        trainer.fit(model, datamodule=dm)
+    assert model.seen == []
