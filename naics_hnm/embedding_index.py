@@ -6,19 +6,17 @@ distance, as faiss ``IndexFlatL2`` reports it; smaller = more similar). Every qu
 ``(scores, ids)`` arrays, most similar first, padded with id ``-1`` and score ``-inf`` (``+inf`` for
 l2).
 
-Files written by :meth:`EmbeddingIndex.save` for ``path``:
-
-- ``path``: the faiss index (``faiss.write_index`` of its CPU version);
-- ``path + ".json"``: the metadata sidecar (format version, metric, sizes, fingerprints, checksums);
-- ``path + ".vectors.npy"``: float32 vectors, only for approximate (non-flat) indexes, whose vectors
-  cannot be read back exactly from the index; written with ``allow_pickle=False``.
+The index is exact (``Flat``, the default) or approximate, from a faiss factory string; training
+and the default search parameters of approximate indexes are in :mod:`naics_hnm.approximate`.
+Memory: a flat index's :attr:`EmbeddingIndex.vectors` are a zero-copy view of faiss's own storage;
+an approximate index keeps one float32 copy of the vectors beside its codes, which exact
+:meth:`~EmbeddingIndex.rank` and exact re-scoring need. Searches run in batches of queries, so only
+the ``[Q, k]`` outputs grow with Q. The files are described in :mod:`naics_hnm.index_file`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import logging
 import sys
 from datetime import datetime, timezone
@@ -29,151 +27,45 @@ import faiss
 import numpy as np
 import torch
 
-from naics_hnm.atomic import atomic_path
+from naics_hnm.approximate import SearchTraits, apply_search_params, build_faiss_index
+from naics_hnm.ids import (  # noqa: F401  (re-exported: other modules import these from here)
+    METRICS,
+    as_id_tensor,
+    check_id_range,
+    check_k,
+    duplicate_mask,
+    like_input,
+    select_topk,
+    worst_score,
+)
+from naics_hnm.index_file import (  # noqa: F401  (re-exported)
+    FORMAT_VERSION,
+    IndexFileError,
+    faiss_metric,
+    read_index_file,
+    read_sidecar,
+    read_vectors_file,
+    sidecar_path,
+    vectors_path,
+    write_index_files,
+)
+from naics_hnm.knn import as_float_matrix, normalise_rows, rescore_topk, search_in_batches, torch_knn
 from naics_hnm.taxonomy import codes_fingerprint
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("cosine", "ip", "l2")
 DEVICES = ("auto", "cpu", "cuda")
-FORMAT_VERSION = 1
 FAISS_GPU_MAX_K = 2048
-_SEARCH_CHUNK_BYTES = 256 << 20
+_SEARCH_BLOCK_BYTES = 128 << 20
 _RANK_BLOCK_BYTES = 4 << 20
 
 
-class IndexFileError(ValueError):
-    """An index file or its sidecar is missing, corrupt or does not match what was expected."""
-
-
-def worst_score(metric: str) -> float:
-    """The padding score: ``-inf`` for similarities, ``+inf`` for l2 distances."""
-    return float("inf") if metric == "l2" else float("-inf")
-
-
-def as_id_tensor(ids: Any, name: str, device: torch.device | str, ndim: int) -> torch.Tensor:
-    """Integer ids (numpy, torch or a nested list) as an int64 tensor on ``device``."""
-    if not isinstance(ids, torch.Tensor):
-        ids = np.asarray(ids)
-        if ids.size == 0 and ids.dtype == np.float64:  # np.asarray([]) is float64
-            ids = ids.astype(np.int64)
-        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
-        ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
-    elif ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
-    if ids.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(ids.shape)}")
-    return ids.to(device=device, dtype=torch.int64)
-
-
-def check_id_range(ids: torch.Tensor, name: str, n: int, allow_padding: bool) -> None:
-    """Raise naming the first id outside ``[-1, n)`` (or ``[0, n)`` without padding)."""
-    if ids.numel() == 0:
-        return
-    low = -1 if allow_padding else 0
-    bad = (ids < low) | (ids >= n)
-    if bool(bad.any()):
-        first = int(ids[bad][0])
-        expected = f"[-1, {n})" if allow_padding else f"[0, {n})"
-        raise ValueError(f"{name} holds id {first}, expected ids in {expected}")
-
-
-def like_input(template: Any, *arrays: torch.Tensor) -> tuple:
-    """Return tensors as numpy when ``template`` is not a tensor, else on the template's device."""
-    if isinstance(template, torch.Tensor):
-        return tuple(a.to(template.device) for a in arrays)
-    return tuple(a.cpu().numpy() for a in arrays)
-
-
-def check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k={k!r}: expected an integer >= 1")
-    return int(k)
-
-
-def _as_float_matrix(x: Any, name: str) -> np.ndarray:
-    """A finite float32 [n, d] numpy copy-or-view of ``x``; errors name the first bad row."""
-    if isinstance(x, torch.Tensor):
-        if not (x.is_floating_point()):
-            raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
-        x = x.detach().to(device="cpu", dtype=torch.float32).numpy()
-    elif isinstance(x, np.ndarray):
-        if not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
-    else:
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"{name} must be 2-D [n >= 1, d >= 1], got shape {x.shape}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise ValueError(f"{name} row {rows[0]} holds NaN or inf ({rows.size} such rows); expected finite values")
-    return x
-
-
-def _normalise(x: np.ndarray, name: str) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    zero = np.flatnonzero(norms[:, 0] == 0)
-    if zero.size:
-        raise ValueError(f"{name} row {zero[0]} is all zeros ({zero.size} such rows); cosine needs non-zero vectors")
-    return np.ascontiguousarray(x / norms, dtype=np.float32)
-
-
-def _faiss_metric(metric: str) -> int:
-    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-
-
-def _resolve_device(device: str) -> tuple[str, str]:
-    """``(device, reason)`` where device is "cpu" or "cuda"."""
-    if device not in DEVICES:
-        raise ValueError(f"device={device!r}: expected one of {DEVICES}")
-    has_gpu_build = hasattr(faiss, "StandardGpuResources")
-    n_gpus = faiss.get_num_gpus() if has_gpu_build else 0
-    usable = n_gpus > 0 and torch.cuda.is_available()
-    if device == "cuda" and not usable:
-        raise ValueError(
-            f"device='cuda' needs a faiss GPU build with a visible GPU and torch CUDA; found "
-            f"faiss GPU build={has_gpu_build}, faiss GPUs={n_gpus}, torch.cuda={torch.cuda.is_available()}; "
-            "use device='auto' or 'cpu'"
-        )
-    if device == "cpu":
-        return "cpu", "device='cpu' requested"
-    if usable:
-        return "cuda", f"device={device!r}"
-    return "cpu", "no faiss GPU build" if not has_gpu_build else "no GPU"
-
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("naics_hnm")
-    except importlib.metadata.PackageNotFoundError:
-        return str(getattr(sys.modules.get("naics_hnm"), "__version__", "unknown"))
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sidecar_path(path: str | Path) -> Path:
-    return Path(str(path) + ".json")
-
-
-def vectors_path(path: str | Path) -> Path:
-    return Path(str(path) + ".vectors.npy")
-
-
 class EmbeddingIndex:
-    """Exact (flat) or approximate faiss index plus a float32 copy of the vectors for ranking.
+    """Exact (flat) or approximate faiss index plus float32 vectors for exact ranking.
 
     Build with :meth:`build` or :meth:`load`; the constructor is internal. With a faiss GPU build,
-    a visible GPU and torch CUDA, ``device="auto"`` puts flat indexes on the GPU; approximate
-    indexes stay on CPU while ``vectors`` (used by :meth:`rank`) still live on the GPU.
+    a visible GPU and torch CUDA, ``device="auto"`` puts flat and IVF indexes on the GPU (others,
+    such as HNSW, stay on CPU, which is logged) and ``vectors`` on the GPU.
     """
 
     def __init__(
@@ -184,6 +76,7 @@ class EmbeddingIndex:
         device: str,
         *,
         index_type: str,
+        search_params: dict[str, int] | None = None,
         codes_fingerprint: str | None = None,
         model_fingerprint: str | None = None,
         epoch: int | None = None,
@@ -194,29 +87,41 @@ class EmbeddingIndex:
         self._codes_fingerprint = codes_fingerprint
         self._model_fingerprint = model_fingerprint
         self._epoch = epoch
-        self._cpu_index = cpu_index
-        self._gpu_resources = None
-        self._index = cpu_index
+        self._traits = SearchTraits.of(cpu_index)
+        self._exact = isinstance(cpu_index, faiss.IndexFlat)
+        self._vectors_np = vectors  # for a flat index, a view of cpu_index's storage: keep cpu_index alive
+        self._sq_norms_np = np.einsum("nd,nd->n", vectors, vectors) if metric == "l2" else None
         self._device = device
-        self._vectors_np = vectors
-        is_flat = isinstance(cpu_index, faiss.IndexFlat)
-        where = f"({reason}; {index_type}, metric={metric}, N={cpu_index.ntotal}, d={cpu_index.d})"
-        if device == "cuda":
-            gpu = torch.cuda.current_device()
-            if is_flat:
-                self._gpu_resources = faiss.StandardGpuResources()
-                self._index = faiss.index_cpu_to_gpu(self._gpu_resources, gpu, cpu_index)
-                self._cpu_index = None
-                logger.info("faiss index on GPU %d %s", gpu, where)
-            else:
-                logger.info(
-                    "faiss index on CPU (approximate index %r stays on CPU; rank on GPU %d) %s", index_type, gpu, where
-                )
-            self._vectors = torch.from_numpy(vectors).to(f"cuda:{gpu}")
-        else:
+        self._gpu_resources = None
+        self._index = self._place(cpu_index, device, reason)
+        self._cpu_index = cpu_index if self._exact or self._gpu_resources is None else None
+        self._search_params: dict[str, int] = {}
+        self.set_search_params(**{**self._traits.defaults(), **self._traits.check(search_params, index_type)})
+        target = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu"
+        self._vectors = torch.from_numpy(vectors).to(target)
+        self._sq_norms = None if self._sq_norms_np is None else torch.from_numpy(self._sq_norms_np).to(target)
+
+    def _place(self, cpu_index: faiss.Index, device: str, reason: str) -> faiss.Index:
+        """The index to search: moved to the GPU where faiss can (flat, IVF), always logged."""
+        where = f"({reason}; {self._index_type}, metric={self._metric}, N={cpu_index.ntotal}, d={cpu_index.d})"
+        if device != "cuda":
             logger.info("faiss index on CPU %s", where)
-            self._vectors = torch.from_numpy(vectors)
-        self._sq_norms = (self._vectors * self._vectors).sum(dim=1) if metric == "l2" else None
+            return cpu_index
+        gpu = torch.cuda.current_device()
+        if not self._exact and faiss.try_extract_index_ivf(cpu_index) is None:
+            logger.info("faiss index on CPU (faiss has no GPU version of %r; rank on GPU %d) %s",
+                        self._index_type, gpu, where)
+            return cpu_index
+        resources = faiss.StandardGpuResources()
+        try:
+            index = faiss.index_cpu_to_gpu(resources, gpu, cpu_index)
+        except RuntimeError as exc:  # e.g. a PQ code size the GPU kernels do not support
+            logger.info("faiss index on CPU (faiss cannot move %r to GPU %d: %s) %s",
+                        self._index_type, gpu, str(exc).strip().splitlines()[0], where)
+            return cpu_index
+        self._gpu_resources = resources
+        logger.info("faiss index on GPU %d %s", gpu, where)
+        return index
 
     @classmethod
     def build(
@@ -226,16 +131,35 @@ class EmbeddingIndex:
         device: str = "auto",
         *,
         index_factory: str | None = None,
+        search_params: dict[str, int] | None = None,
+        seed: int = 0,
         model_fingerprint: str | None = None,
         epoch: int | None = None,
         codes: Sequence[str] | None = None,
     ) -> "EmbeddingIndex":
-        """Index float [N, d] embeddings (numpy or torch on any device); row i = id i."""
+        """Index float [N, d] embeddings (numpy or torch on any device); row i = id i.
+
+        ``index_factory`` (e.g. ``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF1024,PQ32"``) builds an
+        approximate index trained on a sample drawn with ``seed``; ``search_params`` override its
+        measured defaults (see :mod:`naics_hnm.approximate`).
+        """
         if metric not in METRICS:
             raise ValueError(f"metric={metric!r}: expected one of {METRICS}")
-        x = _as_float_matrix(embeddings, "embeddings")
+        if index_factory is not None and not isinstance(index_factory, str):
+            raise TypeError(f"index_factory must be a faiss factory string or None, got {type(index_factory).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if seed < 0:
+            raise ValueError(f"seed={seed}: expected an integer >= 0")
+        if model_fingerprint is not None and not isinstance(model_fingerprint, str):
+            raise TypeError(f"model_fingerprint must be a str or None, got {type(model_fingerprint).__name__}")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer))):
+            raise TypeError(f"epoch must be an int or None, got {epoch!r}")
+        resolved, reason = _resolve_device(device)
+        keeps_input = metric != "cosine" and index_factory not in (None, "Flat")
+        x = as_float_matrix(embeddings, "embeddings", copy=keeps_input)
         if metric == "cosine":
-            x = _normalise(x, "embeddings")
+            x = normalise_rows(x, "embeddings")
         n, d = x.shape
         fingerprint = None
         if codes is not None:
@@ -243,25 +167,16 @@ class EmbeddingIndex:
             if len(codes) != n or not all(isinstance(c, str) for c in codes):
                 raise ValueError(f"codes must be {n} strings (one per embedding row), got {len(codes)} items")
             fingerprint = codes_fingerprint(codes)
-        if model_fingerprint is not None and not isinstance(model_fingerprint, str):
-            raise TypeError(f"model_fingerprint must be a str or None, got {type(model_fingerprint).__name__}")
-        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer))):
-            raise TypeError(f"epoch must be an int or None, got {epoch!r}")
-        resolved, reason = _resolve_device(device)
-        index_type = index_factory or "Flat"
         if index_factory is None:
             index = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+            index.add(x)
         else:
-            try:
-                index = faiss.index_factory(d, index_factory, _faiss_metric(metric))
-                if not index.is_trained:
-                    index.train(x)
-            except RuntimeError as exc:
-                raise ValueError(f"index_factory={index_factory!r} failed for {n} vectors of dim {d}: {exc}") from exc
-        index.add(x)
+            index = build_faiss_index(x, faiss_metric(metric), index_factory, int(seed))
+        vectors = _storage_view(index) if isinstance(index, faiss.IndexFlat) else x
         return cls(
-            index, x, metric, resolved, index_type=index_type, codes_fingerprint=fingerprint,
-            model_fingerprint=model_fingerprint, epoch=None if epoch is None else int(epoch), reason=reason,
+            index, vectors, metric, resolved, index_type=index_factory or "Flat", search_params=search_params,
+            codes_fingerprint=fingerprint, model_fingerprint=model_fingerprint,
+            epoch=None if epoch is None else int(epoch), reason=reason,
         )
 
     @property
@@ -283,7 +198,7 @@ class EmbeddingIndex:
 
     @property
     def vectors(self) -> torch.Tensor:
-        """float32 [N, d] (L2-normalised for cosine) on :attr:`device`."""
+        """float32 [N, d] (L2-normalised for cosine) on :attr:`device`; read-only by convention."""
         return self._vectors
 
     @property
@@ -292,13 +207,19 @@ class EmbeddingIndex:
 
     @property
     def on_gpu(self) -> bool:
-        """Whether the faiss index itself lives on a GPU (approximate indexes stay on CPU)."""
+        """Whether the faiss index itself lives on a GPU."""
         return self._gpu_resources is not None
 
     @property
     def faiss_index(self) -> faiss.Index:
-        """The underlying faiss index (GPU or CPU), e.g. to set ``nprobe``."""
+        """The underlying faiss index (GPU or CPU). Change its search parameters with
+        :meth:`set_search_params` (so that they are saved) and never add to it."""
         return self._index
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """The search parameters in force (empty for a flat index)."""
+        return dict(self._search_params)
 
     @property
     def codes_fingerprint(self) -> str | None:
@@ -320,6 +241,16 @@ class EmbeddingIndex:
             f"EmbeddingIndex(metric={self.metric!r}, ntotal={self.ntotal}, dim={self.dim}, "
             f"index_type={self.index_type!r}, device={self.device!r}, epoch={self.epoch})"
         )
+
+    def set_search_params(self, **params: int) -> None:
+        """Update search parameters, e.g. ``set_search_params(nprobe=64)``; others keep their value.
+
+        Keys: ``nprobe`` (IVF), ``efSearch`` (HNSW), ``k_factor`` (any approximate index). A key
+        the index does not take or a value below 1 raises ValueError naming it.
+        """
+        checked = self._traits.check(params, self._index_type)
+        apply_search_params(self._index, checked)
+        self._search_params.update(checked)
 
     def pair_scores(self, anchor_ids: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
         """Exact float32 [B, C] scores of (anchor, candidate) pairs on :attr:`device`.
@@ -377,100 +308,82 @@ class EmbeddingIndex:
         check_id_range(candidates, "candidate_ids", self.ntotal, allow_padding=True)
         return anchors, candidates
 
-    def search(self, queries: Any, k: int) -> tuple[Any, Any]:
+    def search(self, queries: Any, k: int, *, batch_size: int | None = None) -> tuple[Any, Any]:
         """Global k nearest rows of query vectors [Q, d] (normalised for cosine).
 
-        ``k > N`` pads with ``-1`` / ``-inf`` (``+inf`` for l2). Output kind follows ``queries``.
+        ``k > N`` pads with ``-1`` / ``-inf`` (``+inf`` for l2), unless that padding would take more
+        than 1 GiB (ValueError). Queries run ``batch_size`` at a time (None: sized to ~128 MiB of
+        working memory). Output kind follows ``queries``.
         """
         k = check_k(k)
-        q = _as_float_matrix(queries, "queries")
+        q = as_float_matrix(queries, "queries")
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dim {q.shape[1]}, expected {self.dim} (the index dim)")
         if self._metric == "cosine":
-            q = _normalise(q, "queries")
-        scores, ids = self._search_array(q, k)
+            q = normalise_rows(q, "queries")
+        scores, ids = self._search_rows(q, None, k, batch_size)
         return like_input(queries, torch.from_numpy(scores), torch.from_numpy(ids))
 
-    def search_ids(self, anchor_ids: Any, k: int) -> tuple[Any, Any]:
-        """Nearest neighbours of indexed rows by id (each row's own id is included)."""
+    def search_ids(self, anchor_ids: Any, k: int, *, batch_size: int | None = None) -> tuple[Any, Any]:
+        """Nearest neighbours of indexed rows by id (each row's own id is included).
+
+        Rows are gathered and searched ``batch_size`` at a time, so memory beyond the [Q, k]
+        outputs does not grow with Q. Output kind follows ``anchor_ids``.
+        """
         k = check_k(k)
         anchors = as_id_tensor(anchor_ids, "anchor_ids", "cpu", 1)
         check_id_range(anchors, "anchor_ids", self.ntotal, allow_padding=False)
-        scores, ids = self._search_array(self._vectors_np[anchors.numpy()], k)
+        scores, ids = self._search_rows(self._vectors_np, anchors.numpy(), k, batch_size)
         return like_input(anchor_ids, torch.from_numpy(scores), torch.from_numpy(ids))
 
-    def _search_array(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k_eff = min(k, self.ntotal)
-        if self._gpu_resources is not None and k_eff > FAISS_GPU_MAX_K:
-            scores, ids = self._torch_topk(q, k_eff)
-        else:
-            scores, ids = self._index.search(q, k_eff)
-        scores = np.ascontiguousarray(scores, dtype=np.float32)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        scores[ids < 0] = worst_score(self._metric)
-        if k_eff < k:
-            pad = k - k_eff
-            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=worst_score(self._metric))
-            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-        return scores, ids
+    def _search_rows(
+        self, source: np.ndarray, rows: np.ndarray | None, k: int, batch_size: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search ``source`` (or its ``rows``) batch by batch; exact re-scoring where asked or lossy."""
+        fetch_factor = self._search_params.get("k_factor", 1)
+        rescore = fetch_factor > 1 or not self._traits.exact_storage
+        fetch = min(self.ntotal, k * fetch_factor)
+        per_query = fetch * 12 + self.dim * 4 + (fetch * self.dim * 4 if rescore else 0)
+        batch = max(1, _SEARCH_BLOCK_BYTES // per_query) if batch_size is None else batch_size
 
-    def _torch_topk(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact k-NN by chunked matmul + topk on the vectors' device (faiss GPU caps k at 2048)."""
-        chunk = max(1, _SEARCH_CHUNK_BYTES // (4 * self.ntotal))
-        out_scores, out_ids = [], []
-        with torch.no_grad():
-            for start in range(0, q.shape[0], chunk):
-                qt = torch.from_numpy(q[start : start + chunk]).to(self._vectors.device)
-                sim = qt @ self._vectors.T
-                if self._metric == "l2":
-                    dist = (self._sq_norms.unsqueeze(0) + (qt * qt).sum(1, keepdim=True) - 2 * sim).clamp_min_(0)
-                    s, i = torch.topk(dist, k, dim=1, largest=False)
-                else:
-                    s, i = torch.topk(sim, k, dim=1, largest=True)
-                out_scores.append(s.cpu())
-                out_ids.append(i.cpu())
-        return torch.cat(out_scores).numpy(), torch.cat(out_ids).numpy()
+        def search(q: np.ndarray, k_eff: int) -> tuple[np.ndarray, np.ndarray]:
+            fetched = min(self.ntotal, k_eff * fetch_factor)
+            if self._gpu_resources is not None and fetched > FAISS_GPU_MAX_K:
+                return torch_knn(self._vectors, self._sq_norms, self._metric, q, k_eff)
+            scores, ids = self._index.search(q, fetched)
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            if rescore:
+                return rescore_topk(self._vectors_np, self._sq_norms_np, self._metric, q, ids, k_eff)
+            scores = np.ascontiguousarray(scores, dtype=np.float32)
+            scores[ids < 0] = worst_score(self._metric)
+            return scores, ids
+
+        return search_in_batches(search, source, rows, k, self.ntotal, self._metric, batch)
 
     def save(self, path: str | Path) -> Path:
-        """Write the index to ``path`` and its sidecar to ``path + ".json"`` atomically.
+        """Write the index set named ``path`` (see :mod:`naics_hnm.index_file`); returns ``path``.
 
-        All files are written to temporaries first; the index (and vectors file) replace their
-        targets before the sidecar, which is replaced last. A failure while writing leaves the
-        previous files untouched. Returns the index path.
+        The switch is atomic: a failure or a kill at any point leaves the previous set loadable.
         """
         path = Path(path)
         cpu_index = self._cpu_index if self._cpu_index is not None else faiss.index_gpu_to_cpu(self._index)
-        flat = isinstance(cpu_index, faiss.IndexFlat)
-        with atomic_path(sidecar_path(path)) as tmp_meta:
-            with atomic_path(path) as tmp_index:
-                faiss.write_index(cpu_index, str(tmp_index))
-                meta = self._metadata(_sha256_file(tmp_index))
-                if not flat:
-                    with atomic_path(vectors_path(path)) as tmp_vectors:
-                        with tmp_vectors.open("wb") as handle:
-                            np.save(handle, self._vectors_np, allow_pickle=False)
-                        meta["vectors_file"] = vectors_path(path).name
-                        meta["vectors_sha256"] = _sha256_file(tmp_vectors)
-                _write_json(tmp_meta, meta)
+        write_index_files(path, cpu_index, None if self._exact else self._vectors_np, self._metadata())
         logger.info("saved %r to %s (+ %s)", self, path, sidecar_path(path).name)
         return path
 
-    def _metadata(self, index_sha256: str) -> dict[str, Any]:
+    def _metadata(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
             "metric": self._metric,
             "dim": self.dim,
             "ntotal": self.ntotal,
             "index_type": self._index_type,
+            "search_params": self.search_params,
             "codes_fingerprint": self._codes_fingerprint,
             "model_fingerprint": self._model_fingerprint,
             "epoch": self._epoch,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "naics_hnm_version": _package_version(),
             "faiss_version": faiss.__version__,
-            "index_sha256": index_sha256,
-            "vectors_file": None,
-            "vectors_sha256": None,
         }
 
     @classmethod
@@ -486,10 +399,11 @@ class EmbeddingIndex:
 
         ``expected_codes`` (a code list, or anything with ``.codes`` such as a Taxonomy) must match
         the sidecar's code fingerprint; ``expected_dim`` its dim. Mismatches and corrupt files raise
-        :class:`IndexFileError` naming the file and both values.
+        :class:`IndexFileError` naming the file and both values. Search parameters are restored.
         """
         path = Path(path)
-        meta = _read_sidecar(path)
+        resolved, reason = _resolve_device(device)
+        meta = read_sidecar(path)
         if expected_dim is not None and int(expected_dim) != meta["dim"]:
             raise IndexFileError(f"index {str(path)!r} has dim {meta['dim']}, expected dim {expected_dim}")
         if expected_codes is not None:
@@ -500,116 +414,69 @@ class EmbeddingIndex:
                     f"index {str(path)!r} was built for code list fingerprint {meta['codes_fingerprint']}, "
                     f"expected {want} (the given {len(codes)} codes); rebuild the index"
                 )
-        index = _read_index(path, meta)
-        if isinstance(index, faiss.IndexFlat):
-            vectors = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
-        else:
-            vectors = _read_vectors(path, meta)
-        resolved, reason = _resolve_device(device)
+        index = read_index_file(path, meta)
+        vectors = _storage_view(index) if isinstance(index, faiss.IndexFlat) else read_vectors_file(path, meta)
+        try:
+            params = SearchTraits.of(index).check(meta["search_params"], meta["index_type"])
+        except (TypeError, ValueError) as exc:
+            raise IndexFileError(f"index sidecar {str(sidecar_path(path))!r}: {exc}") from exc
         return cls(
-            index, vectors, meta["metric"], resolved, index_type=meta["index_type"],
+            index, vectors, meta["metric"], resolved, index_type=meta["index_type"], search_params=params,
             codes_fingerprint=meta["codes_fingerprint"], model_fingerprint=meta["model_fingerprint"],
             epoch=meta["epoch"], reason=reason,
         )
 
 
-def duplicate_mask(ids: torch.Tensor) -> torch.Tensor:
-    """bool [B, C]: True at every repeat of an id already seen earlier in its row."""
-    if ids.shape[1] < 2:
-        return torch.zeros_like(ids, dtype=torch.bool)
-    sorted_ids, order = torch.sort(ids, dim=1, stable=True)
-    repeat = torch.zeros_like(ids, dtype=torch.bool)
-    repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
-    return torch.zeros_like(repeat).scatter_(1, order, repeat)
+def knn_rows(index: EmbeddingIndex, row_ids: Any, k: int, batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest indexed rows of each indexed row in ``row_ids`` (int [Q]), as numpy arrays.
+
+    Returns ``(scores float32 [Q, k], ids int64 [Q, k])``, best first, each row's own id included
+    (ties permitting), padded as :meth:`EmbeddingIndex.search` pads. Rows are searched
+    ``batch_size`` at a time, so working memory is bounded whatever Q is.
+    """
+    k = check_k(k)
+    anchors = as_id_tensor(row_ids, "row_ids", "cpu", 1)
+    check_id_range(anchors, "row_ids", index.ntotal, allow_padding=False)
+    return index._search_rows(index._vectors_np, anchors.numpy(), k, batch_size)
 
 
-def select_topk(
-    scores: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, k: int, metric: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable top-k of ``scores`` among ``keep`` entries; padded with -1 and the worst score."""
-    worst = worst_score(metric)
-    masked = scores.masked_fill(~keep, worst)
-    order = torch.sort(masked, dim=1, descending=metric != "l2", stable=True).indices[:, :k]
-    top_scores = masked.gather(1, order)
-    top_ids = ids.gather(1, order).masked_fill(~keep.gather(1, order), -1)
-    top_scores = top_scores.masked_fill(top_ids < 0, worst)
-    if top_ids.shape[1] < k:
-        pad = k - top_ids.shape[1]
-        top_scores = torch.nn.functional.pad(top_scores, (0, pad), value=worst)
-        top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
-    return top_scores, top_ids
+class _StorageOwner:
+    """Exposes a flat index's storage to numpy and keeps the index alive while arrays use it."""
+
+    def __init__(self, index: faiss.IndexFlat) -> None:
+        self.index = index
+        address = faiss.rev_swig_ptr(index.get_xb(), 1).__array_interface__["data"][0]
+        self.__array_interface__ = {"shape": (index.ntotal, index.d), "typestr": "<f4",
+                                    "data": (address, False), "version": 3}
 
 
-def _write_json(path: Path, meta: dict[str, Any]) -> None:
-    path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def _storage_view(index: faiss.IndexFlat) -> np.ndarray:
+    """float32 [ntotal, d] zero-copy view of a flat index's vectors; it keeps the index alive."""
+    return np.asarray(_StorageOwner(index))
 
 
-_SIDECAR_KEYS = ("format_version", "metric", "dim", "ntotal", "index_type", "codes_fingerprint",
-                 "model_fingerprint", "epoch", "index_sha256")
+def _resolve_device(device: str) -> tuple[str, str]:
+    """``(device, reason)`` where device is "cpu" or "cuda"."""
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r}: expected one of {DEVICES}")
+    has_gpu_build = hasattr(faiss, "StandardGpuResources")
+    n_gpus = faiss.get_num_gpus() if has_gpu_build else 0
+    usable = n_gpus > 0 and torch.cuda.is_available()
+    if device == "cuda" and not usable:
+        raise ValueError(
+            f"device='cuda' needs a faiss GPU build with a visible GPU and torch CUDA; found "
+            f"faiss GPU build={has_gpu_build}, faiss GPUs={n_gpus}, torch.cuda={torch.cuda.is_available()}; "
+            "use device='auto' or 'cpu'"
+        )
+    if device == "cpu":
+        return "cpu", "device='cpu' requested"
+    if usable:
+        return "cuda", f"device={device!r}"
+    return "cpu", "no faiss GPU build" if not has_gpu_build else "no GPU"
 
 
-def _read_sidecar(path: Path) -> dict[str, Any]:
-    meta_path = sidecar_path(path)
-    if not meta_path.is_file():
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} does not exist; expected it beside {str(path)!r}")
+def _package_version() -> str:
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} holds {type(meta).__name__}, expected a JSON object")
-    missing = [key for key in _SIDECAR_KEYS if key not in meta]
-    if missing:
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} lacks key(s) {missing}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise IndexFileError(
-            f"index sidecar {str(meta_path)!r} has format_version {meta['format_version']!r}, expected {FORMAT_VERSION}"
-        )
-    if meta["metric"] not in METRICS:
-        raise IndexFileError(
-            f"index sidecar {str(meta_path)!r} has metric {meta['metric']!r}, expected one of {METRICS}"
-        )
-    return meta
-
-
-def _read_index(path: Path, meta: dict[str, Any]) -> faiss.Index:
-    if not path.is_file():
-        raise IndexFileError(f"index file {str(path)!r} does not exist")
-    digest = _sha256_file(path)
-    if digest != meta["index_sha256"]:
-        raise IndexFileError(
-            f"index file {str(path)!r} has sha256 {digest}, but its sidecar says {meta['index_sha256']} "
-            "(corrupt, truncated or replaced); rebuild the index"
-        )
-    try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as exc:
-        raise IndexFileError(f"index file {str(path)!r} cannot be read by faiss: {exc}") from exc
-    if index.ntotal != meta["ntotal"] or index.d != meta["dim"]:
-        raise IndexFileError(
-            f"index file {str(path)!r} holds ntotal={index.ntotal}, d={index.d}; "
-            f"its sidecar says ntotal={meta['ntotal']}, dim={meta['dim']}"
-        )
-    if index.metric_type != _faiss_metric(meta["metric"]):
-        raise IndexFileError(
-            f"index file {str(path)!r} has faiss metric {index.metric_type}, sidecar says {meta['metric']!r}"
-        )
-    return index
-
-
-def _read_vectors(path: Path, meta: dict[str, Any]) -> np.ndarray:
-    file = path.with_name(meta.get("vectors_file") or vectors_path(path).name)
-    if not file.is_file():
-        raise IndexFileError(f"vectors file {str(file)!r} for approximate index {str(path)!r} does not exist")
-    digest = _sha256_file(file)
-    if digest != meta.get("vectors_sha256"):
-        raise IndexFileError(
-            f"vectors file {str(file)!r} has sha256 {digest}, sidecar says {meta.get('vectors_sha256')}"
-        )
-    vectors = np.load(file, allow_pickle=False)
-    expected = (meta["ntotal"], meta["dim"])
-    if vectors.shape != expected or vectors.dtype != np.float32:
-        raise IndexFileError(
-            f"vectors file {str(file)!r} holds {vectors.dtype} {vectors.shape}, expected float32 {expected}"
-        )
-    return np.ascontiguousarray(vectors)
+        return importlib.metadata.version("naics_hnm")
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(sys.modules.get("naics_hnm"), "__version__", "unknown"))

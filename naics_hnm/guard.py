@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from naics_hnm.embedding_index import METRICS, as_id_tensor, check_id_range, like_input
+from naics_hnm.ids import METRICS, as_id_tensor, check_id_range, like_input
 from naics_hnm.taxonomy import Taxonomy
 from naics_hnm.tree_guard import GuardStats, TreeGuard, guard_tensors
 

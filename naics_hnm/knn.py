@@ -82,11 +82,15 @@ def torch_knn(vectors: torch.Tensor, sq_norms: torch.Tensor | None, metric: str,
 
 
 def as_float_matrix(x: Any, name: str, copy: bool = False) -> np.ndarray:
-    """A finite float32 C-contiguous [n, d] array of ``x`` (a fresh copy if ``copy``); errors name the first bad row."""
+    """A finite float32 C-contiguous [n, d] array of ``x``, a fresh copy if ``copy`` (else possibly a view).
+
+    Errors name the first row holding NaN or inf.
+    """
+    fresh = False
     if isinstance(x, torch.Tensor):
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
-        x = x.detach().to(device="cpu", dtype=torch.float32, copy=copy).numpy()
+        x, fresh = x.detach().to(device="cpu", dtype=torch.float32, copy=copy).numpy(), copy
     elif isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
@@ -94,7 +98,10 @@ def as_float_matrix(x: Any, name: str, copy: bool = False) -> np.ndarray:
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"{name} must be 2-D [n >= 1, d >= 1], got shape {x.shape}")
-    x = np.array(x, dtype=np.float32, order="C", copy=True) if copy else np.ascontiguousarray(x, dtype=np.float32)
+    if copy and not fresh:
+        x = np.array(x, dtype=np.float32, order="C", copy=True)
+    else:
+        x = np.ascontiguousarray(x, dtype=np.float32)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from naics_hnm.embedding_index import EmbeddingIndex
-from naics_hnm.embedding_index import as_id_tensor, like_input
+from naics_hnm.ids import as_id_tensor, like_input
 from naics_hnm.mining import mine_candidates
 from naics_hnm.neighbours import guarded_neighbours
 from naics_hnm.sharded_search import Shard, sharded_search

@@ -3,7 +3,9 @@
 With no arguments it embeds NAICS 2022 with the offline pretrained all-MiniLM-L6-v2 and writes
 ``indexes/naics2022_minilm.faiss`` (+ ``.json`` sidecar). ``--checkpoint`` embeds with a Lightning
 checkpoint of :class:`naics_hnm.encoder.NAICSEncoder` (or of your module via ``--model-class``);
-``--embeddings`` indexes an HDF5 embeddings file as is. Bad input ends with one line on stderr and
+``--embeddings`` indexes an HDF5 embeddings file as is. ``--index-factory`` builds an approximate
+faiss index instead of the exact flat one, with ``--search-params`` overriding its measured
+defaults (see :mod:`naics_hnm.approximate`). Bad input ends with one line on stderr and
 a non-zero exit status; the previous index is left untouched.
 """
 
@@ -47,17 +49,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="'module:Class' of the LightningModule in --checkpoint; it needs embed(tokens) "
                              "(default: %(default)s)")
     parser.add_argument("--taxonomy", type=Path, help="taxonomy CSV (code,title[,...]); default NAICS 2022")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="index path (default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="index path: writes PATH.json and generation files PATH.gNNNNNN.* beside it "
+                             "(default: %(default)s)")
     parser.add_argument("--metric", choices=("cosine", "ip", "l2"), default="cosine", help="default: %(default)s")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="index and embedding device; auto = GPU when torch and faiss see one (default)")
+    parser.add_argument("--index-factory", metavar="STR",
+                        help="faiss factory string for an approximate index, e.g. 'IVF256,Flat', 'HNSW32', "
+                             "'IVF256,PQ32' (default: exact flat index)")
+    parser.add_argument("--search-params", metavar="KEY=INT[,KEY=INT]", type=_search_params,
+                        help="search parameters of the approximate index: nprobe (IVF), efSearch (HNSW), "
+                             "k_factor (exact re-scoring of k * k_factor candidates); default: measured defaults")
     parser.add_argument("--batch-size", type=int, default=256, help="codes per forward pass (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=32, help="tokens per code text (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: expected an int >= 1")
+    if args.search_params and not args.index_factory:
+        parser.error("--search-params needs --index-factory: the default flat index is exact and takes none")
     return args
+
+
+def _search_params(text: str) -> dict[str, int]:
+    """``"nprobe=64,k_factor=2"`` as ``{"nprobe": 64, "k_factor": 2}``."""
+    params: dict[str, int] = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key.isidentifier() or not value.isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=INT[,KEY=INT], e.g. nprobe=64")
+        params[key] = int(value)
+    return params
 
 
 def _load_module_class(spec: str) -> type:
@@ -109,6 +132,7 @@ def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.nda
 def run(args: argparse.Namespace) -> dict:
     from naics_hnm.embedding_index import EmbeddingIndex
     from naics_hnm.embeddings_file import load_embeddings
+    from naics_hnm.index_file import current_index_file, sidecar_path
     from naics_hnm.taxonomy import load_taxonomy
 
     t0 = time.perf_counter()
@@ -132,11 +156,14 @@ def run(args: argparse.Namespace) -> dict:
         raise CLIError(f"embeddings from {source} contain NaN/inf (first at row {bad}, code {taxonomy.codes[bad]!r})")
     t1 = time.perf_counter()
     index = EmbeddingIndex.build(embeddings, metric=args.metric, device=args.device, codes=taxonomy.codes,
+                                 index_factory=args.index_factory, search_params=args.search_params,
                                  model_fingerprint=model_name, epoch=None if epoch in (None, -1) else int(epoch))
     index.save(args.output)
     t2 = time.perf_counter()
     return {"n": index.ntotal, "dim": index.dim, "device": index.device, "metric": args.metric,
-            "source": source, "embed_s": t1 - t0, "build_s": t2 - t1, "path": str(args.output)}
+            "index_type": index.index_type, "search_params": index.search_params, "source": source,
+            "embed_s": t1 - t0, "build_s": t2 - t1, "path": str(args.output),
+            "files": [sidecar_path(args.output).name, current_index_file(args.output).name]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,10 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"rebuild_index: error: {message}", file=sys.stderr)
         return 2
-    print(f"Indexed {summary['n']} codes (dim {summary['dim']}, metric {summary['metric']}) from "
-          f"{summary['source']} on {summary['device']}: embedding/loading {summary['embed_s']:.1f}s, "
-          f"index build + save {summary['build_s']:.2f}s. Index written to {summary['path']} "
-          f"(+ {Path(summary['path']).name}.json sidecar).")
+    params = f", search params {summary['search_params']}" if summary["search_params"] else ""
+    print(f"Indexed {summary['n']} codes (dim {summary['dim']}, metric {summary['metric']}, "
+          f"{summary['index_type']}{params}) from {summary['source']} on {summary['device']}: "
+          f"embedding/loading {summary['embed_s']:.1f}s, index build + save {summary['build_s']:.2f}s. "
+          f"Index written to {summary['path']} (files {' + '.join(summary['files'])}).")
     return 0
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import naics_hnm.embedding_index as ei
+import naics_hnm.index_file as index_file
 from naics_hnm.embedding_index import EmbeddingIndex, IndexFileError
+from naics_hnm.index_file import current_index_file, sha256_file
 
 METRICS = ("cosine", "ip", "l2")
 HAS_GPU = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -171,7 +172,8 @@ def test_approximate_indexes_recall_and_exact_rank():
     recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
     assert recall >= 0.9, recall
     ivf = EmbeddingIndex.build(x, index_factory="IVF16,Flat", device="cpu")
-    faiss.extract_index_ivf(ivf.faiss_index).nprobe = 16
+    ivf.set_search_params(nprobe=16)
+    assert faiss.extract_index_ivf(ivf.faiss_index).nprobe == 16
     _, got = ivf.search(q, 10)
     np.testing.assert_array_equal(got, want)
     anchors, cands = random_pools(rng, 1000, 8, 12)
@@ -228,8 +230,12 @@ def test_save_load_roundtrip(tmp_path, data, metric, factory):
     meta = json.loads(Path(str(path) + ".json").read_text())
     assert meta["metric"] == metric and meta["ntotal"] == 200 and meta["dim"] == 16 and meta["epoch"] == 3
     assert meta["index_type"] == (factory or "Flat") and meta["model_fingerprint"] == "m1"
-    assert meta["codes_fingerprint"] == index.codes_fingerprint and meta["format_version"] == 1
-    assert (tmp_path / "codes.faiss.vectors.npy").exists() == (factory is not None)
+    assert meta["codes_fingerprint"] == index.codes_fingerprint and meta["format_version"] == 2
+    assert meta["index_file"] == "codes.faiss.g000001.index" and meta["generation"] == 1
+    assert meta["vectors_file"] == ("codes.faiss.g000001.vectors.npy" if factory else None)
+    assert meta["search_params"] == index.search_params == ({"efSearch": 128} if factory else {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["codes.faiss", "codes.faiss.json", meta["index_file"]] + ([meta["vectors_file"]] if factory else []))
     loaded = EmbeddingIndex.load(path, device="cpu", expected_codes=codes_for(200), expected_dim=16)
     assert (loaded.metric, loaded.epoch, loaded.model_fingerprint, len(loaded)) == (metric, 3, "m1", 200)
     anchors, cands = random_pools(np.random.default_rng(6), 200, 16, 20)
@@ -255,24 +261,25 @@ def test_load_detects_corrupt_files(tmp_path, data):
     path = tmp_path / "idx.faiss"
     EmbeddingIndex.build(data, device="cpu").save(path)
     sidecar = Path(str(path) + ".json")
-    good_index, good_meta = path.read_bytes(), sidecar.read_text()
+    payload = current_index_file(path)
+    good_index, good_meta = payload.read_bytes(), sidecar.read_text()
 
-    path.write_bytes(good_index[: len(good_index) // 2])
-    with pytest.raises(IndexFileError, match="idx.faiss' has sha256 .*corrupt, truncated"):
+    payload.write_bytes(good_index[: len(good_index) // 2])
+    with pytest.raises(IndexFileError, match="idx.faiss.g000001.index' has sha256 .*corrupt, truncated"):
         EmbeddingIndex.load(path)
 
     meta = json.loads(good_meta)
-    meta["index_sha256"] = ei._sha256_file(path)
+    meta["index_sha256"] = sha256_file(payload)
     sidecar.write_text(json.dumps(meta))
     with pytest.raises(IndexFileError, match="cannot be read by faiss"):
         EmbeddingIndex.load(path)
 
-    path.write_bytes(good_index)
+    payload.write_bytes(good_index)
     sidecar.write_text(good_meta[:40])
     with pytest.raises(IndexFileError, match="idx.faiss.json' is not valid JSON"):
         EmbeddingIndex.load(path)
-    sidecar.write_text(good_meta.replace('"format_version": 1', '"format_version": 99'))
-    with pytest.raises(IndexFileError, match="format_version 99, expected 1"):
+    sidecar.write_text(good_meta.replace('"format_version": 2', '"format_version": 99'))
+    with pytest.raises(IndexFileError, match="format_version 99, expected one of \\(1, 2\\)"):
         EmbeddingIndex.load(path)
     sidecar.write_text(good_meta.replace('"ntotal": 200', '"ntotal": 201'))
     with pytest.raises(IndexFileError, match="ntotal=200, d=16; its sidecar says ntotal=201"):
@@ -282,12 +289,15 @@ def test_load_detects_corrupt_files(tmp_path, data):
         EmbeddingIndex.load(path)
 
 
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
 def test_failed_save_leaves_previous_files(tmp_path, data, monkeypatch):
     path = tmp_path / "idx.faiss"
     EmbeddingIndex.build(data, device="cpu", epoch=1).save(path)
-    sidecar = Path(str(path) + ".json")
-    before = (path.read_bytes(), sidecar.read_bytes())
-    newer = EmbeddingIndex.build(data[:100], device="cpu", epoch=2)
+    before = folder_bytes(tmp_path)
+    newer = EmbeddingIndex.build(data[:100], device="cpu", epoch=2, index_factory="HNSW8")
 
     real_write = faiss.write_index
 
@@ -303,11 +313,11 @@ def test_failed_save_leaves_previous_files(tmp_path, data, monkeypatch):
     def fail_json(target, meta):
         raise OSError("sidecar write failed")
 
-    monkeypatch.setattr(ei, "_write_json", fail_json)
+    monkeypatch.setattr(index_file, "_write_json", fail_json)
     with pytest.raises(OSError, match="sidecar write failed"):
         newer.save(path)
-    assert (path.read_bytes(), sidecar.read_bytes()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx.faiss", "idx.faiss.json"]
+    assert folder_bytes(tmp_path) == before
+    assert sorted(before) == ["idx.faiss", "idx.faiss.g000001.index", "idx.faiss.json"]
     assert EmbeddingIndex.load(path).epoch == 1
 
 

@@ -72,11 +72,17 @@ def test_from_checkpoint_matches_the_model(tmp_path, naics, capsys):
     np.testing.assert_allclose(index.vectors[:7].numpy(), expected.numpy(), atol=1e-5)
 
 
+def index_set_bytes(out: Path) -> dict[str, bytes]:
+    """Every file of the index set named ``out`` (sidecar and generation files), by name."""
+    return {p.name: p.read_bytes() for p in sorted(out.parent.glob(out.name + "*"))}
+
+
 def test_bad_input_leaves_the_previous_index_untouched(tmp_path, embeddings_file, naics, capsys):
     path, emb = embeddings_file
     out = tmp_path / "keep.faiss"
     assert main(["--embeddings", str(path), "--output", str(out), "--quiet"]) == 0
-    before = (out.read_bytes(), Path(str(out) + ".json").read_bytes())
+    before = index_set_bytes(out)
+    assert sorted(before) == ["keep.faiss", "keep.faiss.g000001.index", "keep.faiss.json"]
 
     nan = emb.copy()
     nan[5, 2] = np.nan
@@ -97,17 +103,53 @@ def test_bad_input_leaves_the_previous_index_untouched(tmp_path, embeddings_file
         (["--checkpoint", str(corrupt)], "not a readable"),
         (["--checkpoint", str(wrong)], "does not fit"),
         (["--checkpoint", str(tmp_path / "none.ckpt")], "no such file"),
+        (["--embeddings", str(path), "--index-factory", "IVF4096,Flat"],
+         "nlist=4096 inverted lists but there are only N=2125"),
+        (["--embeddings", str(path), "--index-factory", "NOT_A_FACTORY"],
+         "index_factory='NOT_A_FACTORY' is not a faiss"),
+        (["--embeddings", str(path), "--index-factory", "HNSW16", "--search-params", "nprobe=4"],
+         "search parameter 'nprobe' does not apply: index 'HNSW16' takes only ['k_factor', 'efSearch']"),
+        (["--embeddings", str(path), "--index-factory", "IVF16,Flat", "--search-params", "nprobe=17"],
+         "nprobe=17 exceeds the index's nlist=16"),
     ]
     for args, message in cases:
         assert main([*args, "--output", str(out), "--quiet"]) == 2, args
         err = capsys.readouterr().err.strip()
         assert message in err, (args, err)
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-        assert (out.read_bytes(), Path(str(out) + ".json").read_bytes()) == before, args
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--batch-size", "0", "--output", str(out)])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == "rebuild_index: error: --batch-size 0: expected an int >= 1 (see --help)"
+        assert index_set_bytes(out) == before, args
+    for args, message in [
+        (["--batch-size", "0"], "--batch-size 0: expected an int >= 1 (see --help)"),
+        (["--index-factory", "HNSW16", "--search-params", "efSearch"],
+         "argument --search-params: 'efSearch': expected KEY=INT[,KEY=INT], e.g. nprobe=64 (see --help)"),
+        (["--index-factory", "HNSW16", "--search-params", "efSearch=-3"], "expected KEY=INT[,KEY=INT]"),
+        (["--search-params", "nprobe=8"], "--search-params needs --index-factory"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--embeddings", str(path), "--output", str(out)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("rebuild_index: error: ") and message in err and len(err.splitlines()) == 1, err
+        assert index_set_bytes(out) == before, args
+
+
+def test_approximate_index_with_search_params(tmp_path, embeddings_file, naics, capsys):
+    path, emb = embeddings_file
+    out = tmp_path / "approx.faiss"
+    args = ["--embeddings", str(path), "--output", str(out), "--quiet", "--index-factory", "IVF32,Flat"]
+    assert main([*args, "--search-params", "nprobe=32, k_factor=2"]) == 0
+    summary = capsys.readouterr().out
+    assert "IVF32,Flat, search params {'nprobe': 32, 'k_factor': 2}" in summary
+    assert "approx.faiss.json + approx.faiss.g000001.index" in summary
+    index = EmbeddingIndex.load(out, expected_codes=naics.codes)
+    assert index.index_type == "IVF32,Flat" and index.search_params == {"nprobe": 32, "k_factor": 2}
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    expected = np.argsort(-(unit[:20] @ unit.T), axis=1, kind="stable")[:, :5]
+    assert np.array_equal(index.search(unit[:20], 5)[1], expected)  # nprobe = nlist: exact
+    assert main(args) == 0  # a second build replaces the first generation and uses the defaults
+    assert sorted(p.name for p in tmp_path.glob("approx.faiss*")) == [
+        "approx.faiss", "approx.faiss.g000002.index", "approx.faiss.g000002.vectors.npy", "approx.faiss.json"]
+    assert EmbeddingIndex.load(out).search_params == {"nprobe": 24}
 
 
 def test_subprocess_error_is_one_line_and_help_lists_options(tmp_path):
@@ -117,7 +159,8 @@ def test_subprocess_error_is_one_line_and_help_lists_options(tmp_path):
     assert result.stderr.startswith("rebuild_index: error:")
     help_text = _run_cli("--help", cwd=tmp_path).stdout
     for option in ("--checkpoint", "--embeddings", "--model", "--model-class", "--taxonomy", "--output",
-                   "--metric", "--device", "--batch-size", "--max-length", "--quiet"):
+                   "--metric", "--device", "--batch-size", "--max-length", "--quiet", "--index-factory",
+                   "--search-params"):
         assert option in help_text
 
 

@@ -1,0 +1,96 @@
+"""Id and top-k helpers over arrays: validation of id arguments and stable masked top-k.
+
+Ids address rows ``0..N-1`` of an index; ``-1`` is padding wherever a row of ids can be short.
+Scores follow the metric: larger is more similar for ``"cosine"`` and ``"ip"``, smaller for
+``"l2"``; padding carries :func:`worst_score`. Nothing here depends on faiss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+METRICS = ("cosine", "ip", "l2")
+
+
+def worst_score(metric: str) -> float:
+    """The padding score: ``-inf`` for similarities, ``+inf`` for l2 distances."""
+    return float("inf") if metric == "l2" else float("-inf")
+
+
+def check_k(k: Any) -> int:
+    """``k`` as an int, or ValueError naming it unless it is an integer >= 1 (bools refused)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k={k!r}: expected an integer >= 1")
+    return int(k)
+
+
+def as_id_tensor(ids: Any, name: str, device: torch.device | str, ndim: int) -> torch.Tensor:
+    """Integer ids (numpy, torch or a nested list) as an ``ndim``-D int64 tensor on ``device``.
+
+    Floating, complex and bool inputs raise TypeError; a wrong rank raises ValueError.
+    """
+    if not isinstance(ids, torch.Tensor):
+        ids = np.asarray(ids)
+        if ids.size == 0 and ids.dtype == np.float64:  # np.asarray([]) is float64
+            ids = ids.astype(np.int64)
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
+        ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+    elif ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
+    if ids.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(ids.shape)}")
+    return ids.to(device=device, dtype=torch.int64)
+
+
+def check_id_range(ids: torch.Tensor, name: str, n: int, allow_padding: bool) -> None:
+    """Raise ValueError naming the first id outside ``[-1, n)`` (or ``[0, n)`` without padding)."""
+    if ids.numel() == 0:
+        return
+    low = -1 if allow_padding else 0
+    bad = (ids < low) | (ids >= n)
+    if bool(bad.any()):
+        first = int(ids[bad][0])
+        expected = f"[-1, {n})" if allow_padding else f"[0, {n})"
+        raise ValueError(f"{name} holds id {first}, expected ids in {expected}")
+
+
+def like_input(template: Any, *arrays: torch.Tensor) -> tuple:
+    """The tensors as numpy when ``template`` is not a tensor, else on the template's device."""
+    if isinstance(template, torch.Tensor):
+        return tuple(a.to(template.device) for a in arrays)
+    return tuple(a.cpu().numpy() for a in arrays)
+
+
+def duplicate_mask(ids: torch.Tensor) -> torch.Tensor:
+    """bool [B, C]: True at every repeat of an id already seen earlier in its row."""
+    if ids.shape[1] < 2:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    sorted_ids, order = torch.sort(ids, dim=1, stable=True)
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    return torch.zeros_like(repeat).scatter_(1, order, repeat)
+
+
+def select_topk(
+    scores: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, k: int, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable top-k ``(scores [B, k], ids [B, k])`` among ``keep`` entries, best first.
+
+    Ties keep the earlier column; rows with fewer than k kept entries are padded with id -1 and
+    :func:`worst_score`.
+    """
+    worst = worst_score(metric)
+    masked = scores.masked_fill(~keep, worst)
+    order = torch.sort(masked, dim=1, descending=metric != "l2", stable=True).indices[:, :k]
+    top_scores = masked.gather(1, order)
+    top_ids = ids.gather(1, order).masked_fill(~keep.gather(1, order), -1)
+    top_scores = top_scores.masked_fill(top_ids < 0, worst)
+    if top_ids.shape[1] < k:
+        pad = k - top_ids.shape[1]
+        top_scores = torch.nn.functional.pad(top_scores, (0, pad), value=worst)
+        top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
+    return top_scores, top_ids
