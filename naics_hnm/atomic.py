@@ -1,36 +1,147 @@
-"""Atomic file writes: write to a temporary file beside the target, then ``os.replace``."""
+"""Atomic file writes: write to a temporary file beside the target, then ``os.replace``.
+
+A temporary file is named ``.{target name}.{host}.{pid}.{random}.tmp``. A writer killed before its
+``os.replace`` leaves it behind; the next write to the same target removes it once its writer is gone
+(a process of this host that no longer runs, or any writer whose file is older than ``STALE_AFTER_S``).
+:func:`exclusive_lock` lets processes take turns at work on one target.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import logging
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+STALE_AFTER_S = 24 * 3600
+_CREATE_ATTEMPTS = 8
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _temp_pattern(target: Path) -> re.Pattern[str]:
+    return re.compile(
+        rf"\.{re.escape(target.name)}\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{{8}}\.tmp"
+        rf"|\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp"  # mkstemp names of earlier versions
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _is_stale(temp: Path, match: re.Match[str], now: float) -> bool:
+    try:
+        age = now - temp.stat().st_mtime
+    except FileNotFoundError:  # its writer finished or another cleaner removed it
+        return False
+    if age > STALE_AFTER_S:
+        return True
+    return match["host"] == _host() and not _pid_alive(int(match["pid"]))
+
+
+def remove_stale_temp_files(target: str | Path) -> list[Path]:
+    """Remove the temporary files of earlier writes to ``target`` whose writers are gone."""
+    target = Path(target)
+    pattern = _temp_pattern(target)
+    now = time.time()
+    removed = []
+    with os.scandir(target.parent) as entries:
+        candidates = [(Path(e.path), m) for e in entries if (m := pattern.fullmatch(e.name))]
+    for temp, match in candidates:
+        if _is_stale(temp, match, now):
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+            log.warning("removed %s, left behind by an interrupted write of %s", temp.name, target)
+    return removed
+
+
+def ensure_folder(folder: Path) -> None:
+    """Create ``folder`` and its parents; a NotADirectoryError naming the file when it or a parent is one."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _create_temp(target: Path) -> Path:
+    for _ in range(_CREATE_ATTEMPTS):
+        temp = target.with_name(f".{target.name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temp
+        except FileExistsError:
+            continue
+        except OSError as err:  # report the target, not the hidden temporary name
+            raise OSError(err.errno, err.strerror, str(target)) from None
+    raise FileExistsError(errno.EEXIST, f"{_CREATE_ATTEMPTS} temporary names were taken", str(target))
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces ``target``.
 
-    On any error the temporary file is removed and ``target`` is left as it was.
+    On any error the temporary file is removed and ``target`` is left as it was. Temporary files of
+    earlier writes to ``target`` that were killed are removed first.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+    ensure_folder(target.parent)
+    remove_stale_temp_files(target)
+    temp = _create_temp(target)
     try:
-        yield tmp_path
-        os.replace(tmp_path, target)
+        yield temp
+        os.replace(temp, target)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        temp.unlink(missing_ok=True)
 
 
 def atomic_write_text(target: str | Path, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(target: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically, flushed to disk before it replaces ``target``."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: str | Path) -> Iterator[None]:
+    """Hold an inter-process lock (``flock`` on ``{target}.lock``) for work on ``target``.
+
+    The lock file stays in place; the lock ends with the block or with the process.
+    """
+    target = Path(target)
+    ensure_folder(target.parent)
+    lock_path = target.with_name(f"{target.name}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process working on %s", target)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

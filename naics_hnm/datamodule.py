@@ -19,8 +19,8 @@ from naics_hnm.mining_data import MiningData
 from naics_hnm.resumable_loader import ResumableLoader
 from naics_hnm.pairs import allowed_mask, tree_pairs
 from naics_hnm.taxonomy import Taxonomy, load_taxonomy
-from naics_hnm.token_cache import (TokenCache, build_token_cache, cache_fingerprint, load_token_cache,
-                                   load_tokenizer, read_fingerprint)
+from naics_hnm.token_cache import (TokenCache, cache_fingerprint, ensure_token_cache, load_token_cache,
+                                   load_tokenizer, token_cache_path)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class NAICSDataModule(pl.LightningDataModule):
         self.val_dataset: NAICSMapDataset | None = None
         self._train_sampler: EpochSampler | None = None
         self._loaded_tokenizer = None
+        self._content_fingerprint: str | None = None
         self._epoch = 0
 
     @property
@@ -104,10 +105,13 @@ class NAICSDataModule(pl.LightningDataModule):
 
     @property
     def cache_path(self) -> Path:
-        return self.cache_dir / f"tokens_{self._taxonomy().name}_{self._taxonomy().fingerprint[:12]}.h5"
+        """The token cache file: its name carries the content fingerprint (texts, tokenizer, max_length)."""
+        return token_cache_path(self.cache_dir, self._taxonomy().name, self._fingerprint())
 
-    def _fingerprint(self, tokenizer) -> str:
-        return cache_fingerprint(self._taxonomy().texts, tokenizer, self.max_length)
+    def _fingerprint(self) -> str:
+        if self._content_fingerprint is None:
+            self._content_fingerprint = cache_fingerprint(self._taxonomy().texts, self._tokenizer(), self.max_length)
+        return self._content_fingerprint
 
     def _tokenizer(self):
         if self._loaded_tokenizer is None:
@@ -115,23 +119,21 @@ class NAICSDataModule(pl.LightningDataModule):
         return self._loaded_tokenizer
 
     def prepare_data(self) -> None:
-        """Build the token cache (once; again exactly when its fingerprint changes)."""
+        """Build the token cache unless a valid one for this content exists (under a lock, atomically).
+
+        Runs sharing a ``cache_dir`` never overwrite each other's caches: another max_length,
+        tokenizer or set of texts is another file. A corrupt or stale file is rebuilt.
+        """
         taxonomy = self._taxonomy()
-        tokenizer = self._tokenizer()
-        expected = self._fingerprint(tokenizer)
-        if read_fingerprint(self.cache_path) == expected:
-            log.info("token cache up to date: %s", self.cache_path)
-            return
-        build_token_cache(self.cache_path, taxonomy.codes, taxonomy.texts, tokenizer, self.max_length,
-                          tokenizer_name=self.tokenizer_name or "all-MiniLM-L6-v2 (offline)")
+        ensure_token_cache(self.cache_dir, taxonomy.name, taxonomy.codes, taxonomy.texts, self._tokenizer(),
+                           self.max_length, tokenizer_name=self.tokenizer_name or "all-MiniLM-L6-v2 (offline)")
 
     def setup(self, stage: str | None = None) -> None:
         """Load the token cache and create the train and validation datasets."""
         if self.train_dataset is not None:
             return
         taxonomy = self._taxonomy()
-        expected = self._fingerprint(self._tokenizer())
-        self.token_cache = load_token_cache(self.cache_path, expected, expected_codes=taxonomy.codes)
+        self.token_cache = load_token_cache(self.cache_path, self._fingerprint(), expected_codes=taxonomy.codes)
         allowed = allowed_mask(taxonomy, self.cfg.exclude_codes)
         pairs = tree_pairs(taxonomy, self.cfg.positive_relations, allowed, self.cfg.max_siblings, self.cfg.seed)
         order = np.random.default_rng(self.cfg.seed).permutation(len(pairs))

@@ -135,3 +135,49 @@ def test_expected_codes_mismatch(tmp_path, taxonomy, data):
         load_embeddings(path, expected_codes=expected)
     with pytest.raises(EmbeddingsFileError, match="holds 2125 codes; expected 2124"):
         load_embeddings(path, expected_codes=expected[:-1])
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import numpy as np
+from naics_hnm.embeddings_file import save_embeddings
+
+target, step = sys.argv[1], sys.argv[2]
+real_replace = os.replace
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def replace_then_die(*args):
+    real_replace(*args)
+    die()
+
+if step == "written":
+    os.replace = die
+elif step == "replaced":
+    os.replace = replace_then_die
+save_embeddings(target, np.full((3, 4), 2.0, dtype=np.float32), ["a", "b", "c"], epoch=2)
+sys.exit("the save finished: the step was never reached")
+"""
+
+
+@pytest.mark.parametrize("step", ["written", "replaced"])
+def test_kill_9_during_a_save_leaves_a_whole_file(tmp_path, step):
+    """SIGKILL before and after the final rename: the file holds the old or the new set, never a mix."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "emb.h5"
+    save_embeddings(path, np.ones((3, 4), dtype=np.float32), ["a", "b", "c"], epoch=1)
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(path), step], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    loaded = load_embeddings(path, expected_codes=["a", "b", "c"])
+    want_epoch, want_value = (1, 1.0) if step == "written" else (2, 2.0)
+    assert loaded.attrs["epoch"] == want_epoch and (loaded.embeddings == want_value).all()
+    orphans = sorted(p.name for p in tmp_path.glob(".*.tmp"))
+    assert len(orphans) == (1 if step == "written" else 0)
+    save_embeddings(path, np.zeros((3, 4), dtype=np.float32), ["a", "b", "c"], epoch=3)
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == []  # the next write cleans what the kill left

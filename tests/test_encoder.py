@@ -111,7 +111,7 @@ def test_in_batch_negatives_are_guarded_by_the_taxonomy():
         own = set(negatives[r][mask[r]].tolist())
         related = {a, *tx.ancestors(a).tolist(), *tx.descendants(a).tolist()}
         for j, u in enumerate(unique.tolist()):
-            expected = u not in related and u != p and u not in own and tx.lca_depth[a, u] < tx.lca_depth[a, p]
+            expected = u not in related and u != p and u not in own and tx.lca_depth(a, u) < tx.lca_depth(a, p)
             assert bool(allowed[r, j]) == expected, (tx.codes[a], tx.codes[u])
 
 

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
 import shutil
+import subprocess
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from naics_hnm.token_cache import (TokenCache, TokenCacheError, build_token_cache, cache_fingerprint,
-                                   load_token_cache, load_tokenizer, read_fingerprint)
+from naics_hnm import token_cache as token_cache_module
+from naics_hnm.token_cache import (FORMAT_VERSION, TokenCache, TokenCacheError, TokenizerError, build_token_cache,
+                                   cache_fingerprint, ensure_token_cache, load_token_cache, load_tokenizer,
+                                   read_fingerprint, token_cache_path)
+
+
+def _reseal(path):
+    """Store the checksum of an edited cache, so that the checks after it can object."""
+    path.write_bytes(token_cache_module._seal(path.read_bytes()))
 
 
 def test_roundtrip_equals_tokenizer(naics, tokenizer, token_cache):
@@ -73,7 +84,7 @@ def test_truncated_file_is_a_clear_error(token_cache_path, tmp_path, keep):
     shutil.copy(src, dst)
     size = os.path.getsize(dst)
     os.truncate(dst, int(keep * size) if isinstance(keep, float) else keep)
-    with pytest.raises(TokenCacheError, match=r"cut.h5' is not a readable HDF5 file"):
+    with pytest.raises(TokenCacheError, match=r"cut.h5' (is not a readable HDF5 file|is corrupt \(truncated: )"):
         load_token_cache(dst)
     assert read_fingerprint(dst) is None
 
@@ -104,11 +115,13 @@ def test_missing_stale_and_mismatched(token_cache_path, naics, tmp_path):
     shutil.copy(path, copy)
     with h5py.File(copy, "a") as f:
         f.attrs["format_version"] = 0
-    with pytest.raises(TokenCacheError, match=r"format_version=(np\.int64\()?0\)?, expected 1"):
+    _reseal(copy)
+    with pytest.raises(TokenCacheError, match=rf"format_version=0, expected {FORMAT_VERSION}"):
         load_token_cache(copy)
     with h5py.File(copy, "a") as f:
-        f.attrs["format_version"] = 1
+        f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["n_codes"] = 7
+    _reseal(copy)
     with pytest.raises(TokenCacheError, match="inconsistent: 2125 rows, 2125 lengths, 2125 codes, n_codes=7"):
         load_token_cache(copy)
 
@@ -168,3 +181,230 @@ def test_gather_with_padding_ids(token_cache):
     assert all_pad["input_ids"].shape == (2, 1) and all_pad["attention_mask"].sum() == 0
     narrow = token_cache.gather(torch.tensor([5]), width=3)
     assert narrow["input_ids"][0].tolist() == token_cache[5]["input_ids"][:3].tolist()
+
+
+CODES = [f"{1000 + i}" for i in range(40)]
+TEXTS = [f"Code {i}: farming of crop {i}" + f" and {i * 7} widgets" * (i % 4) for i in range(40)]
+
+
+def test_file_name_is_keyed_by_the_content(tokenizer, tmp_path):
+    path, fp = ensure_token_cache(tmp_path, "my tax/onomy", CODES, TEXTS, tokenizer, 16)
+    assert path == token_cache_path(tmp_path, "my tax/onomy", fp) == tmp_path / f"tokens_my_tax_onomy_{fp[:16]}.h5"
+    assert fp == cache_fingerprint(TEXTS, tokenizer, 16)
+    shorter, fp_shorter = ensure_token_cache(tmp_path, "my tax/onomy", CODES, TEXTS, tokenizer, 8)
+    retitled, fp_retitled = ensure_token_cache(tmp_path, "my tax/onomy", CODES, TEXTS[::-1], tokenizer, 16)
+    assert len({path, shorter, retitled}) == 3
+    for p, f in [(path, fp), (shorter, fp_shorter), (retitled, fp_retitled)]:
+        assert load_token_cache(p, f, expected_codes=CODES).size == len(CODES)
+
+
+def test_ensure_builds_only_when_needed(tokenizer, tmp_path):
+    path, fp = ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 16)
+    before = path.stat()
+    assert ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 16) == (path, fp)
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".lock"]
+
+
+def test_token_cache_path_rejects_a_non_fingerprint(tmp_path):
+    with pytest.raises(ValueError, match="fingerprint 'abc': expected a hex digest of 16\\+ characters"):
+        token_cache_path(tmp_path, "tiny", "abc")
+
+
+def _lengths_offset(path):
+    with h5py.File(path, "r") as f:
+        return f["lengths"].id.get_offset()
+
+
+def test_one_changed_byte_in_lengths_is_detected(tokenizer, tmp_path):
+    path, fp = ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 32)
+    data = bytearray(path.read_bytes())
+    data[_lengths_offset(path) + 4 * 3] -= 1  # row 3 one token shorter (little-endian low byte)
+    path.write_bytes(bytes(data))
+    with pytest.raises(TokenCacheError, match=rf"'{path}' is corrupt \(.*\): prepare_data\(\) rebuilds it"):
+        load_token_cache(path, fp)
+
+
+def _rewrite(path, **changes):
+    """Change datasets of a cache and store a matching checksum, so only the value checks can object."""
+    with h5py.File(path, "a") as f:
+        for name, change in changes.items():
+            data = f[name][()]
+            change(data)
+            f[name][...] = data
+    _reseal(path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(lengths=lambda a: a.__setitem__(2, 99)), r"row 2 has length 99, expected 0\.\.\d+"),
+    (dict(lengths=lambda a: a.__setitem__(2, -1)), r"row 2 has length -1"),
+    (dict(input_ids=lambda a: a.__setitem__((1, 0), 30522)), r"token ids span \d+\.\.30522, expected 0\.\.30521"),
+    (dict(input_ids=lambda a: a.__setitem__((1, 0), -5)), r"token ids span -5\.\."),
+    (dict(lengths=lambda a: a.__setitem__(0, a[0] - 1)), r"row 0 has tokens past its length \d+ \(attention"),
+])
+def test_content_checks(tokenizer, tmp_path, changes, message):
+    path, fp = ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 32)
+    _rewrite(path, **changes)
+    with pytest.raises(TokenCacheError, match=f"is corrupt \\({message}"):
+        load_token_cache(path, fp)
+
+
+def test_a_changed_byte_anywhere_is_detected(tokenizer, tmp_path):
+    """Before HDF5 reads the file: HDF5 itself may crash or hang on some damaged bytes."""
+    path = tmp_path / "tokens.h5"
+    fp = build_token_cache(path, CODES[:3], TEXTS[:3], tokenizer, 16)
+    original = path.read_bytes()
+    corrupt = re.compile(rf"token cache '{re.escape(str(path))}' is corrupt \((.*)\): prepare_data\(\) rebuilds it")
+    problems = set()
+    for position in [*range(128), *range(128, len(original), 5)]:  # every byte of the checksum line
+        damaged = bytearray(original)
+        damaged[position] ^= 0x20
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(TokenCacheError) as info:
+            load_token_cache(path, fp)
+        reported = corrupt.fullmatch(str(info.value))
+        assert reported, f"byte {position}: {info.value}"
+        problems.add(reported[1])
+    assert problems == {"damaged checksum block", "checksum mismatch", "its checksum block is missing"}
+
+
+def test_edits_with_h5py_break_the_checksum(tokenizer, tmp_path):
+    path = tmp_path / "tokens.h5"
+    build_token_cache(path, CODES, TEXTS, tokenizer, 16)
+    with h5py.File(path, "a") as f:
+        f["codes"][5] = "9999"
+    with pytest.raises(TokenCacheError, match=r"is corrupt \(checksum mismatch\)"):
+        load_token_cache(path)
+
+
+def test_ensure_rebuilds_a_corrupt_or_stale_file(tokenizer, tmp_path, caplog):
+    path, fp = ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 32)
+    data = bytearray(path.read_bytes())
+    data[_lengths_offset(path)] += 1
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="naics_hnm.token_cache"):
+        assert ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 32) == (path, fp)
+    assert f"'{path}' is corrupt" in caplog.text and "rebuilding the token cache: " in caplog.text
+    assert load_token_cache(path, fp, expected_codes=CODES).size == len(CODES)
+    other, _ = ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 8)
+    shutil.copy(other, path)  # a file of other inputs under this name
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="naics_hnm.token_cache"):
+        ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 32)
+    assert "is stale" in caplog.text
+    assert load_token_cache(path, fp, expected_codes=CODES).size == len(CODES)
+
+
+def test_cache_of_an_earlier_format_is_rebuilt(tokenizer, tmp_path, caplog):
+    path, fp = ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 32)
+    cache = load_token_cache(path)
+    with h5py.File(path, "w") as f:  # as format 1 wrote it: no checksum block
+        f.create_dataset("input_ids", data=cache.input_ids.numpy().astype(np.int32))
+        f.create_dataset("lengths", data=cache.lengths.numpy().astype(np.int32))
+        f.create_dataset("codes", data=CODES, dtype=h5py.string_dtype("utf-8"))
+        f.attrs.update(format_version=1, fingerprint=fp, max_length=32, pad_token_id=0, n_codes=len(CODES))
+    with caplog.at_level(logging.WARNING, logger="naics_hnm.token_cache"):
+        ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 32)
+    assert "rebuilding the token cache: " in caplog.text
+    assert f"format_version=1, expected {FORMAT_VERSION}" in caplog.text
+    load_token_cache(path, fp)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("/nonexistent/tokenizers/mini", r"tokenizer '/nonexistent/tokenizers/mini' does not exist: expected a folder"),
+    ("no-such-org/no-such-model", r"tokenizer 'no-such-org/no-such-model' is neither a local folder nor a model id"),
+])
+def test_unknown_tokenizer_is_a_one_line_error(source, message):
+    with pytest.raises(TokenizerError, match=message) as info:
+        load_tokenizer(source)
+    assert "\n" not in str(info.value) and "Repo id" not in str(info.value)
+
+
+def test_tokenizer_folder_or_file_without_a_tokenizer(tmp_path):
+    with pytest.raises(TokenizerError, match=rf"tokenizer folder '{tmp_path}' holds no loadable tokenizer") as info:
+        load_tokenizer(str(tmp_path))
+    assert "\n" not in str(info.value)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with pytest.raises(TokenizerError, match=rf"tokenizer '{notes}' is a file: expected a folder holding"):
+        load_tokenizer(str(notes))
+
+
+def _assert_clear_write_error(info, path):
+    message = str(info.value)
+    assert message.startswith(f"cannot write token cache '{path}': ")
+    assert message.endswith("expected a writable folder with room for the file")
+    assert ".tmp" not in message and "\n" not in message and "HDF5" not in message
+
+
+def test_cache_dir_that_is_a_file(tokenizer, tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    for cache_dir in (blocker, blocker / "sub"):
+        with pytest.raises(TokenCacheError) as info:
+            ensure_token_cache(cache_dir, "tiny", CODES, TEXTS, tokenizer, 16)
+        _assert_clear_write_error(info, token_cache_path(cache_dir, "tiny", cache_fingerprint(TEXTS, tokenizer, 16)))
+        assert f": Not a directory: '{blocker}'; expected" in str(info.value)
+
+
+def _mount_tmpfs(folder, options):
+    """Mount a tmpfs on ``folder`` (root only); skip the test where that is impossible."""
+    folder.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounted = []
+
+    def mount(name, options):
+        folder = tmp_path / name
+        _mount_tmpfs(folder, options)
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_cache_dir(tokenizer, tmp_path, tmpfs):
+    if os.geteuid() == 0:
+        read_only = tmpfs("ro", "ro,size=64k")
+    else:
+        read_only = tmp_path / "ro"
+        read_only.mkdir(mode=0o555)
+    with pytest.raises(TokenCacheError) as info:
+        ensure_token_cache(read_only, "tiny", CODES, TEXTS, tokenizer, 16)
+    _assert_clear_write_error(info, token_cache_path(read_only, "tiny", cache_fingerprint(TEXTS, tokenizer, 16)))
+    assert "Read-only file system" in str(info.value) or "Permission denied" in str(info.value)
+
+
+def test_full_disk_during_the_build(naics, tokenizer, tmpfs):
+    full = tmpfs("full", "size=16k")
+    path = token_cache_path(full, "naics", cache_fingerprint(naics.texts, tokenizer, 32))
+    with pytest.raises(TokenCacheError, match="No space left on device") as info:
+        ensure_token_cache(full, "naics", naics.codes, naics.texts, tokenizer, 32)
+    _assert_clear_write_error(info, path)
+    assert [p.name for p in full.iterdir()] == [f"{path.name}.lock"]  # no temporary file left
+
+
+def test_no_space_while_replacing_keeps_the_previous_cache(tokenizer, tmp_path, monkeypatch):
+    path = tmp_path / "tokens.h5"
+    fp = build_token_cache(path, CODES, TEXTS, tokenizer, 16)
+    before = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(TokenCacheError, match="No space left on device") as info:
+        build_token_cache(path, CODES, TEXTS, tokenizer, 8)
+    _assert_clear_write_error(info, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["tokens.h5"]
+    load_token_cache(path, fp)
