@@ -203,14 +203,26 @@ class TokenCache(Mapping):
         return self._np
 
 
-def tokenize(texts: Sequence[str], tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded int32 token ids [N, L] and lengths [N] of ``texts``."""
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int32)
-    input_ids = np.full((len(texts), int(lengths.max())), tokenizer.pad_token_id or 0, dtype=np.int32)
-    for i, ids in enumerate(encoded["input_ids"]):
-        input_ids[i, : len(ids)] = ids
-    return input_ids, lengths
+def tokenize(texts: Sequence[str], tokenizer, max_length: int,
+             chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int32 token ids [N, L] and lengths [N] of ``texts``.
+
+    Texts are tokenised ``chunk`` at a time into a preallocated [N, max_length] array, so the
+    tokenizer's per-text Python objects never exist for more than one chunk (at 1M texts, one
+    call over everything held 2 GiB of them).
+    """
+    texts = list(texts)
+    pad = tokenizer.pad_token_id or 0
+    input_ids = np.full((len(texts), max_length), pad, dtype=np.int32)
+    lengths = np.zeros(len(texts), dtype=np.int32)
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer(texts[start : start + chunk], truncation=True, max_length=max_length, padding=False,
+                            return_attention_mask=False, return_token_type_ids=False)
+        for i, ids in enumerate(encoded["input_ids"], start=start):
+            lengths[i] = len(ids)
+            input_ids[i, : len(ids)] = ids
+    width = max(int(lengths.max()), 1) if len(texts) else 1
+    return np.ascontiguousarray(input_ids[:, :width]), lengths
 
 
 def _check_build_args(codes: Sequence[str], texts: Sequence[str], max_length: int) -> None:
