@@ -110,7 +110,8 @@ class NegativeTable:
         bucket = np.where(lca == 0, EASY, np.where(lca == top, HARD, SEMI_HARD))
         return np.where(valid & (lca <= top), bucket, 3)
 
-    def level_positives(self, keys: np.ndarray, anchors: np.ndarray, allowed: np.ndarray, decay: float) -> np.ndarray:
+    def level_positives(self, keys: np.ndarray, anchors: np.ndarray, allowed: np.ndarray, decay: float,
+                        level_ranges: LevelRanges | None = None) -> np.ndarray:
         """One positive per anchor from a sampled tree level (-1 where the anchor has none).
 
         Level d (1 .. depth-1) is picked with weight ``decay**d`` among levels that hold any
@@ -118,7 +119,7 @@ class NegativeTable:
         depth d: the anchor's ancestor at that depth and the codes of its other subtrees.
         """
         anchors = np.asarray(anchors, dtype=np.int64)
-        level_ranges = self.tree.ranges(anchors)
+        level_ranges = level_ranges or self.tree.ranges(anchors)
         off = level_ranges.offsets
         levels = off.shape[1] - 1
         seg = np.diff(off, axis=1)[:, 1:]  # [B, levels-1]: codes with LCA at depth 1 .. levels-1
@@ -143,14 +144,16 @@ class NegativeTable:
         pos = np.where(use_anc, anc[rows, level], drawn)
         return np.where(total > 0, pos, -1)
 
-    def position(self, anchors: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    def position(self, anchors: np.ndarray, codes: np.ndarray, level_ranges: LevelRanges | None = None) -> np.ndarray:
         """List position of ``codes`` in their anchor's list, -1 if not a valid negative."""
         anchors = np.asarray(anchors, dtype=np.int64)
-        return self.tree.ranges(anchors).positions_of(anchors, np.asarray(codes, dtype=np.int64))
+        level_ranges = level_ranges or self.tree.ranges(anchors)
+        return level_ranges.positions_of(anchors, np.asarray(codes, dtype=np.int64))
 
     def draw(self, keys: np.ndarray, anchors: np.ndarray, excluded_pos: np.ndarray,
              shares: tuple[float, float, float], n_first: int, n_total: int,
-             max_lca: np.ndarray | None = None, uniform: bool = False) -> np.ndarray:
+             max_lca: np.ndarray | None = None, uniform: bool = False,
+             level_ranges: LevelRanges | None = None) -> np.ndarray:
         """Distinct negatives per item: int64 [B, n_total], -1 where an anchor has too few.
 
         Columns ``[:n_first]`` follow ``shares`` on their own (the selected negatives); the rest
@@ -161,7 +164,7 @@ class NegativeTable:
         """
         anchors = np.asarray(anchors, dtype=np.int64)
         b = len(anchors)
-        level_ranges = self.tree.ranges(anchors)
+        level_ranges = level_ranges or self.tree.ranges(anchors)
         starts, sizes = self.ranges(anchors, level_ranges, max_lca, uniform)
         inside = (excluded_pos[:, None] >= starts) & (excluded_pos[:, None] < starts + sizes)
         available = sizes - inside

@@ -138,16 +138,18 @@ class Phase1MapDataset(Dataset):
         for epoch, where in by_epoch.items():
             sel = rows_arr[where]
             keys = item_keys(self.cfg.seed, epoch, sel)
+            batch_anchors = anchors[where]
+            level_ranges = self.table.tree.ranges(batch_anchors)
             if self.levels:
-                positives[where] = self.table.level_positives(keys, anchors[where],
-                                                              self.allowed, self.cfg.level_decay)
+                positives[where] = self.table.level_positives(keys, batch_anchors, self.allowed, self.cfg.level_decay,
+                                                              level_ranges)
             pos = positives[where]
             max_lca = None
             if self.sampling_cfg.order_filter:
-                max_lca = self.taxonomy.lca_depth(anchors[where], np.maximum(pos, 0)) - 1
-            cand[where] = self.table.draw(keys, anchors[where], self.table.position(anchors[where], pos),
+                max_lca = self.taxonomy.lca_depth(batch_anchors, np.maximum(pos, 0)) - 1
+            cand[where] = self.table.draw(keys, batch_anchors, self.table.position(batch_anchors, pos, level_ranges),
                                           self.mix(epoch), self.cfg.n_negatives, self.cfg.n_candidates, max_lca,
-                                          uniform=self.sampling_cfg.uniform)
+                                          uniform=self.sampling_cfg.uniform, level_ranges=level_ranges)
         neg = cand[:, : self.cfg.n_negatives]
         return _make_items(self._codes, self.token_cache, anchors, positives, neg, cand)
 
