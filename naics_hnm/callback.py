@@ -19,7 +19,7 @@ from typing_extensions import override
 from naics_hnm.mining_data import MiningData
 from naics_hnm.embedding import EmbedFn, embed_codes
 from naics_hnm.embeddings_file import EmbeddingsFileError, load_embeddings, save_embeddings
-from naics_hnm.miner import DEVICES, METRICS, HardNegativeMiner
+from naics_hnm.miner import HardNegativeMiner, check_miner_args
 from naics_hnm.sharded_search import Shard
 from naics_hnm.tree_guard import GuardStats
 from naics_hnm.writable import ensure_writable_dir
@@ -72,23 +72,14 @@ class HardNegativeMiningCallback(Callback):
                  embedding_dtype: str = "float32", shard_index: bool = False,
                  embeddings_dir: str | Path | None = None, save_dir: str | Path | None = None) -> None:
         call = "HardNegativeMiningCallback"
-        if not (isinstance(k, int) and k >= 1):
-            raise ValueError(f"{call}(k={k!r}): expected an int >= 1")
+        check_miner_args(call, k=k, metric=metric, relative_margin=relative_margin, neighbours=neighbours,
+                         device=device, index_factory=index_factory, search_params=search_params)
         if start_epoch is not None and not (isinstance(start_epoch, int) and start_epoch >= 0):
             raise ValueError(f"{call}(start_epoch={start_epoch!r}): expected None or an int >= 0")
-        if relative_margin is not None and not (isinstance(relative_margin, (int, float))
-                                                and 0.0 <= relative_margin < 1.0):
-            raise ValueError(f"{call}(relative_margin={relative_margin!r}): expected None or a number in [0, 1)")
         if not (isinstance(refresh_every_n_epochs, int) and refresh_every_n_epochs >= 1):
             raise ValueError(f"{call}(refresh_every_n_epochs={refresh_every_n_epochs!r}): expected an int >= 1")
         if embed_fn is not None and not callable(embed_fn):
             raise TypeError(f"{call}(embed_fn={embed_fn!r}): expected a callable tokens -> Tensor[n, d]")
-        if device not in DEVICES:
-            raise ValueError(f"{call}(device={device!r}): expected one of {DEVICES}")
-        if metric not in METRICS:
-            raise ValueError(f"{call}(metric={metric!r}): expected one of {METRICS}")
-        if not (isinstance(neighbours, int) and neighbours >= 0):
-            raise ValueError(f"{call}(neighbours={neighbours!r}): expected an int >= 0")
         if not (isinstance(embed_batch_size, int) and embed_batch_size >= 1):
             raise ValueError(f"{call}(embed_batch_size={embed_batch_size!r}): expected an int >= 1")
         try:

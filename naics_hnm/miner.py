@@ -46,6 +46,25 @@ def compact_unique(ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(ids, 1, front)
 
 
+def check_miner_args(call: str, *, k: Any, metric: Any, relative_margin: Any, neighbours: Any, device: Any,
+                     index_factory: Any, search_params: Any) -> None:
+    """Validate the miner's settings; errors quote ``call`` (the miner's or the callback's name)."""
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"{call}(k={k!r}): expected an int >= 1")
+    if metric not in METRICS:
+        raise ValueError(f"{call}(metric={metric!r}): expected one of {METRICS}")
+    if relative_margin is not None and not (isinstance(relative_margin, (int, float)) and 0.0 <= relative_margin < 1.0):
+        raise ValueError(f"{call}(relative_margin={relative_margin!r}): expected None or a number in [0, 1)")
+    if not (isinstance(neighbours, int) and neighbours >= 0):
+        raise ValueError(f"{call}(neighbours={neighbours!r}): expected an int >= 0")
+    if device not in DEVICES:
+        raise ValueError(f"{call}(device={device!r}): expected one of {DEVICES}")
+    if index_factory is not None and not (isinstance(index_factory, str) and index_factory.strip()):
+        raise ValueError(f"{call}(index_factory={index_factory!r}): expected None or a faiss factory string")
+    if search_params is not None and not isinstance(search_params, dict):
+        raise TypeError(f"{call}(search_params={search_params!r}): expected None or a dict such as {{'nprobe': 64}}")
+
+
 class HardNegativeMiner:
     """Index the current embeddings of every code and mine guarded hard negatives per batch.
 
@@ -69,24 +88,10 @@ class HardNegativeMiner:
                  neighbours: int = 64, index_factory: str | None = None, search_params: dict | None = None,
                  device: str = "auto", neighbour_batch_size: int = 8192, max_search: int = 4096,
                  shard: Shard | None = None) -> None:
-        call = "HardNegativeMiner"
         if not isinstance(taxonomy, Taxonomy):
-            raise TypeError(f"{call}(taxonomy={type(taxonomy).__name__}): expected a Taxonomy")
-        if not (isinstance(k, int) and k >= 1):
-            raise ValueError(f"{call}(k={k!r}): expected an int >= 1")
-        if metric not in METRICS:
-            raise ValueError(f"{call}(metric={metric!r}): expected one of {METRICS}")
-        if relative_margin is not None and not (isinstance(relative_margin, (int, float))
-                                                and 0.0 <= relative_margin < 1.0):
-            raise ValueError(f"{call}(relative_margin={relative_margin!r}): expected None or a number in [0, 1)")
-        if not (isinstance(neighbours, int) and neighbours >= 0):
-            raise ValueError(f"{call}(neighbours={neighbours!r}): expected an int >= 0")
-        if device not in DEVICES:
-            raise ValueError(f"{call}(device={device!r}): expected one of {DEVICES}")
-        if index_factory is not None and not (isinstance(index_factory, str) and index_factory.strip()):
-            raise ValueError(f"{call}(index_factory={index_factory!r}): expected None or a faiss factory string")
-        if search_params is not None and not isinstance(search_params, dict):
-            raise TypeError(f"{call}(search_params={search_params!r}): expected None or a dict such as {{'nprobe': 64}}")
+            raise TypeError(f"HardNegativeMiner(taxonomy={type(taxonomy).__name__}): expected a Taxonomy")
+        check_miner_args("HardNegativeMiner", k=k, metric=metric, relative_margin=relative_margin,
+                         neighbours=neighbours, device=device, index_factory=index_factory, search_params=search_params)
         self.guard = TreeGuard(taxonomy, allowed)
         self.k = k
         self.metric = metric

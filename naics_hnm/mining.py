@@ -18,16 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from naics_hnm.embedding_index import (
-    EmbeddingIndex,
-    as_id_tensor,
-    check_id_range,
-    check_k,
-    duplicate_mask,
-    like_input,
-    select_topk,
-    worst_score,
-)
+from naics_hnm.embedding_index import EmbeddingIndex
+from naics_hnm.ids import as_id_tensor, check_id_range, check_k, duplicate_mask, like_input, select_topk, worst_score
 from naics_hnm.guard import as_tree_guard, check_margin, exclude_mask, is_bool_mask, margin_tensors
 from naics_hnm.tree_guard import GuardStats, TreeGuard, guard_tensors
 
