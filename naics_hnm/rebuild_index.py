@@ -16,6 +16,7 @@ import importlib
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -67,6 +68,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: expected an int >= 1")
+    if args.max_length < 2:
+        parser.error(f"--max-length {args.max_length}: expected an int >= 2 (tokens per code text, "
+                     "special tokens included)")
+    if args.model and (args.model.startswith((".", "/", "~")) or Path(args.model).exists()):
+        model_dir = Path(args.model).expanduser()
+        if not model_dir.is_dir():
+            parser.error(f"--model {args.model!r}: no such folder; expected a local model folder "
+                         "(config.json + weights) or a model id")
     if args.search_params and not args.index_factory:
         parser.error("--search-params needs --index-factory: the default flat index is exact and takes none")
     return args
@@ -95,6 +104,8 @@ def _load_module_class(spec: str) -> type:
 
 def load_checkpoint_model(path: Path, class_spec: str) -> torch.nn.Module:
     """Instantiate the module from a checkpoint's hyper-parameters and load its weights (weights_only)."""
+    if path.is_dir():
+        raise CLIError(f"--checkpoint {str(path)!r} is a folder; expected a Lightning .ckpt file")
     if not path.is_file():
         raise CLIError(f"--checkpoint {str(path)!r}: no such file")
     try:
@@ -107,11 +118,15 @@ def load_checkpoint_model(path: Path, class_spec: str) -> torch.nn.Module:
     cls = _load_module_class(class_spec)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     try:
-        model = cls(**hparams)
+        with warnings.catch_warnings():  # the error below says what failed, in one line
+            warnings.simplefilter("ignore")
+            model = cls(**hparams)
         model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, RuntimeError, ValueError, OSError) as err:
+    except Exception as err:  # the checkpoint's hyper-parameters can point anywhere (e.g. a model folder
+        # with a pickled payload, refused by weights_only): whatever fails, report it as one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIError(f"--checkpoint {str(path)!r} does not fit {class_spec}: {first}") from None
+        raise CLIError(f"--checkpoint {str(path)!r} does not fit {class_spec}: {type(err).__name__}: "
+                       f"{first[:300]}") from None
     if not callable(getattr(model, "embed", None)):
         raise CLIError(f"--model-class {class_spec}: the module has no embed(tokens) method")
     return model

@@ -175,3 +175,44 @@ def test_default_builds_the_naics_index_with_the_pretrained_encoder(tmp_path):
     tx = Taxonomy.naics2022()
     _, ids = index.search_ids([tx.index("111110")], 2)
     assert tx.codes[int(ids[0][1])] == "11111"
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious pytorch_model.bin would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("args", [["--max-length", "-3"], ["--max-length", "0"], ["--model", "/nonexistent/model"]])
+def test_bad_options_are_one_line(tmp_path, args):
+    result = _run_cli(*args, "--output", str(tmp_path / "x.faiss"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and args[1] in result.stderr
+    assert not list(tmp_path.glob("x.faiss*"))
+
+
+def test_checkpoint_pointing_at_a_malicious_model_folder_is_one_line_and_never_runs_it(tmp_path):
+    import json
+    import pickle
+
+    folder = tmp_path / "evil_model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**TINY_BERT, "model_type": "bert"}))
+    marker = tmp_path / "payload_ran"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    model = NAICSEncoder(config=TINY_BERT)
+    trainer = pl.Trainer(max_epochs=0, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    ckpt = tmp_path / "evil.ckpt"
+    trainer.save_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "model": str(folder), "config": None}
+    torch.save(checkpoint, ckpt)
+    result = _run_cli("--checkpoint", str(ckpt), "--output", str(tmp_path / "x.faiss"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().count("\n") == 0 and "evil.ckpt" in result.stderr
+    assert not marker.exists()
