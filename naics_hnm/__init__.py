@@ -16,6 +16,7 @@ _EXPORTS = {
     "SamplingConfig": "naics_hnm.config",
     "EmbeddingIndex": "naics_hnm.embedding_index",
     "mine_candidates": "naics_hnm.mining",
+    "mine_hard_negatives": "naics_hnm.hard_negatives",
     "HardNegativeMiningCallback": "naics_hnm.callback",
     "Taxonomy": "naics_hnm.taxonomy",
     "NAICSEncoder": "naics_hnm.encoder",
