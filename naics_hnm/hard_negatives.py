@@ -99,8 +99,8 @@ def mine_hard_negatives(
 
     The parameters up to ``margin`` are sentence-transformers', with the same defaults and output
     (``dataset`` may also be a dict of text columns; the output is then a dict of columns).
-    ``use_faiss`` is accepted and ignored (the search always uses faiss, exact unless
-    ``index_factory``); ``cross_encoder`` rescoring is not supported. Extras, keyword-only:
+    ``use_faiss`` is accepted and ignored (the search is exact unless ``index_factory`` asks for
+    an approximate faiss index); ``cross_encoder`` rescoring is not supported. Extras, keyword-only:
 
     Args:
         seed: key of the draws of ``sampling_strategy="random"`` (None: a fresh seed, logged).
@@ -267,7 +267,7 @@ def _validate(model: Any, o: dict[str, Any]) -> dict[str, Any]:
     if o.pop("cross_encoder") is not None:
         raise ValueError("cross_encoder rescoring is not supported by naics_hnm.mine_hard_negatives; pass "
                          "cross_encoder=None (sentence_transformers.util.mine_hard_negatives can rescore)")
-    o.pop("use_faiss")  # always faiss
+    o.pop("use_faiss")  # no effect: the search is exact unless index_factory is given
     _deprecated(o)
     for name, allowed in (("output_format", OUTPUT_FORMATS), ("sampling_strategy", STRATEGIES), ("device", DEVICES)):
         if o[name] not in allowed:
