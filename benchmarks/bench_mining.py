@@ -12,7 +12,7 @@ Three measurements, each timed INTERLEAVED with what it is compared to (A, B, A,
    forward + backward + AdamW step on the same batch (2 + K = 10 sequences per anchor).
    Target: mining < 2 % of a step.
 2. index refresh: embed all 2,125 codes (``embed_codes``, eval, no grad, batch 512) vs build
-   (``EmbeddingIndex.build`` + ``guarded_neighbours(..., 64)``, i.e. ``callback._build``).
+   (``EmbeddingIndex.build`` + ``guarded_neighbours(..., 64)``, i.e. ``HardNegativeMiner.refresh``).
    Target: build < 1 % of the refresh.
 3. ``EmbeddingIndex.search`` vs raw ``faiss.knn`` (cosine, d=384, k in {10, 64}). Target <= 1.2x.
 
@@ -43,10 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import paired_median_seconds, unit_rows  # noqa: E402
 
 from naics_hnm import EmbeddingIndex, HardNegativeMiningCallback, NAICSDataModule, mine_candidates  # noqa: E402
-from naics_hnm.callback import _compact_unique  # noqa: E402
 from naics_hnm.embedding import embed_codes  # noqa: E402
 from naics_hnm.encoder import NAICSEncoder  # noqa: E402
+from naics_hnm.miner import HardNegativeMiner  # noqa: E402
 from naics_hnm.neighbours import guarded_neighbours  # noqa: E402
+from naics_hnm.tree_guard import TreeGuard  # noqa: E402
 
 MARGIN = 0.05
 K = 8
@@ -127,6 +128,12 @@ def training_step_fn(model: NAICSEncoder, optimizer: torch.optim.Optimizer, batc
     return step
 
 
+def dense_relations(tx) -> tuple[np.ndarray, np.ndarray]:
+    """related and lca_depth as dense [N, N] arrays: a brute-force reference for a small tree only."""
+    ids = np.arange(len(tx))
+    return tx.related(ids[:, None], ids[None, :]), tx.lca_depth(ids[:, None], ids[None, :])
+
+
 def first_batch(batch_size: int, cache_dir: str | None, epoch: int) -> tuple[NAICSDataModule, dict]:
     dm = NAICSDataModule(batch_size=batch_size, cache_dir=cache_dir)
     dm.prepare_data()
@@ -144,12 +151,16 @@ def bench_batch(model, embeddings, batch_sizes, reps_step, reps_mine, cache_dir)
     for b in batch_sizes:
         dm, batch = first_batch(b, cache_dir, epoch=PHASE2_EPOCH)
         tx = dm.taxonomy
-        trainer = types.SimpleNamespace(datamodule=dm)  # mine_batch/_build only read trainer.datamodule
+        trainer = types.SimpleNamespace(datamodule=dm)  # mine_batch only reads trainer.datamodule
         cb = HardNegativeMiningCallback(k=K, relative_margin=MARGIN, order_filter=True, device="cpu")
-        cb._build(trainer, embeddings, epoch=0)
+        data = dm.mining_data()
+        cb.miner = HardNegativeMiner(tx, allowed=data.allowed, k=K, relative_margin=MARGIN, order_filter=True,
+                                     device="cpu")
+        cb.miner.refresh(embeddings, epoch=0)
         index = cb.index
+        related, lca = dense_relations(tx)
         anchors, positives, pool = batch["anchor_idx"], batch["positive_idx"], batch["candidate_idx"]
-        widened = _compact_unique(torch.cat([pool, cb._nearest[anchors]], dim=1))
+        widened = cb.miner.widen(anchors, pool)
         neg = batch["negatives"]["input_ids"]
         print(f"\n[1] B={b}: pool C={pool.shape[1]} (valid/row {float((pool >= 0).sum(1).float().mean()):.1f}), "
               f"widened C={widened.shape[1]} (valid/row {float((widened >= 0).sum(1).float().mean()):.1f}), "
@@ -158,19 +169,19 @@ def bench_batch(model, embeddings, batch_sizes, reps_step, reps_mine, cache_dir)
 
         def mine(cands):
             return lambda: mine_candidates(index, anchors, cands, k=K, positive_ids=positives, relative_margin=MARGIN,
-                                           related=tx.related, lca_depth=tx.lca_depth, order_filter=True)
+                                           taxonomy=cb.miner.guard, order_filter=True)
 
         # correctness: both pools against brute force
         v = index.vectors.numpy()
         for name, cands in (("pool 48", pool), ("widened", widened)):
             s, i = mine(cands)()
-            rs, ri = reference_pool_mine(v, tx.related, tx.lca_depth, anchors.numpy(), positives.numpy(),
+            rs, ri = reference_pool_mine(v, related, lca, anchors.numpy(), positives.numpy(),
                                          cands.numpy(), K, MARGIN)
             print(f"    check mine_candidates ({name}) vs NumPy brute force: {compare(s.numpy(), i.numpy(), rs, ri)}")
         probe = dict(batch)
         cb.mine_batch(trainer, probe)
         ids = probe["negative_idx"]
-        bad = sum(bool(tx.related[a, c]) or c == p for a, p, row in zip(anchors.tolist(), positives.tolist(),
+        bad = sum(bool(related[a, c]) or c == p for a, p, row in zip(anchors.tolist(), positives.tolist(),
                                                                          ids.tolist()) for c in row if c >= 0)
         print(f"    check mine_batch: negatives {tuple(probe['negatives']['input_ids'].shape)}, "
               f"filled {float(probe['negative_mask'].float().mean()):.1%}, related/positive among them: {bad}")
@@ -214,8 +225,7 @@ def bench_refresh(model, cache_dir, reps) -> float:
     dm = NAICSDataModule(cache_dir=cache_dir)
     dm.prepare_data()
     dm.setup("fit")
-    trainer = types.SimpleNamespace(datamodule=dm)
-    cb = HardNegativeMiningCallback(k=K, device="cpu")
+    miner = HardNegativeMiner(dm.taxonomy, allowed=dm.train_dataset.allowed, k=K, device="cpu")
     cache = dm.token_cache
 
     def embed():
@@ -223,73 +233,43 @@ def bench_refresh(model, cache_dir, reps) -> float:
 
     emb = embed()
     start = time.perf_counter()
-    cb._build(trainer, emb, epoch=0)
+    miner.refresh(emb, epoch=0)
     cold = time.perf_counter() - start
-    # correctness of the neighbour lists against brute force
-    v = cb.index.vectors.numpy().astype(np.float64)
+    # correctness of the neighbour lists against brute force (dense relations: fine for a reference at N=2,125)
+    v = miner.index.vectors.numpy().astype(np.float64)
     sim = v @ v.T
-    banned = dm.taxonomy.related | ~dm.train_dataset.allowed[None, :]
+    banned = dense_relations(dm.taxonomy)[0] | ~dm.train_dataset.allowed[None, :]
     sim[banned] = -np.inf
     ref = np.sort(-sim, axis=1)[:, :64]
-    got = np.take_along_axis(sim, np.where(cb._nearest.numpy() >= 0, cb._nearest.numpy(), 0), 1)
-    got = np.where(cb._nearest.numpy() >= 0, got, -np.inf)
+    nearest = miner.neighbour_ids.numpy().astype(np.int64)
+    allowed = dm.train_dataset.allowed
+    ref, sim, nearest = ref[allowed], sim[allowed], nearest[allowed]  # lists are built for allowed anchors
+    got = np.take_along_axis(sim, np.where(nearest >= 0, nearest, 0), 1)
+    got = np.where(nearest >= 0, got, -np.inf)
     ok = np.allclose(np.nan_to_num(-ref, neginf=-9), np.nan_to_num(got, neginf=-9), atol=1e-5)
     n = cache.size
-    print(f"\n[2] refresh of N={n} codes, d={emb.shape[1]}: first _build {cold * 1e3:.1f} ms (cold); "
+    print(f"\n[2] refresh of N={n} codes, d={emb.shape[1]}: first refresh {cold * 1e3:.1f} ms (cold); "
           f"neighbour lists (64) match brute-force similarities: {ok}")
 
-    times = interleaved({"embed": embed, "build": lambda: cb._build(trainer, emb, epoch=0)}, reps)
+    times = interleaved({"embed": embed, "build": lambda: miner.refresh(emb, epoch=0)}, reps)
     # breakdown of build, interleaved too
-    index = cb.index
-    ids = torch.arange(n)
+    index = miner.index
+    ids = np.flatnonzero(dm.train_dataset.allowed)
+    guard = TreeGuard(dm.taxonomy, dm.train_dataset.allowed)
     parts = interleaved({
         "EmbeddingIndex.build": lambda: EmbeddingIndex.build(emb, metric="cosine", device="cpu",
                                                              codes=dm.taxonomy.codes, epoch=0),
-        "guarded_neighbours": lambda: guarded_neighbours(index, ids, 64, related=cb._related, allowed=cb._allowed),
+        "guarded_neighbours (index search + guard)": lambda: guarded_neighbours(index, ids, 64, guard=guard),
     }, reps)
-    parts.update(_neighbour_breakdown(index, cb._related, cb._allowed, reps))
     refresh = times["embed"] + times["build"]
     ratio = times["build"] / refresh
     print(f"    embed (embed_codes, MiniLM eval/no_grad, batch 512): median {times['embed'] * 1e3:9.1f} ms")
-    print(f"    build (callback._build: index + 64 neighbours)      : median {times['build'] * 1e3:9.1f} ms")
+    print(f"    build (miner.refresh: index + 64 neighbours)        : median {times['build'] * 1e3:9.1f} ms")
     print(f"    build / refresh = {ratio:.3%}   (build / embed = {times['build'] / times['embed']:.3%})")
     print("    build breakdown (medians):")
     for name, sec in parts.items():
         print(f"      {name:<44} {sec * 1e3:8.2f} ms")
     return ratio
-
-
-def _neighbour_breakdown(index, related, allowed, reps) -> dict[str, float]:
-    """The stages of guarded_neighbours for all N anchors (chunk 1024), timed separately."""
-    vectors = index.vectors
-    n = vectors.shape[0]
-    rows = torch.arange(min(1024, n))
-
-    def sims():
-        return vectors[rows] @ vectors.T
-
-    sim = sims()
-
-    def mask():
-        banned = torch.zeros_like(sim, dtype=torch.bool)
-        banned[torch.arange(len(rows)), rows] = True
-        banned |= related[rows]
-        banned |= ~allowed[None, :]
-        return sim.masked_fill(banned, float("-inf"))
-
-    masked = mask()
-
-    def topk():
-        top, order = torch.topk(masked, 64, dim=1)
-        order, by_id = torch.sort(order, dim=1)
-        top = torch.gather(top, 1, by_id)
-        top, by_score = torch.sort(top, dim=1, descending=True, stable=True)
-        return top, torch.gather(order, 1, by_score)
-
-    scale = n / len(rows)
-    parts = interleaved({"  matmul  (x N/1024 chunks)": sims, "  mask    (x N/1024 chunks)": mask,
-                         "  topk+sort (x N/1024 chunks)": topk}, reps)
-    return {name: sec * scale for name, sec in parts.items()}
 
 
 # ---------------------------------------------------------------------------------------------
