@@ -83,14 +83,20 @@ def cophenetic_correlation(
     ids: Sequence[int] | np.ndarray | None = None,
     *,
     depth: int | None = None,
+    max_codes: int = 4000,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Pearson and Spearman correlation of cosine distance with tree distance over all code pairs.
 
     Pairs are the unordered pairs (upper triangle) of ``ids``, default the codes at ``depth``
-    (default: the deepest level). Returns ``{"pearson": ..., "spearman": ...}``.
+    (default: the deepest level); above ``max_codes`` codes a seeded sample of that many is used,
+    so the pair count stays bounded whatever the taxonomy's size. Returns
+    ``{"pearson": ..., "spearman": ...}``.
     """
     unit = as_unit_rows(embeddings, len(taxonomy))
     selected = _select(taxonomy, ids, depth, "ids")
+    if selected.size > max_codes:
+        selected = np.sort(np.random.default_rng(seed).choice(selected, max_codes, replace=False))
     if selected.size < 3:
         raise ValueError(f"cophenetic correlation needs at least 3 codes, got {selected.size}")
     x = unit[selected]
@@ -221,7 +227,8 @@ def placement_hits(
             f"heldout_mask holds out {held.size} of {level.size} codes at depth {depth}; "
             "expected at least one held-out and one trained code"
         )
-    nearest = trained[np.argmax(unit[held] @ unit[trained].T, axis=1)]
+    nearest = np.concatenate([trained[np.argmax(unit[held[i : i + _QUERY_CHUNK]] @ unit[trained].T, axis=1)]
+                              for i in range(0, held.size, _QUERY_CHUNK)])
     shared = taxonomy.lca_depth(held, nearest)
     best = np.concatenate([taxonomy.lca_depth(held[i : i + _QUERY_CHUNK, None], trained[None, :]).max(axis=1)
                            for i in range(0, held.size, _QUERY_CHUNK)])

@@ -204,3 +204,12 @@ def test_input_errors(taxonomy):
         ndcg_at_k(good, taxonomy, k=0)
     with pytest.raises(ValueError, match="held-out"):
         placement_hits(good, taxonomy, np.zeros(n, dtype=bool))
+
+
+def test_cophenetic_samples_large_levels_with_a_seed(taxonomy, six, tree_embedding):
+    """Above max_codes the pairs come from a seeded sample: the result equals that subset's correlation."""
+    got = cophenetic_correlation(tree_embedding, taxonomy, max_codes=300, seed=4)
+    sample = np.sort(np.random.default_rng(4).choice(six, 300, replace=False))
+    assert got == cophenetic_correlation(tree_embedding, taxonomy, sample)
+    assert got != cophenetic_correlation(tree_embedding, taxonomy, max_codes=300, seed=5)
+    assert cophenetic_correlation(tree_embedding, taxonomy) == cophenetic_correlation(tree_embedding, taxonomy, six)
