@@ -1,13 +1,17 @@
-"""The main job: train NAICS 2022 embeddings with a Phase 1 curriculum, then FAISS-mined hard negatives.
+"""The main job: train code embeddings on a taxonomy with a Phase 1 curriculum, then FAISS-mined hard negatives.
 
-    python examples/train_naics.py --output outputs/naics [--negatives random|curriculum|mined]
+    python examples/train_naics.py --output outputs/naics [--taxonomy CSV] [--heldout-codes FILE]
+                                   [--negatives random|curriculum|mined] [--samples-per-epoch N]
 
-The reference encoder (offline all-MiniLM-L6-v2, lower layers frozen and cached, top layer
-trained) learns from the real NAICS 2022 tree with a Trainer, a NAICSDataModule and, for
-``--negatives mined``, the HardNegativeMiningCallback. 20 % of the six-digit codes (and every code
-with the same text) are held out of training to measure generalisation. It writes into --output:
-``embeddings.h5`` (final embeddings of every code), ``metrics/epoch_NNN.json`` and ``metrics.json``,
-``training.png``; and the final index ``indexes/naics2022_trained.faiss`` (+ sidecar).
+Without ``--taxonomy`` it trains on NAICS 2022 (the embedded default). The reference encoder is
+the offline all-MiniLM-L6-v2: on trees up to 20,000 codes its lower layers are frozen and cached
+and the top layers are fine-tuned; on larger trees every layer is frozen (run once per code, kept
+in a file) and a residual MLP head is trained, so any tree fits a bounded time. Settings left out
+are chosen from the tree's size and printed. Held-out codes (``--heldout-codes FILE``, else 20 %
+of the leaves as whole same-text groups) never reach a training batch and are embedded with all
+others at the end. Writes into --output: ``embeddings.h5`` (final embeddings of every code),
+``metrics/epoch_NNN.json``, ``metrics.json``, ``training.png``; and the final index
+``indexes/<taxonomy>_trained.faiss`` (+ sidecar).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -36,150 +41,160 @@ from naics_hnm.config import SamplingConfig  # noqa: E402
 from naics_hnm.embeddings_file import save_embeddings  # noqa: E402
 from naics_hnm.evaluation import holdout_split  # noqa: E402
 from naics_hnm.evaluation_callback import TaxonomyEvaluationCallback  # noqa: E402
-from naics_hnm.taxonomy import Taxonomy  # noqa: E402
+from naics_hnm.taxonomy import Taxonomy, TaxonomyError  # noqa: E402
+from naics_hnm.training_report import EpochTable, plot_history, write_line  # noqa: E402
 from naics_hnm.writable import ensure_writable_dir  # noqa: E402
 
 log = logging.getLogger("train_naics")
 MODES = ("random", "curriculum", "mined")
+LARGE_TREE = 20_000
+"""Codes above which the encoder is frozen whole and only a head trains (the fine-tuned top layers
+would need hours per pass over the tree on a 2-core CPU)."""
+APPROXIMATE_INDEX = 50_000
+"""Codes above which the mining index is IVF (the exact neighbour lists are all-pairs work)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="Options marked 'auto' are chosen from the tree size; the run prints them.")
     p.add_argument("--output", type=Path, required=True, help="folder for embeddings, metrics and the plot")
+    p.add_argument("--taxonomy", type=Path, default=None,
+                   help="taxonomy CSV (code,title[,parent,...]; see the README); default NAICS 2022")
+    p.add_argument("--heldout-codes", type=Path, default=None,
+                   help="file with one code per line kept out of training (still embedded and evaluated); "
+                        "default: --heldout-fraction of the leaves, as whole same-text groups")
+    p.add_argument("--heldout-fraction", type=float, default=0.2, help="without --heldout-codes; 0 holds out none")
     p.add_argument("--negatives", choices=MODES, default="mined",
                    help="random: uniform guarded negatives; curriculum: Phase 1 curriculum all along; "
                         "mined: curriculum, then FAISS-mined from --phase1-end-epoch (default)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=None, help="auto: 12 (small trees), 8 (large)")
+    p.add_argument("--samples-per-epoch", type=int, default=None,
+                   help="training pairs per epoch, a fresh seeded subset each epoch; auto: every pair on "
+                        "small trees, at most 100,000 on large ones")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this long (the final evaluation follows); auto: 9 (small), 25 (large)")
     p.add_argument("--phase1-end-epoch", type=int, default=3, help="first mined epoch (0-based)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="auto: 64 (small trees), 256 (large)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--freeze-layers", type=int, default=5, help="frozen (cached) lower transformer layers")
+    p.add_argument("--freeze-layers", type=int, default=None,
+                   help="frozen (cached) lower transformer layers; auto: 4 (small trees), all 6 (large)")
+    p.add_argument("--head", choices=("none", "mlp"), default=None,
+                   help="trained residual MLP on the pooled vector; auto: none (small), mlp (large)")
     p.add_argument("--negatives-per-anchor", type=int, default=8)
     p.add_argument("--pool", type=int, default=48, help="curriculum candidates per item ranked in Phase 2+")
     p.add_argument("--neighbours", type=int, default=48, help="index neighbours added to each pool")
     p.add_argument("--margin", type=float, default=0.05, help="relative margin (negative: off)")
-    p.add_argument("--in-batch", action="store_true",
-                   help="also use guarded in-batch negatives (helps random negatives most; see README)")
-    p.add_argument("--heldout-fraction", type=float, default=0.2)
+    p.add_argument("--in-batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="also use guarded in-batch negatives (default on)")
+    p.add_argument("--index-factory", default=None,
+                   help="faiss factory string for the mining index; auto: exact up to 50,000 codes, "
+                        "IVF<4 sqrt(N)>,Flat above")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--max-minutes", type=float, default=9.0, help="stop training after this long")
-    p.add_argument("--index", type=Path, default=Path("indexes") / "naics2022_trained.faiss")
+    p.add_argument("--index", type=Path, default=None,
+                   help="final index path; default indexes/<taxonomy name>_trained.faiss")
+    p.add_argument("--cache-dir", type=Path, default=None, help="token and frozen-encoder caches")
     return p.parse_args(argv)
 
 
-class EpochTable(Callback):
-    """Prints one row per epoch: phase, curriculum mix, refresh time, metrics."""
-
-    def __init__(self, mode: str, evaluation: TaxonomyEvaluationCallback, metrics_dir: Path) -> None:
-        self.mode, self.evaluation, self.metrics_dir = mode, evaluation, metrics_dir
-        self.rows: list[dict] = []
-        self._start = time.perf_counter()
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self._start = time.perf_counter()
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not self.evaluation.history:
-            return
-        dm, epoch = trainer.datamodule, trainer.current_epoch
-        metrics = self.evaluation.history[-1]
-        if metrics.get("epoch") != epoch:
-            return
-        mined = self.mode == "mined" and epoch >= dm.phase1_end_epoch
-        hard, semi, easy = dm.train_dataset.mix(epoch)
-        logged = trainer.callback_metrics
-        mining = next((c for c in trainer.callbacks if isinstance(c, HardNegativeMiningCallback)), None)
-        refreshed = mining is not None and mining.last_refresh_epoch == epoch
-        row = {
-            "epoch": epoch,
-            "phase": "2 mined" if mined else ("random" if self.mode == "random" else "1 curriculum"),
-            "mix_hard": hard, "mix_semi_hard": semi, "mix_easy": easy,
-            "refresh_embed_s": mining.last_refresh_seconds["embed"] if refreshed else None,
-            "refresh_build_s": mining.last_refresh_seconds["build"] if refreshed else None,
-            "train_loss": float(logged["train_loss"]) if "train_loss" in logged else None,
-            "epoch_s": time.perf_counter() - self._start,
-            **{k: v for k, v in metrics.items() if k != "epoch"},
-        }
-        self.rows.append(row)
-        atomic_write_text(self.metrics_dir / f"epoch_{epoch:03d}.json", json.dumps(row, indent=2))
-        if len(self.rows) == 1:
-            print(f"\n{'ep':>3} {'phase':<13} {'hard/semi/easy':<15} {'refresh':>7} {'loss':>6} "
-                  f"{'ndcg@10':>7} {'coph':>5} {'ho_ndcg':>7} {'ho_p5':>5} {'ho_p4':>5} {'sec':>5}", flush=True)
-        mix = "-" if self.mode == "random" else f"{hard:.2f}/{semi:.2f}/{easy:.2f}"
-        refresh = (f"{row['refresh_embed_s'] + row['refresh_build_s']:.1f}s"
-                   if row["refresh_embed_s"] is not None else "-")
-        loss = f"{row['train_loss']:.3f}" if row["train_loss"] is not None else "-"
-        print(f"{epoch:>3} {row['phase']:<13} {mix:<15} {refresh:>7} {loss:>6} {row['ndcg@10']:7.3f} "
-              f"{row['cophenetic_pearson']:5.3f} {row.get('heldout_ndcg@10', float('nan')):7.3f} "
-              f"{row.get('heldout_parent5_hit', float('nan')):5.3f} {row.get('heldout_parent4_hit', float('nan')):5.3f} "
-              f"{row['epoch_s']:5.1f}", flush=True)
+def choose_settings(args: argparse.Namespace, taxonomy: Taxonomy) -> dict:
+    """Fill every 'auto' option from the tree size; returns what was chosen (also kept in metrics.json)."""
+    n = len(taxonomy)
+    large = n > LARGE_TREE
+    if args.epochs is None:
+        args.epochs = 8 if large else 12
+    if args.batch_size is None:
+        args.batch_size = 256 if large else 64
+    if args.max_minutes is None:
+        args.max_minutes = 25.0 if large else 9.0
+    if args.freeze_layers is None:
+        args.freeze_layers = 6 if large else 4
+    if args.head is None:
+        args.head = "mlp" if large else "none"
+    if args.samples_per_epoch is None and large:
+        args.samples_per_epoch = 100_000
+    if args.index_factory is None and n > APPROXIMATE_INDEX:
+        nlist = 2 ** int(round(math.log2(4 * math.sqrt(n))))
+        args.index_factory = f"IVF{nlist},Flat"
+    if args.index is None:
+        args.index = Path("indexes") / f"{taxonomy.name}_trained.faiss"
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("ndcg@10", "NDCG@10 (all six-digit)"), ("cophenetic_pearson", "cophenetic (Pearson)"),
-                       ("heldout_ndcg@10", "held-out NDCG@10"), ("heldout_parent4_hit", "held-out 4-digit hit")):
-        if all(key in r for r in rows):
-            left.plot(epochs, [r[key] for r in rows], marker="o", label=label)
-    left.set_xlabel("epoch")
-    left.set_ylim(0, 1)
-    left.set_title("quality")
-    left.legend(loc="lower right", fontsize=8)
-    left.grid(alpha=0.3)
-    right.stackplot(epochs, [r["mix_hard"] for r in rows], [r["mix_semi_hard"] for r in rows],
-                    [r["mix_easy"] for r in rows], labels=["hard", "semi-hard", "easy"], alpha=0.7)
-    mined = [r["epoch"] for r in rows if r["phase"].startswith("2")]
-    if mined:
-        right.axvspan(min(mined) - 0.5, max(epochs) + 0.5, color="grey", alpha=0.25, label="Phase 2: mined")
-    right.set_xlabel("epoch")
-    right.set_ylim(0, 1)
-    right.set_title("Phase 1 curriculum mix")
-    right.legend(loc="upper right", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+def read_heldout_codes(path: Path, taxonomy: Taxonomy) -> list[str]:
+    """Codes listed one per line (blank lines and '#' comments skipped), each checked against the tree."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--heldout-codes {path}: cannot be read ({err}); expected a UTF-8 text file, "
+                         "one code per line") from None
+    codes: list[str] = []
+    known = set(taxonomy.codes)
+    for number, line in enumerate(lines, start=1):
+        code = line.strip()
+        if not code or code.startswith("#"):
+            continue
+        if code not in known:
+            raise ValueError(f"--heldout-codes {path} line {number}: code {code!r} is not in taxonomy "
+                             f"{taxonomy.name!r} ({len(taxonomy):,} codes)")
+        codes.append(code)
+    if not codes:
+        raise ValueError(f"--heldout-codes {path} lists no code; expected one code per line")
+    return sorted(set(codes))
 
 
-def run(args: argparse.Namespace) -> dict:
+def load_tree(args: argparse.Namespace) -> Taxonomy:
+    if args.taxonomy is None:
+        return Taxonomy.naics2022()
+    return Taxonomy.from_csv(args.taxonomy)
+
+
+def heldout_codes(args: argparse.Namespace, taxonomy: Taxonomy) -> list[str]:
+    if args.heldout_codes is not None:
+        return read_heldout_codes(args.heldout_codes, taxonomy)
+    if args.heldout_fraction <= 0:
+        return []
+    mask = holdout_split(taxonomy, args.heldout_fraction, seed=0)
+    return [taxonomy.codes[i] for i in np.flatnonzero(mask)]
+
+
+def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] | None = None) -> dict:
+    """Train, evaluate, write embeddings / index / metrics / plot; ``callbacks`` are added to the Trainer."""
     started = time.perf_counter()
+    settings = choose_settings(args, taxonomy)
     pl.seed_everything(args.seed, workers=True)
     if args.accelerator in ("auto", "cpu") and not torch.cuda.is_available():
         torch.set_num_threads(os.cpu_count() or 1)
     args.output.mkdir(parents=True, exist_ok=True)
-    taxonomy = Taxonomy.naics2022()
-    heldout = holdout_split(taxonomy, args.heldout_fraction, seed=0) if args.heldout_fraction > 0 else None
-    excluded = tuple(np.array(taxonomy.codes)[heldout]) if heldout is not None else ()
+    excluded = heldout_codes(args, taxonomy)
+    write_line(f"{taxonomy.name}: {len(taxonomy):,} codes, depth {taxonomy.max_depth}, {len(excluded):,} held out; "
+               f"{args.negatives} negatives, {args.epochs} epochs of "
+               f"{args.samples_per_epoch or 'all'} pairs, batch {args.batch_size}, "
+               f"freeze {args.freeze_layers} layers, head {args.head}, in-batch {'on' if args.in_batch else 'off'}, "
+               f"index {args.index_factory or 'exact'}, at most {args.max_minutes:g} min")
     dm = NAICSDataModule(
         taxonomy, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
-        phase1_end_epoch=args.phase1_end_epoch,
+        phase1_end_epoch=args.phase1_end_epoch, cache_dir=args.cache_dir,
         n_negatives=args.negatives_per_anchor, n_candidates=max(args.pool, args.negatives_per_anchor),
-        positive_relations=("levels",), exclude_codes=excluded, val_fraction=0.03,
+        positive_relations=("levels",), exclude_codes=tuple(excluded), val_fraction=0.03,
+        pairs_per_epoch=args.samples_per_epoch,
         sampling=SamplingConfig(order_filter=True, uniform=args.negatives == "random"),
     )
     model = NAICSEncoder(lr=args.lr, temperature=args.temperature, freeze_layers=args.freeze_layers,
-                         in_batch_negatives=args.in_batch, cosine_schedule=True, dropout=0.0)
+                         in_batch_negatives=args.in_batch, cosine_schedule=True, dropout=0.0,
+                         head=None if args.head == "none" else args.head)
     evaluation = TaxonomyEvaluationCallback()
     table = EpochTable(args.negatives, evaluation, args.output / "metrics")
-    callbacks: list[Callback] = [evaluation, table]
+    trainer_callbacks: list[Callback] = [evaluation, table, *(callbacks or [])]
     if args.negatives == "mined":
-        callbacks.insert(0, HardNegativeMiningCallback(
+        trainer_callbacks.insert(0, HardNegativeMiningCallback(
             k=args.negatives_per_anchor, relative_margin=args.margin if args.margin >= 0 else None,
-            order_filter=True, neighbours=args.neighbours))
+            order_filter=True, neighbours=args.neighbours, index_factory=args.index_factory))
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1, default_root_dir=args.output,
                          gradient_clip_val=1.0, logger=CSVLogger(args.output, name="logs"),
-                         enable_checkpointing=False, callbacks=callbacks, num_sanity_val_steps=0,
+                         enable_checkpointing=False, callbacks=trainer_callbacks, num_sanity_val_steps=0,
                          max_time={"minutes": args.max_minutes}, enable_model_summary=False,
                          log_every_n_steps=10)
     trainer.fit(model, datamodule=dm)
@@ -187,29 +202,58 @@ def run(args: argparse.Namespace) -> dict:
     if embeddings is None or not table.rows or table.rows[-1]["epoch"] != trainer.current_epoch - 1:
         metrics = evaluation.evaluate(trainer, model)
         embeddings = evaluation.last_embeddings
-        table.rows.append({"epoch": trainer.current_epoch - 1, "phase": "final", "mix_hard": 0.0,
-                           "mix_semi_hard": 0.0, "mix_easy": 0.0, **metrics})
+        table.add({"epoch": trainer.current_epoch - 1, "phase": "final", "mix": "-", "mix_hard": 0.0,
+                   "mix_semi_hard": 0.0, "mix_easy": 0.0, **metrics})
     final = table.rows[-1]
     save_embeddings(args.output / "embeddings.h5", embeddings.numpy(), taxonomy.codes,
                     model=f"{model.model_name} fine-tuned ({args.negatives})", epoch=int(final["epoch"]))
     index = EmbeddingIndex.build(embeddings, metric="cosine", device="auto", codes=taxonomy.codes,
-                                 model_fingerprint=f"train_naics {args.negatives} seed {args.seed}",
+                                 model_fingerprint=f"train_naics {taxonomy.name} {args.negatives} seed {args.seed}",
                                  epoch=int(final["epoch"]))
     index.save(args.index)
-    summary = {"negatives": args.negatives, "seed": args.seed, "epochs": len(table.rows),
+    summary = {"taxonomy": taxonomy.name, "codes": len(taxonomy), "heldout_codes": len(excluded),
+               "negatives": args.negatives, "seed": args.seed, "settings": settings, "epochs": len(table.rows),
                "wall_seconds": time.perf_counter() - started, "final": final, "per_epoch": table.rows}
     atomic_write_text(args.output / "metrics.json", json.dumps(summary, indent=2))
-    plot(table.rows, args.output / "training.png",
-         f"NAICS 2022, negatives={args.negatives}, seed={args.seed}")
+    plot_history(table.rows, args.output / "training.png",
+                 f"{taxonomy.name} ({len(taxonomy):,} codes), negatives={args.negatives}, seed={args.seed}")
     return summary
+
+
+def report(summary: dict, args: argparse.Namespace) -> None:
+    final = summary["final"]
+    print(f"\nDone in {summary['wall_seconds'] / 60:.1f} min ({args.negatives} negatives, seed {args.seed}).")
+    print(f"  all leaves: NDCG@10 {final['ndcg@10']:.3f}, cophenetic {final['cophenetic_pearson']:.3f} "
+          f"(Spearman {final['cophenetic_spearman']:.3f})")
+    if "heldout_ndcg@10" in final:
+        print(f"  held-out leaves ({final['heldout_codes']:.0f}): NDCG@10 {final['heldout_ndcg@10']:.3f}; "
+              f"nearest trained leaf under the same parent {final['heldout_parent_hit']:.3f} "
+              f"(of the {final['heldout_parent_eligible']:.0%} with a trained sibling), "
+              f"same grandparent {final['heldout_grandparent_hit']:.3f}")
+    print(f"  embeddings: {args.output / 'embeddings.h5'}")
+    print(f"  index:      {args.index} (+ {args.index.name}.json)")
+    print(f"  metrics:    {args.output / 'metrics.json'} and {args.output / 'metrics'}/epoch_*.json")
+    print(f"  plot:       {args.output / 'training.png'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:  # fail now, not after training, on a folder that cannot take the results
+    try:  # fail now, not after training, on bad input or a folder that cannot take the results
+        for name in ("epochs", "samples_per_epoch", "batch_size", "freeze_layers"):
+            value = getattr(args, name)
+            if value is not None and value < (0 if name == "freeze_layers" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
+        if args.max_minutes is not None and not args.max_minutes > 0:
+            raise ValueError(f"--max-minutes {args.max_minutes}: expected a positive number")
+        if not 0 <= args.heldout_fraction < 1:
+            raise ValueError(f"--heldout-fraction {args.heldout_fraction}: expected a number in [0, 1)")
+        taxonomy = load_tree(args)
         ensure_writable_dir(args.output, "--output")
-        ensure_writable_dir(args.index.parent, "--index folder")
-    except ValueError as err:
+        if args.heldout_codes is not None:
+            read_heldout_codes(args.heldout_codes, taxonomy)
+        index_path = args.index or Path("indexes") / f"{taxonomy.name}_trained.faiss"
+        ensure_writable_dir(index_path.parent, "--index folder")
+    except (ValueError, TaxonomyError, OSError) as err:
         print(f"train_naics: error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -218,20 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     # the frozen lower layers stay in eval mode on purpose (their outputs are cached)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    summary = run(args)
-    final = summary["final"]
-    print(f"\nDone in {summary['wall_seconds'] / 60:.1f} min ({args.negatives} negatives, seed {args.seed}).")
-    print(f"  all six-digit codes: NDCG@10 {final['ndcg@10']:.3f}, cophenetic {final['cophenetic_pearson']:.3f} "
-          f"(Spearman {final['cophenetic_spearman']:.3f})")
-    if "heldout_ndcg@10" in final:
-        print(f"  held-out codes: NDCG@10 {final['heldout_ndcg@10']:.3f}, five-digit parent hit "
-              f"{final['heldout_parent5_hit']:.3f} ({final['heldout_parent5_hit_reachable']:.3f} of the "
-              f"{final['heldout_parent5_ceiling']:.0%} that have a trained sibling), four-digit hit "
-              f"{final['heldout_parent4_hit']:.3f}")
-    print(f"  embeddings: {args.output / 'embeddings.h5'}")
-    print(f"  index:      {args.index} (+ {args.index.name}.json)")
-    print(f"  metrics:    {args.output / 'metrics.json'} and {args.output / 'metrics'}/epoch_*.json")
-    print(f"  plot:       {args.output / 'training.png'}")
+    report(run(args, taxonomy), args)
     return 0
 
 

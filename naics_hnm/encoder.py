@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as hf_logging
 
+from naics_hnm.frozen_prefix import FrozenPrefix, mean_pool, pooled_cache_file
 from naics_hnm.losses import info_nce
 from naics_hnm.token_cache import TokenCache, default_tokenizer_path
 from naics_hnm.tree_guard import TreeGuard
@@ -18,11 +19,21 @@ from naics_hnm.tree_guard import TreeGuard
 
 LENGTH_BUCKET = 128
 """Rows per length-sorted chunk in ``NAICSEncoder.embed``."""
+HEADS = (None, "mlp")
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+class ResidualHead(torch.nn.Module):
+    """``x + W2 gelu(W1 x)`` on the pooled vector; W2 starts at zero, so training starts from the encoder."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(dim, hidden)
+        self.down = torch.nn.Linear(hidden, dim)
+        torch.nn.init.zeros_(self.down.weight)
+        torch.nn.init.zeros_(self.down.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.gelu(self.up(x)))
 
 
 def _without_pooler(factory, source):
@@ -55,13 +66,19 @@ class NAICSEncoder(pl.LightningModule):
             any token row it recognises; the result equals the full forward pass.
         cosine_schedule: linear warm-up over ``warmup_fraction`` of the steps, then cosine decay.
         dropout: set every dropout probability of the encoder to this value (None keeps the model's).
+        head: ``"mlp"`` adds a trained residual MLP on the pooled vector (hidden width twice the
+            model's). With every layer frozen (``freeze_layers`` = the layer count) only the head
+            trains, the frozen encoder runs once per code, and its pooled outputs are kept in a
+            file next to the token cache: the cheap setting for trees of 100k+ codes.
     """
 
     def __init__(self, model: str | None = None, *, config: dict[str, Any] | None = None, lr: float = 5e-5,
                  weight_decay: float = 0.01, temperature: float = 0.05, in_batch_negatives: bool = False,
                  freeze_layers: int = 0, cache_frozen: bool = True, cosine_schedule: bool = False,
-                 warmup_fraction: float = 0.05, dropout: float | None = None) -> None:
+                 warmup_fraction: float = 0.05, dropout: float | None = None, head: str | None = None) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head={head!r}: expected one of {HEADS}")
         if model is not None and config is not None:
             raise ValueError("NAICSEncoder(model=..., config=...): give one of them, not both")
         if temperature <= 0:
@@ -81,9 +98,14 @@ class NAICSEncoder(pl.LightningModule):
             for module in self.encoder.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = float(dropout)
-        layers = self._layers()
+        layers = self.transformer_layers()
         if not (isinstance(freeze_layers, int) and 0 <= freeze_layers <= len(layers)):
             raise ValueError(f"freeze_layers={freeze_layers!r}: expected an int in [0, {len(layers)}]")
+        if freeze_layers == len(layers) and head is None:
+            raise ValueError(f"freeze_layers={freeze_layers} freezes every layer and head=None leaves nothing "
+                             "to train: pass head='mlp' or freeze fewer layers")
+        hidden_size = int(self.encoder.config.hidden_size)
+        self.head = ResidualHead(hidden_size, 2 * hidden_size) if head == "mlp" else None
         self._frozen = [self.encoder.embeddings, *layers[:freeze_layers]] if freeze_layers else []
         for module in self._frozen:
             for p in module.parameters():
@@ -101,25 +123,40 @@ class NAICSEncoder(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         cache = getattr(dm, "token_cache", None)
         if stage == "fit" and self.hparams.freeze_layers and self.hparams.cache_frozen and cache is not None:
-            self.cache_frozen_prefix(cache)
+            path = getattr(dm, "cache_path", None)
+            self.cache_frozen_prefix(cache, token_cache_path=str(path) if path is not None else None)
         if self.hparams.in_batch_negatives and getattr(dm, "taxonomy", None) is not None and self._guard is None:
             self.set_taxonomy(dm.taxonomy)
 
+    @property
+    def fully_frozen(self) -> bool:
+        """Every transformer layer frozen: only the head trains."""
+        return self.hparams.freeze_layers == len(self.transformer_layers())
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return list(self._frozen)
+
     @torch.no_grad()
-    def cache_frozen_prefix(self, token_cache: TokenCache, batch_size: int = 256) -> None:
-        """Hidden states after the frozen layers for every code of ``token_cache``."""
+    def cache_frozen_prefix(self, token_cache: TokenCache, batch_size: int = 256,
+                            token_cache_path: str | None = None) -> None:
+        """The frozen layers' output for every code of ``token_cache`` (see :mod:`naics_hnm.frozen_prefix`).
+
+        With every layer frozen and ``token_cache_path`` given, the pooled outputs are read from
+        (or written to) a file beside that token cache.
+        """
         if not self.hparams.freeze_layers:
             raise ValueError("cache_frozen_prefix() needs freeze_layers > 0")
-        self._prefix = FrozenPrefix.build(self, token_cache, batch_size)
+        cache_file = pooled_cache_file(token_cache_path, self) if token_cache_path and self.fully_frozen else None
+        self._prefix = FrozenPrefix.build(self, token_cache, batch_size, cache_file=cache_file)
 
-    def _run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
+    def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
         additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         for layer in layers:
             out = layer(hidden, attention_mask=additive)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-    def _layers(self) -> torch.nn.ModuleList:
+    def transformer_layers(self) -> torch.nn.ModuleList:
         return self.encoder.encoder.layer
 
     @property
@@ -149,11 +186,16 @@ class NAICSEncoder(pl.LightningModule):
     def _embed_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = self._prefix.lookup(ids, mask) if self._prefix is not None else None
         if rows is None or bool((rows < 0).any()):
-            hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            pooled = mean_pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        elif self._prefix.pooled is not None:
+            pooled = self._prefix.pooled_rows(rows, ids.device)
         else:
             start = self._prefix.hidden(rows, ids.shape[1], ids.device)
-            hidden = self._run_layers(start, mask, self._layers()[self.hparams.freeze_layers:])
-        return F.normalize(mean_pool(hidden, mask), dim=-1)
+            hidden = self.run_layers(start, mask, self.transformer_layers()[self.hparams.freeze_layers:])
+            pooled = mean_pool(hidden, mask)
+        if self.head is not None:
+            pooled = self.head(pooled)
+        return F.normalize(pooled, dim=-1)
 
     def set_taxonomy(self, taxonomy) -> None:
         """Tree relations for the in-batch negative guard (done by setup() from the datamodule)."""
@@ -227,53 +269,6 @@ class NAICSEncoder(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class FrozenPrefix:
-    """Hidden states after an encoder's frozen layers, one row per code, found by token content."""
-
-    def __init__(self, states: torch.Tensor, keys: dict[bytes, int]) -> None:
-        self.states = states
-        self.keys = keys
-
-    @classmethod
-    def build(cls, encoder: NAICSEncoder, token_cache: TokenCache, batch_size: int) -> "FrozenPrefix":
-        device = encoder.device
-        n, width = token_cache.input_ids.shape
-        states: torch.Tensor | None = None
-        frozen = encoder._layers()[: encoder.hparams.freeze_layers]
-        for start in range(0, n, batch_size):
-            ids = torch.arange(start, min(start + batch_size, n))
-            tokens = token_cache.gather(ids, width)
-            input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-            hidden = encoder.encoder.embeddings(input_ids=input_ids)
-            hidden = encoder._run_layers(hidden, mask, frozen)
-            if states is None:
-                states = torch.zeros(n, width, hidden.shape[-1], dtype=hidden.dtype, device=device)
-            states[start : start + len(ids)] = hidden
-        keys = {}
-        for i in range(n):
-            if token_cache.present[i]:
-                keys.setdefault(_row_key(token_cache.input_ids[i, : int(token_cache.lengths[i])]), i)
-        assert states is not None
-        return cls(states, keys)
-
-    def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Code row for each token row, -1 where unknown."""
-        lengths = attention_mask.sum(1).tolist()
-        ids = input_ids.cpu()
-        return torch.tensor([self.keys.get(_row_key(ids[r, :n]), -1) for r, n in enumerate(lengths)],
-                            dtype=torch.long)
-
-    def hidden(self, rows: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
-        states = self.states[rows.to(self.states.device), :width]
-        if states.shape[1] < width:
-            states = F.pad(states, (0, 0, 0, width - states.shape[1]))
-        return states.to(device)
-
-
-def _row_key(ids: torch.Tensor) -> bytes:
-    return ids.to(torch.int64).numpy().tobytes()
 
 
 TINY_BERT = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,

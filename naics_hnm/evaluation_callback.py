@@ -25,13 +25,19 @@ class TaxonomyEvaluationCallback(Callback):
         k: NDCG cut-off.
         every_n_epochs: evaluate every n validation epochs (the last epoch always counts).
         embed_batch_size: codes per forward pass.
+        max_queries: NDCG queries per evaluation; above that many leaves (or held-out leaves) a
+            seeded sample is scored, so large taxonomies stay fast. None: every leaf.
     """
 
-    def __init__(self, k: int = 10, every_n_epochs: int = 1, embed_batch_size: int = 512) -> None:
-        for name, value in (("k", k), ("every_n_epochs", every_n_epochs), ("embed_batch_size", embed_batch_size)):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"TaxonomyEvaluationCallback({name}={value!r}): expected an int >= 1")
+    def __init__(self, k: int = 10, every_n_epochs: int = 1, embed_batch_size: int = 512,
+                 max_queries: int | None = 5000) -> None:
+        for name, value in (("k", k), ("every_n_epochs", every_n_epochs), ("embed_batch_size", embed_batch_size),
+                            ("max_queries", 1 if max_queries is None else max_queries)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"TaxonomyEvaluationCallback({name}={value!r}): expected an int >= 1"
+                                 + (" or None" if name == "max_queries" else ""))
         self.k = k
+        self.max_queries = max_queries
         self.every_n_epochs = every_n_epochs
         self.embed_batch_size = embed_batch_size
         self.history: list[dict[str, float]] = []
@@ -45,7 +51,8 @@ class TaxonomyEvaluationCallback(Callback):
         self.last_embeddings = embeddings
         excluded = ~dm.train_dataset.allowed
         metrics = evaluate_embeddings(embeddings.numpy(), dm.taxonomy,
-                                      heldout_mask=excluded if excluded.any() else None, k=self.k)
+                                      heldout_mask=excluded if excluded.any() else None, k=self.k,
+                                      max_queries=self.max_queries)
         metrics = {key: float(value) for key, value in metrics.items()}
         metrics["eval_seconds"] = time.perf_counter() - started
         return metrics

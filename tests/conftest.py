@@ -117,3 +117,13 @@ def dict_token_cache(taxonomy: Taxonomy, skip: set[int] = frozenset()) -> dict[i
         ids = torch.arange(length, dtype=torch.long) + 100 * (i + 1)
         cache[i] = {"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long)}
     return cache
+
+
+def letter_code(i: int) -> str:
+    """A distinct letter code per integer: A, B, ..., Z, BA, BB, ... (base 26)."""
+    out = ""
+    while True:
+        out = chr(65 + i % 26) + out
+        i //= 26
+        if i == 0:
+            return out

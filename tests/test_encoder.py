@@ -55,6 +55,44 @@ def test_frozen_prefix_cache_equals_full_forward(cache):
     assert torch.allclose(model.embed(unknown), reference.eval().embed(unknown), atol=1e-6)
 
 
+def test_fully_frozen_head_uses_pooled_outputs_from_a_file(cache, tmp_path, caplog):
+    torch.manual_seed(0)
+    model = NAICSEncoder(config=TINY_BERT, freeze_layers=2, head="mlp").eval()
+    with torch.no_grad():  # a head that is not the identity, so the test sees it
+        model.head.down.weight.normal_(0, 0.1)
+    full = model.embed(cache.gather(torch.arange(40))).detach()
+    token_file = tmp_path / "tokens_x_0123.h5"
+    model.cache_frozen_prefix(cache, batch_size=7, token_cache_path=str(token_file))
+    assert model._prefix.pooled is not None and model._prefix.states is None
+    written = list(tmp_path.glob("tokens_x_0123.frozen-*.npy"))
+    assert len(written) == 1
+    ids = torch.tensor([5, 3, 3, 39, 0])
+    assert torch.allclose(model.embed(cache.gather(ids)), full[ids], atol=1e-5)
+    # the pooled outputs come back from the file (another head, same frozen weights: same file)
+    other = NAICSEncoder(config=TINY_BERT, freeze_layers=2, head="mlp").eval()
+    other.encoder.load_state_dict(model.encoder.state_dict())
+    other.head.load_state_dict(model.head.state_dict())
+    with caplog.at_level("INFO", logger="naics_hnm.frozen_prefix"):
+        other.cache_frozen_prefix(cache, token_cache_path=str(token_file))
+    assert "read from" in caplog.text
+    assert torch.equal(other._prefix.pooled, model._prefix.pooled)
+    assert torch.allclose(other.embed(cache.gather(ids)), full[ids], atol=1e-5)
+    # other frozen weights are another file, never a stale read
+    changed = NAICSEncoder(config=TINY_BERT, freeze_layers=2, head="mlp").eval()
+    changed.cache_frozen_prefix(cache, token_cache_path=str(token_file))
+    assert len(list(tmp_path.glob("tokens_x_0123.frozen-*.npy"))) == 2
+    assert not torch.equal(changed._prefix.pooled, model._prefix.pooled)
+
+
+def test_head_trains_while_every_layer_is_frozen(cache):
+    model = NAICSEncoder(config=TINY_BERT, freeze_layers=2, head="mlp").train()
+    model.cache_frozen_prefix(cache)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.startswith("head.") for name in trainable)
+    model.embed(cache.gather(torch.arange(8))).sum().backward()
+    assert model.head.down.weight.grad.abs().sum() > 0
+
+
 def test_frozen_layers_stay_in_eval_and_get_no_gradient(cache):
     model = NAICSEncoder(config=TINY_BERT, freeze_layers=1).train()
     layers = model.encoder.encoder.layer
@@ -69,6 +107,10 @@ def test_constructor_errors():
         NAICSEncoder(config=TINY_BERT, freeze_layers=5)
     with pytest.raises(ValueError, match="model_type"):
         NAICSEncoder(config={"hidden_size": 8})
+    with pytest.raises(ValueError, match="freeze_layers=2 freezes every layer"):
+        NAICSEncoder(config=TINY_BERT, freeze_layers=2)
+    with pytest.raises(ValueError, match="head='linear'"):
+        NAICSEncoder(config=TINY_BERT, head="linear")
     with pytest.raises(ValueError, match="temperature=0"):
         NAICSEncoder(config=TINY_BERT, temperature=0)
 

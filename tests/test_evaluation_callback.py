@@ -32,7 +32,7 @@ def test_logs_tree_metrics_each_validation_epoch(tmp_path):
     expected = evaluate_embeddings(embed_codes(model.embed, dm.token_cache, module=model).numpy(), tx,
                                    heldout_mask=heldout)
     last = evaluation.history[-1]
-    for key in ("ndcg@10", "cophenetic_pearson", "heldout_ndcg@10", "heldout_parent5_hit"):
+    for key in ("ndcg@10", "cophenetic_pearson", "heldout_ndcg@10", "heldout_parent_hit", "heldout_codes"):
         assert last[key] == pytest.approx(expected[key], abs=1e-6)
         assert float(trainer.callback_metrics[f"eval/{key}"]) == pytest.approx(expected[key], abs=1e-5)
 
@@ -40,3 +40,8 @@ def test_logs_tree_metrics_each_validation_epoch(tmp_path):
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"TaxonomyEvaluationCallback\(k=0\)"):
         TaxonomyEvaluationCallback(k=0)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=rf"TaxonomyEvaluationCallback\(max_queries={bad!r}\).*or None"):
+            TaxonomyEvaluationCallback(max_queries=bad)
+    assert TaxonomyEvaluationCallback(max_queries=None).max_queries is None
+    assert TaxonomyEvaluationCallback().max_queries == 5000

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import letter_code
 from naics_hnm.counter_rng import item_keys
 from naics_hnm.curriculum import EASY, HARD, SEMI_HARD, NegativeTable, spill, split_counts
 from naics_hnm.guard import GuardStats, TreeGuard, guard_mask
@@ -32,16 +33,6 @@ RANDOM_CASES = [(seed, n, 1 + seed % 8) for seed, n in enumerate(
 SHAPES = ["single", "chain8", "wide", "flat", "two_chains_and_lone_roots"]
 
 
-def _letters(i: int) -> str:
-    """A distinct letter code per integer: A, B, ..., Z, BA, BB, ... (base 26)."""
-    out = ""
-    while True:
-        out = chr(65 + i % 26) + out
-        i //= 26
-        if i == 0:
-            return out
-
-
 def _shape(name: str) -> tuple[list[str], list[str]]:
     """Hand-made shapes as (codes, parent codes) in a scrambled row order."""
     if name == "single":
@@ -54,7 +45,7 @@ def _shape(name: str) -> tuple[list[str], list[str]]:
         parent = [-1] * 120
     else:
         parent = [-1, 0, 1, 2, 3, -1, 5, 6, -1, -1, 8, 8, 8, 11, 11, 13]
-    codes = [_letters(7 * i + 3) for i in range(len(parent))]
+    codes = [letter_code(7 * i + 3) for i in range(len(parent))]
     order = np.random.default_rng(len(parent)).permutation(len(parent)).tolist()
     return [codes[i] for i in order], [codes[parent[i]] if parent[i] >= 0 else "" for i in order]
 
@@ -644,7 +635,7 @@ def test_constructor_errors_name_the_row(codes, parents, match):
 
 
 def test_depth_limit():
-    chain = [_letters(i) for i in range(MAX_DEPTH)]
+    chain = [letter_code(i) for i in range(MAX_DEPTH)]
     tx = Taxonomy(chain, [""] + chain[:-1], ["t"] * MAX_DEPTH)
     assert tx.max_depth == MAX_DEPTH and tx.depth.max() == MAX_DEPTH
     longer = chain + ["ZZZZ"]

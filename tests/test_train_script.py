@@ -1,0 +1,157 @@
+"""The main job on any tree: --taxonomy, --heldout-codes, --samples-per-epoch, end to end with a Trainer.
+
+The real script (examples/train_naics.py) runs on a small synthetic parent-pointer tree with the
+offline MiniLM. A callback placed after the mining callback inspects every training and
+validation batch as ``training_step`` receives it: no held-out code is ever an anchor, positive,
+negative or candidate, and so never an in-batch negative (those are the batch's own codes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from naics_hnm.synthetic_tree import synthetic_tree
+from naics_hnm.taxonomy import Taxonomy
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_naics.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_naics_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class HeldOutWatch(Callback):
+    """Fails the run if a held-out id appears in any id field of a batch; counts what it saw."""
+
+    FIELDS = ("anchor_idx", "positive_idx", "negative_idx", "candidate_idx")
+
+    def __init__(self, heldout: np.ndarray) -> None:
+        self.heldout = torch.as_tensor(heldout, dtype=torch.long)
+        self.train_batches = 0
+        self.val_batches = 0
+        self.seen: set[int] = set()
+        self.mined_batches = 0
+
+    def _check(self, batch, where: str) -> None:
+        for field in self.FIELDS:
+            ids = batch[field]
+            ids = ids[ids >= 0]
+            self.seen.update(ids.tolist())
+            leaked = ids[torch.isin(ids, self.heldout)]
+            if leaked.numel():
+                raise AssertionError(f"{where}: held-out code id {int(leaked[0])} in batch[{field!r}]")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._check(batch, f"train epoch {trainer.current_epoch} batch {batch_idx}")
+        self.train_batches += 1
+        self.mined_batches += int("negative_scores" in batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._check(batch, f"validation batch {batch_idx}")
+        self.val_batches += 1
+
+
+@pytest.fixture(scope="module")
+def tree_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tree") / "small_tree.csv"
+    synthetic_tree(120, depth=(3, 4), seed=3, code_style="letters").write_csv(path)
+    return path
+
+
+def test_any_tree_with_heldout_codes_never_reaches_a_batch(tree_csv, tmp_path):
+    script = _script()
+    taxonomy = Taxonomy.from_csv(tree_csv)
+    leaves = np.flatnonzero(taxonomy.end - taxonomy.pre == 1)
+    rng = np.random.default_rng(0)
+    held = np.sort(rng.choice(leaves, size=12, replace=False))
+    inner = int(np.flatnonzero(taxonomy.end - taxonomy.pre > 1)[5])  # an interior code too
+    held = np.union1d(held, [inner])
+    heldout_file = tmp_path / "heldout.txt"
+    heldout_file.write_text("# held out\n" + "\n".join(taxonomy.codes[i] for i in held) + "\n\n")
+    out = tmp_path / "run"
+    args = script.parse_args([
+        "--output", str(out), "--taxonomy", str(tree_csv), "--heldout-codes", str(heldout_file),
+        "--epochs", "3", "--phase1-end-epoch", "1", "--samples-per-epoch", "48", "--batch-size", "16",
+        "--pool", "12", "--neighbours", "8", "--index", str(tmp_path / "index.faiss"),
+        "--cache-dir", str(tmp_path / "cache"), "--max-minutes", "10",
+    ])
+    watch = HeldOutWatch(held)
+    summary = script.run(args, taxonomy, callbacks=[watch])
+
+    # every batch was checked, mined epochs included; 48 pairs per epoch in batches of 16
+    assert watch.train_batches == 3 * 3
+    assert watch.mined_batches == 2 * 3
+    assert watch.val_batches > 0
+    assert not set(held.tolist()) & watch.seen
+    # the held-out codes are embedded with all others, in the taxonomy's order
+    with h5py.File(out / "embeddings.h5", "r") as f:
+        codes = [c.decode() if isinstance(c, bytes) else c for c in f["codes"][()]]
+        embeddings = f["embeddings"][()]
+    assert codes == taxonomy.codes
+    assert embeddings.shape[0] == len(taxonomy) and np.isfinite(embeddings).all()
+    norms = np.linalg.norm(embeddings[held], axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-4)
+    # metrics are about the held-out leaves given, on every epoch row
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["heldout_codes"] == held.size
+    assert metrics["final"]["heldout_codes"] == np.intersect1d(held, leaves).size
+    assert [row["epoch"] for row in summary["per_epoch"]] == [0, 1, 2]
+    for row in summary["per_epoch"]:
+        assert 0.0 <= row["heldout_ndcg@10"] <= 1.0
+        assert "heldout_parent_hit" in row and "heldout_grandparent_hit" in row
+    assert metrics["settings"]["samples_per_epoch"] == 48
+    assert (out / "training.png").stat().st_size > 0
+
+
+def test_default_split_and_size_based_settings(tree_csv):
+    script = _script()
+    taxonomy = Taxonomy.from_csv(tree_csv)
+    args = script.parse_args(["--output", "unused", "--taxonomy", str(tree_csv)])
+    settings = script.choose_settings(args, taxonomy)
+    assert settings["head"] == "none" and settings["index_factory"] is None
+    assert settings["samples_per_epoch"] is None and settings["index"].endswith("small_tree_trained.faiss")
+    big = script.parse_args(["--output", "unused"])
+
+    class Sized:  # only len() and name are read by choose_settings
+        name = "big"
+
+        def __len__(self):
+            return 165_026
+
+    chosen = script.choose_settings(big, Sized())
+    assert chosen["head"] == "mlp" and chosen["freeze_layers"] == 6
+    assert chosen["index_factory"] == "IVF2048,Flat" and chosen["samples_per_epoch"] == 100_000
+    held = script.heldout_codes(script.parse_args(["--output", "x", "--taxonomy", str(tree_csv)]), taxonomy)
+    assert held and set(held) <= set(taxonomy.codes)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (["ZZZ-NOT-A-CODE"], "line 1: code 'ZZZ-NOT-A-CODE' is not in taxonomy"),
+    (["# nothing", ""], "lists no code"),
+])
+def test_bad_heldout_file_is_one_line_and_exit_2(tree_csv, tmp_path, lines, message):
+    heldout_file = tmp_path / "heldout.txt"
+    heldout_file.write_text("\n".join(lines) + "\n")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--output", str(tmp_path / "out"), "--taxonomy", str(tree_csv),
+         "--heldout-codes", str(heldout_file)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "embeddings.h5").exists()
