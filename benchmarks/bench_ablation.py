@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("random+ib", "curriculum+ib", "mined+ib", "random", "curriculum", "mined")
+ARMS = ("mined+ib", "random+ib", "curriculum+ib", "mined", "random", "curriculum")
 COLUMNS = (("heldout_ndcg@10", "held-out NDCG@10"), ("heldout_parent_hit", "held-out parent hit"),
            ("heldout_grandparent_hit", "held-out grandparent hit"), ("ndcg@10", "NDCG@10 all leaves"),
            ("cophenetic_pearson", "cophenetic"))

@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negatives", choices=MODES, default="mined",
                    help="random: uniform guarded negatives; curriculum: Phase 1 curriculum all along; "
                         "mined: curriculum, then FAISS-mined from --phase1-end-epoch (default)")
-    p.add_argument("--epochs", type=int, default=None, help="auto: 12 (small trees), 8 (large)")
+    p.add_argument("--epochs", type=int, default=None, help="auto: 16 (small trees), 8 (large)")
     p.add_argument("--samples-per-epoch", type=int, default=None,
                    help="training pairs per epoch, a fresh seeded subset each epoch; auto: every pair on "
                         "small trees, at most 100,000 on large ones")
@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="auto: 64 (small trees), 256 (large)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout in the trained layers")
     p.add_argument("--freeze-layers", type=int, default=None,
                    help="frozen (cached) lower transformer layers; auto: 4 (small trees), all 6 (large)")
     p.add_argument("--head", choices=("none", "mlp"), default=None,
@@ -85,12 +86,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negatives-per-anchor", type=int, default=8)
     p.add_argument("--pool", type=int, default=48, help="curriculum candidates per item ranked in Phase 2+")
     p.add_argument("--neighbours", type=int, default=48, help="index neighbours added to each pool")
-    p.add_argument("--margin", type=float, default=0.05, help="relative margin (negative: off)")
+    p.add_argument("--margin", type=float, default=-1.0,
+                   help="relative margin: drop candidates more similar than (1 - m) x the positive; negative: "
+                        "off (default: the tree guard already excludes false negatives; see README)")
+    p.add_argument("--refresh-every", type=int, default=1, help="re-embed and rebuild the index every n epochs")
     p.add_argument("--in-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="also use guarded in-batch negatives (default on)")
     p.add_argument("--index-factory", default=None,
                    help="faiss factory string for the mining index; auto: exact up to 50,000 codes, "
                         "IVF<4 sqrt(N)>,Flat above")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="IVF lists searched per query; auto: 32 for the auto IVF index, else faiss-side defaults")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate (and print a row) every n epochs; the last epoch always")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--index", type=Path, default=None,
@@ -104,7 +112,7 @@ def choose_settings(args: argparse.Namespace, taxonomy: Taxonomy) -> dict:
     n = len(taxonomy)
     large = n > LARGE_TREE
     if args.epochs is None:
-        args.epochs = 8 if large else 12
+        args.epochs = 8 if large else 16
     if args.batch_size is None:
         args.batch_size = 256 if large else 64
     if args.max_minutes is None:
@@ -118,6 +126,8 @@ def choose_settings(args: argparse.Namespace, taxonomy: Taxonomy) -> dict:
     if args.index_factory is None and n > APPROXIMATE_INDEX:
         nlist = 2 ** int(round(math.log2(4 * math.sqrt(n))))
         args.index_factory = f"IVF{nlist},Flat"
+        if args.nprobe is None:
+            args.nprobe = 32
     if args.index is None:
         args.index = Path("indexes") / f"{taxonomy.name}_trained.faiss"
     return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
@@ -173,7 +183,7 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
                f"{args.negatives} negatives, {args.epochs} epochs of "
                f"{args.samples_per_epoch or 'all'} pairs, batch {args.batch_size}, "
                f"freeze {args.freeze_layers} layers, head {args.head}, in-batch {'on' if args.in_batch else 'off'}, "
-               f"index {args.index_factory or 'exact'}, at most {args.max_minutes:g} min")
+               f"index {args.index_factory or 'exact'}{f' nprobe {args.nprobe}' if args.nprobe else ''}, at most {args.max_minutes:g} min")
     dm = NAICSDataModule(
         taxonomy, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
         phase1_end_epoch=args.phase1_end_epoch, cache_dir=args.cache_dir,
@@ -183,15 +193,17 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
         sampling=SamplingConfig(order_filter=True, uniform=args.negatives == "random"),
     )
     model = NAICSEncoder(lr=args.lr, temperature=args.temperature, freeze_layers=args.freeze_layers,
-                         in_batch_negatives=args.in_batch, cosine_schedule=True, dropout=0.0,
+                         in_batch_negatives=args.in_batch, cosine_schedule=True, dropout=args.dropout,
                          head=None if args.head == "none" else args.head)
-    evaluation = TaxonomyEvaluationCallback()
+    evaluation = TaxonomyEvaluationCallback(every_n_epochs=args.eval_every)
     table = EpochTable(args.negatives, evaluation, args.output / "metrics")
     trainer_callbacks: list[Callback] = [evaluation, table, *(callbacks or [])]
     if args.negatives == "mined":
         trainer_callbacks.insert(0, HardNegativeMiningCallback(
             k=args.negatives_per_anchor, relative_margin=args.margin if args.margin >= 0 else None,
-            order_filter=True, neighbours=args.neighbours, index_factory=args.index_factory))
+            order_filter=True, neighbours=args.neighbours, index_factory=args.index_factory,
+            search_params={"nprobe": args.nprobe} if args.nprobe is not None else None,
+            refresh_every_n_epochs=args.refresh_every))
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1, default_root_dir=args.output,
                          gradient_clip_val=1.0, logger=CSVLogger(args.output, name="logs"),
                          enable_checkpointing=False, callbacks=trainer_callbacks, num_sanity_val_steps=0,
@@ -239,7 +251,7 @@ def report(summary: dict, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # fail now, not after training, on bad input or a folder that cannot take the results
-        for name in ("epochs", "samples_per_epoch", "batch_size", "freeze_layers"):
+        for name in ("epochs", "samples_per_epoch", "batch_size", "freeze_layers", "refresh_every", "nprobe", "eval_every"):
             value = getattr(args, name)
             if value is not None and value < (0 if name == "freeze_layers" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} {value}: expected a positive integer")

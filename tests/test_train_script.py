@@ -134,7 +134,8 @@ def test_default_split_and_size_based_settings(tree_csv):
 
     chosen = script.choose_settings(big, Sized())
     assert chosen["head"] == "mlp" and chosen["freeze_layers"] == 6
-    assert chosen["index_factory"] == "IVF2048,Flat" and chosen["samples_per_epoch"] == 100_000
+    assert chosen["index_factory"] == "IVF2048,Flat" and chosen["nprobe"] == 32
+    assert chosen["samples_per_epoch"] == 100_000
     held = script.heldout_codes(script.parse_args(["--output", "x", "--taxonomy", str(tree_csv)]), taxonomy)
     assert held and set(held) <= set(taxonomy.codes)
 
