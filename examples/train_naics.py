@@ -170,15 +170,20 @@ def heldout_codes(args: argparse.Namespace, taxonomy: Taxonomy) -> list[str]:
     return [taxonomy.codes[i] for i in np.flatnonzero(mask)]
 
 
-def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] | None = None) -> dict:
-    """Train, evaluate, write embeddings / index / metrics / plot; ``callbacks`` are added to the Trainer."""
+def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] | None = None,
+        excluded: list[str] | None = None) -> dict:
+    """Train, evaluate, write embeddings / index / metrics / plot; ``callbacks`` are added to the Trainer.
+
+    ``excluded``: the held-out codes when the caller already read them (default: from ``args``).
+    """
     started = time.perf_counter()
     settings = choose_settings(args, taxonomy)
     pl.seed_everything(args.seed, workers=True)
     if args.accelerator in ("auto", "cpu") and not torch.cuda.is_available():
         torch.set_num_threads(os.cpu_count() or 1)
     args.output.mkdir(parents=True, exist_ok=True)
-    excluded = heldout_codes(args, taxonomy)
+    if excluded is None:
+        excluded = heldout_codes(args, taxonomy)
     write_line(f"{taxonomy.name}: {len(taxonomy):,} codes, depth {taxonomy.max_depth}, {len(excluded):,} held out; "
                f"{args.negatives} negatives, {args.epochs} epochs of "
                f"{args.samples_per_epoch or 'all'} pairs, batch {args.batch_size}, "
@@ -261,10 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--heldout-fraction {args.heldout_fraction}: expected a number in [0, 1)")
         taxonomy = load_tree(args)
         ensure_writable_dir(args.output, "--output")
-        if args.heldout_codes is not None:
-            read_heldout_codes(args.heldout_codes, taxonomy)
-        index_path = args.index or Path("indexes") / f"{taxonomy.name}_trained.faiss"
-        ensure_writable_dir(index_path.parent, "--index folder")
+        excluded = heldout_codes(args, taxonomy)
+        choose_settings(args, taxonomy)
+        ensure_writable_dir(args.index.parent, "--index folder")
     except (ValueError, TaxonomyError, OSError) as err:
         print(f"train_naics: error: {err}", file=sys.stderr)
         return 2
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     # the frozen lower layers stay in eval mode on purpose (their outputs are cached)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    report(run(args, taxonomy), args)
+    report(run(args, taxonomy, excluded=excluded), args)
     return 0
 
 

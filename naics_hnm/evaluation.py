@@ -26,8 +26,18 @@ logger = logging.getLogger(__name__)
 _BLOCK = 2**22  # floats of one chunk of similarities (32 MiB in float64)
 
 
+class _UnitRows(np.ndarray):
+    """float64 unit rows already validated by :func:`as_unit_rows` (passed on without a second copy)."""
+
+
 def as_unit_rows(embeddings: Any, n_codes: int) -> np.ndarray:
-    """Validate ``embeddings`` [n_codes, d] (numpy or torch) and return float64 unit rows."""
+    """Validate ``embeddings`` [n_codes, d] (numpy or torch) and return float64 unit rows.
+
+    The result is marked as validated, so metrics called with it (as :func:`evaluate_embeddings`
+    does) do not copy and normalise N x d again.
+    """
+    if isinstance(embeddings, _UnitRows) and embeddings.shape[0] == n_codes:
+        return embeddings
     if hasattr(embeddings, "detach"):
         embeddings = embeddings.detach().cpu().float().numpy()
     array = np.asarray(embeddings, dtype=np.float64)
@@ -42,7 +52,7 @@ def as_unit_rows(embeddings: Any, n_codes: int) -> np.ndarray:
     norms = np.linalg.norm(array, axis=1)
     if (norms == 0).any():
         raise ValueError(f"embeddings row {int(np.argmin(norms))} is all zeros; cosine similarity needs a non-zero row")
-    return array / norms[:, None]
+    return (array / norms[:, None]).view(_UnitRows)
 
 
 def evaluation_codes(taxonomy: Taxonomy) -> np.ndarray:

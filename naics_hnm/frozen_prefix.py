@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from naics_hnm.atomic import atomic_path
+from naics_hnm.embedding import embed_codes
 from naics_hnm.token_cache import TokenCache
 
 if TYPE_CHECKING:
@@ -141,22 +141,13 @@ def _pooled(encoder: "NAICSEncoder", token_cache: TokenCache, batch_size: int,
                 return torch.from_numpy(pooled)
             log.warning("frozen encoder outputs %s have shape %s: expected [%d, d]; computing them again",
                         cache_file, pooled.shape, n)
-    device = encoder.device
-    order = torch.argsort(token_cache.lengths, descending=True, stable=True)
-    out: torch.Tensor | None = None
-    for start in tqdm(range(0, n, batch_size), desc=f"frozen encoder over {n:,} codes", leave=False,
-                      mininterval=2.0, disable=n < 20 * batch_size):
-        ids = order[start : start + batch_size]
-        width = max(int(token_cache.lengths[ids].max()), 1)
-        tokens = token_cache.gather(ids, width)
-        input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        hidden = encoder.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        pooled = mean_pool(hidden, mask).float().cpu()
-        if out is None:
-            out = torch.zeros(n, pooled.shape[-1], dtype=torch.float32)
-        out[ids] = pooled
-    if out is None:
-        raise ValueError("the token cache holds no codes")
+
+    def pooled(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = encoder.encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return mean_pool(hidden.last_hidden_state, tokens["attention_mask"]).float()
+
+    out = embed_codes(pooled, token_cache, batch_size=batch_size, device=encoder.device, module=encoder.encoder,
+                      progress=n >= 20 * batch_size, desc=f"frozen encoder over {n:,} codes")
     if cache_file is not None:
         try:
             with atomic_path(cache_file) as tmp:
