@@ -5,6 +5,14 @@ default, on the leaves of the tree (:func:`evaluation_codes`; NAICS 2022: its 1,
 codes). The tree is the taxonomy's, of any shape and uneven depth: distance counts edges through
 the lowest common ancestor (LCA), and the LCA depth is 0 when only the virtual root is shared.
 
+Ties: similarities are compared after rounding to ``SIMILARITY_DECIMALS`` (9) decimals
+(:func:`comparable`), and equal rounded values are ordered by lower corpus position (lower code id
+for placement). Mathematically equal similarities come out of BLAS with different last bits
+depending on the kernel (AVX2 vs AVX-512), the thread count and a row's place in a block; at
+float64 those differences are ~1e-16, far below the rounding step, so every machine ranks the
+same. Genuinely different similarities closer than 1e-9 count as tied, which no metric here can
+notice. The brute-force references in the tests apply the same function.
+
 Memory stays bounded for any taxonomy size: similarities are computed for one chunk of queries at
 a time (about ``2**22`` floats), relations only for the top-k hits and nearest codes, and
 everything that needs all corpus codes (ideal DCG, placement eligibility) comes from subtree
@@ -24,6 +32,12 @@ from naics_hnm.taxonomy import Taxonomy
 logger = logging.getLogger(__name__)
 
 _BLOCK = 2**22  # floats of one chunk of similarities (32 MiB in float64)
+SIMILARITY_DECIMALS = 9  # the tie rule: see the module docstring
+
+
+def comparable(similarity: np.ndarray) -> np.ndarray:
+    """``similarity`` rounded to :data:`SIMILARITY_DECIMALS`: the values every ranking here compares."""
+    return np.round(similarity, SIMILARITY_DECIMALS)
 
 
 class _UnitRows(np.ndarray):
@@ -149,7 +163,7 @@ def cophenetic_correlation(
                            for i in range(0, left.size, step)]).astype(np.float64)
     return {
         "pearson": _pearson(cosine_distance, tree),
-        "spearman": _pearson(average_ranks(cosine_distance), average_ranks(tree)),
+        "spearman": _pearson(average_ranks(comparable(cosine_distance)), average_ranks(tree)),
     }
 
 
@@ -193,7 +207,7 @@ def _ndcg(unit: np.ndarray, taxonomy: Taxonomy, queries: np.ndarray, corpus: np.
     dcg = np.empty(queries.size, dtype=np.float64)
     for start in range(0, queries.size, rows):
         chunk = queries[start : start + rows]
-        similarity = unit[chunk] @ corpus_unit.T
+        similarity = comparable(unit[chunk] @ corpus_unit.T)
         own = position[chunk]
         similarity[np.flatnonzero(own >= 0), own[own >= 0]] = -np.inf  # a query never ranks itself
         top = corpus[_top_k(similarity, k)]
@@ -216,7 +230,7 @@ def ndcg_per_query(
     """NDCG@k of each query (NaN where the ideal DCG is 0, i.e. the query is skipped).
 
     Queries and corpus default to the codes at ``depth``, or the leaves. Each query ranks every
-    other corpus code by cosine similarity (ties: lower corpus position first). The gain of a
+    other corpus code by cosine similarity (:func:`comparable`; ties: lower corpus position first). The gain of a
     corpus code is ``2 ** lca_depth(query, code) - 1`` (root 0, top level 1, ...); the discount is
     ``1 / log2(rank + 1)`` with ranks from 1; the ideal DCG sorts the same gains (the query itself
     excluded) in descending order.
@@ -291,7 +305,7 @@ def _check_mask(heldout_mask: Any, n_codes: int) -> np.ndarray:
 def placement_hits(embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any) -> dict[str, float]:
     """Share of held-out leaves whose nearest trained leaf shares their parent / grandparent.
 
-    Each held-out leaf ``h`` is matched to its nearest (cosine; ties: lowest id) leaf not held
+    Each held-out leaf ``h`` is matched to its nearest (cosine, :func:`comparable`; ties: lowest id) leaf not held
     out. ``parent``: a hit when their LCA is at least ``h``'s parent (depth >= depth(h) - 1);
     ``grandparent``: at least its grandparent. A leaf is *eligible* at a level when that ancestor
     exists (depth(h) >= 2, resp. >= 3) and its subtree holds a trained leaf, i.e. a hit is
@@ -310,7 +324,7 @@ def placement_hits(embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any) -> di
         )
     rows = max(1, _BLOCK // trained.size)
     trained_unit = unit[trained]
-    nearest = np.concatenate([trained[np.argmax(unit[held[i : i + rows]] @ trained_unit.T, axis=1)]
+    nearest = np.concatenate([trained[np.argmax(comparable(unit[held[i : i + rows]] @ trained_unit.T), axis=1)]
                               for i in range(0, held.size, rows)])
     shared = taxonomy.lca_depth(held, nearest)
     depth = taxonomy.depth[held].astype(np.int64)

@@ -114,7 +114,30 @@ def test_any_tree_with_heldout_codes_never_reaches_a_batch(tree_csv, tmp_path):
         assert 0.0 <= row["heldout_ndcg@10"] <= 1.0
         assert "heldout_parent_hit" in row and "heldout_grandparent_hit" in row
     assert metrics["settings"]["samples_per_epoch"] == 48
+    assert metrics["epochs"] == metrics["settings"]["epochs"] == 3 and metrics["stopped_early"] is None
     assert (out / "training.png").stat().st_size > 0
+
+
+def test_a_wall_clock_limit_is_opt_in_and_reported(tree_csv, tmp_path, capsys):
+    """No default stops on a clock; a run stopped by --max-minutes says so everywhere it reports."""
+    script = _script()
+    taxonomy = Taxonomy.from_csv(tree_csv)
+    for argv in (["--taxonomy", str(tree_csv)], []):
+        assert script.choose_settings(script.parse_args(["--output", "x", *argv]), taxonomy)["max_minutes"] is None
+    out = tmp_path / "run"
+    args = script.parse_args([
+        "--output", str(out), "--taxonomy", str(tree_csv), "--epochs", "4", "--phase1-end-epoch", "1",
+        "--samples-per-epoch", "48", "--batch-size", "16", "--index", str(tmp_path / "index.faiss"),
+        "--cache-dir", str(tmp_path / "cache"), "--max-minutes", "0.0001",  # 6 ms: the first batch exceeds it
+    ])
+    summary = script.run(args, taxonomy)
+    script.report(summary, args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["epochs"] == 4 and metrics["epochs"] < 4
+    assert metrics["stopped_early"] == f"stopped by --max-minutes after epoch {metrics['epochs']} of 4"
+    printed = capsys.readouterr()
+    assert f"{metrics['stopped_early']}: this is not a full run" in printed.out + printed.err
+    assert f"NOT A FULL RUN: {metrics['stopped_early']}" in printed.out
 
 
 def test_default_split_and_size_based_settings(tree_csv):
