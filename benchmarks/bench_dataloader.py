@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from naics_hnm.collate import collate_fn
-from naics_hnm.config import SamplingConfig, StreamingConfig
-from naics_hnm.datasets import Phase1MapDataset
-from naics_hnm.epoch_sampler import EpochSampler
-from naics_hnm.taxonomy import Taxonomy
-from naics_hnm.token_cache import build_token_cache, load_token_cache, load_tokenizer
+from naics_hnm.data.collate import collate_fn
+from naics_hnm.data.config import SamplingConfig, StreamingConfig
+from naics_hnm.data.datasets import Phase1MapDataset
+from naics_hnm.data.epoch_sampler import EpochSampler
+from naics_hnm.tree.taxonomy import Taxonomy
+from naics_hnm.data.token_cache import build_token_cache, load_token_cache, load_tokenizer
 
 TARGET = 50_000
 BATCH = 256

@@ -44,10 +44,10 @@ from bench_search import paired_median_seconds, unit_rows  # noqa: E402
 
 from naics_hnm import EmbeddingIndex, HardNegativeMiningCallback, NAICSDataModule, mine_candidates  # noqa: E402
 from naics_hnm.embedding import embed_codes  # noqa: E402
-from naics_hnm.encoder import NAICSEncoder  # noqa: E402
-from naics_hnm.miner import HardNegativeMiner  # noqa: E402
-from naics_hnm.neighbours import guarded_neighbours  # noqa: E402
-from naics_hnm.tree_guard import TreeGuard  # noqa: E402
+from naics_hnm.train.encoder import NAICSEncoder  # noqa: E402
+from naics_hnm.mining.miner import HardNegativeMiner  # noqa: E402
+from naics_hnm.mining.neighbours import guarded_neighbours  # noqa: E402
+from naics_hnm.tree.guard import TreeGuard  # noqa: E402
 
 MARGIN = 0.05
 K = 8

@@ -4,7 +4,7 @@
     python benchmarks/bench_scale.py --quick         # 2k, 10k, 100k
     python benchmarks/bench_scale.py --sizes 2000 1000000 --output /tmp/scale.json
 
-Trees come from :func:`naics_hnm.synthetic_tree.synthetic_tree` (letter codes that say nothing
+Trees come from :func:`naics_hnm.tree.synthetic.synthetic_tree` (letter codes that say nothing
 about the tree, leaves at depth 5..7, short inherited titles). EACH SIZE RUNS IN ITS OWN
 SUBPROCESS, so the peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) is that size's alone. Stages,
 each timed, with the current and peak RSS after it:
@@ -181,7 +181,7 @@ def tree_vectors(taxonomy, dim: int, seed: int) -> np.ndarray:
 
 def mining_batches(ds, epoch: int, count: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
     """``count`` collated batches of 256 items of ``epoch``: anchor, positive and candidate ids."""
-    from naics_hnm.collate import collate_fn
+    from naics_hnm.data.collate import collate_fn
 
     out = []
     for _ in range(count):
@@ -193,11 +193,11 @@ def mining_batches(ds, epoch: int, count: int, rng: np.random.Generator) -> list
 
 def make_small_fixture(n: int, args: argparse.Namespace, folder: Path, rng: np.random.Generator) -> dict[str, Any]:
     """The same pipeline at ``n`` codes (flat miner): the in-process reference for per-batch costs."""
-    from naics_hnm.config import SamplingConfig
-    from naics_hnm.datamodule import NAICSDataModule
-    from naics_hnm.miner import HardNegativeMiner
-    from naics_hnm.synthetic_tree import synthetic_tree
-    from naics_hnm.taxonomy import Taxonomy
+    from naics_hnm.data.config import SamplingConfig
+    from naics_hnm.train.datamodule import NAICSDataModule
+    from naics_hnm.mining.miner import HardNegativeMiner
+    from naics_hnm.tree.synthetic import synthetic_tree
+    from naics_hnm.tree.taxonomy import Taxonomy
 
     tree = synthetic_tree(n, depth=(5, 7), seed=args.seed + 1, code_style="letters")
     taxonomy = Taxonomy(tree.codes, tree.parents, tree.titles, name=f"small_{n}")
@@ -343,14 +343,14 @@ def run_size(n: int, args: argparse.Namespace, rec: Recorder, tmp: Path) -> None
     import faiss
     import torch
 
-    from naics_hnm.collate import collate_fn
-    from naics_hnm.config import SamplingConfig
-    from naics_hnm.datamodule import NAICSDataModule
-    from naics_hnm.embedding_index import EmbeddingIndex
-    from naics_hnm.miner import HardNegativeMiner
-    from naics_hnm.neighbours import guarded_neighbours
-    from naics_hnm.synthetic_tree import synthetic_tree
-    from naics_hnm.taxonomy import Taxonomy
+    from naics_hnm.data.collate import collate_fn
+    from naics_hnm.data.config import SamplingConfig
+    from naics_hnm.train.datamodule import NAICSDataModule
+    from naics_hnm.index.embedding_index import EmbeddingIndex
+    from naics_hnm.mining.miner import HardNegativeMiner
+    from naics_hnm.mining.neighbours import guarded_neighbours
+    from naics_hnm.tree.synthetic import synthetic_tree
+    from naics_hnm.tree.taxonomy import Taxonomy
 
     res = rec.result
     res["env"] = {"faiss": faiss.__version__, "torch": torch.__version__, "numpy": np.__version__,

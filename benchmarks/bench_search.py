@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 import torch
 
-from naics_hnm.embedding_index import EmbeddingIndex
+from naics_hnm.index.embedding_index import EmbeddingIndex
 
 
 def median_seconds(fn: Callable[[], object], reps: int) -> float:

@@ -56,7 +56,7 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.util import mine_hard_negatives as st_mine  # noqa: E402
 
 from naics_hnm import mine_hard_negatives as our_mine  # noqa: E402
-from naics_hnm.taxonomy import Taxonomy  # noqa: E402
+from naics_hnm.tree.taxonomy import Taxonomy  # noqa: E402
 
 K = 8
 MARGIN = 0.05
@@ -247,8 +247,8 @@ def ids_section(args, model, tx: Taxonomy, rounds: int) -> None:
     """The id-space miner vs theirs on six-digit anchors (positive = parent), as earlier versions measured."""
     from naics_hnm import EmbeddingIndex, mine_candidates
     from naics_hnm.embedding import embed_codes
-    from naics_hnm.encoder import NAICSEncoder
-    from naics_hnm.token_cache import build_token_cache, load_token_cache, load_tokenizer
+    from naics_hnm.train.encoder import NAICSEncoder
+    from naics_hnm.data.token_cache import build_token_cache, load_token_cache, load_tokenizer
 
     encoder, tokenizer = NAICSEncoder(), load_tokenizer()
     anchors = np.array([i for i, c in enumerate(tx.codes) if len(c) == 6], dtype=np.int64)

@@ -18,8 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from naics_hnm import EmbeddingIndex, NAICSEncoder, mine_candidates  # noqa: E402
 from naics_hnm.embedding import embed_codes  # noqa: E402
-from naics_hnm.taxonomy import Taxonomy  # noqa: E402
-from naics_hnm.token_cache import TokenCache, load_tokenizer  # noqa: E402
+from naics_hnm.tree.taxonomy import Taxonomy  # noqa: E402
+from naics_hnm.data.token_cache import TokenCache, load_tokenizer  # noqa: E402
 
 
 def main() -> None:

@@ -37,12 +37,12 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from naics_hnm import EmbeddingIndex, HardNegativeMiningCallback, NAICSDataModule, NAICSEncoder  # noqa: E402
 from naics_hnm.atomic import atomic_write_text  # noqa: E402
-from naics_hnm.config import SamplingConfig  # noqa: E402
+from naics_hnm.data.config import SamplingConfig  # noqa: E402
 from naics_hnm.embeddings_file import save_embeddings  # noqa: E402
 from naics_hnm.evaluation import holdout_split  # noqa: E402
-from naics_hnm.evaluation_callback import TaxonomyEvaluationCallback  # noqa: E402
-from naics_hnm.taxonomy import Taxonomy, TaxonomyError  # noqa: E402
-from naics_hnm.training_report import EpochTable, plot_history, write_line  # noqa: E402
+from naics_hnm.train.evaluation_callback import TaxonomyEvaluationCallback  # noqa: E402
+from naics_hnm.tree.taxonomy import Taxonomy, TaxonomyError  # noqa: E402
+from naics_hnm.train.report import EpochTable, plot_history, write_line  # noqa: E402
 from naics_hnm.writable import ensure_writable_dir  # noqa: E402
 
 log = logging.getLogger("train_naics")

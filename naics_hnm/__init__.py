@@ -5,24 +5,29 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from naics_hnm import _moved
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "NAICSDataModule": "naics_hnm.datamodule",
-    "NAICSMapDataset": "naics_hnm.datasets",
-    "Phase1MapDataset": "naics_hnm.datasets",
-    "collate_fn": "naics_hnm.collate",
-    "StreamingConfig": "naics_hnm.config",
-    "SamplingConfig": "naics_hnm.config",
-    "EmbeddingIndex": "naics_hnm.embedding_index",
-    "mine_candidates": "naics_hnm.mining",
-    "mine_hard_negatives": "naics_hnm.hard_negatives",
-    "HardNegativeMiningCallback": "naics_hnm.callback",
-    "Taxonomy": "naics_hnm.taxonomy",
-    "NAICSEncoder": "naics_hnm.encoder",
+    "NAICSDataModule": "naics_hnm.train.datamodule",
+    "NAICSMapDataset": "naics_hnm.data.datasets",
+    "Phase1MapDataset": "naics_hnm.data.datasets",
+    "collate_fn": "naics_hnm.data.collate",
+    "StreamingConfig": "naics_hnm.data.config",
+    "SamplingConfig": "naics_hnm.data.config",
+    "EmbeddingIndex": "naics_hnm.index.embedding_index",
+    "mine_candidates": "naics_hnm.mining.candidates",
+    "mine_hard_negatives": "naics_hnm.st.hard_negatives",
+    "HardNegativeMiningCallback": "naics_hnm.train.callback",
+    "Taxonomy": "naics_hnm.tree.taxonomy",
+    "TreeGuard": "naics_hnm.tree.guard",
+    "HardNegativeMiner": "naics_hnm.mining.miner",
+    "NAICSEncoder": "naics_hnm.train.encoder",
     "evaluate_embeddings": "naics_hnm.evaluation",
 }
 __all__ = sorted(_EXPORTS)
+_moved.install()  # old flat module paths (naics_hnm.callback, ...) keep working, with a DeprecationWarning
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from naics_hnm.token_cache import TokenCache
+from naics_hnm.data.token_cache import TokenCache
 
 EmbedFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from naics_hnm.atomic import atomic_path
-from naics_hnm.taxonomy import codes_fingerprint
+from naics_hnm.fingerprint import codes_fingerprint
 
 logger = logging.getLogger(__name__)
 

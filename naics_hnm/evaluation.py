@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.tree.taxonomy import Taxonomy
 
 logger = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
 With no arguments it embeds NAICS 2022 with the offline pretrained all-MiniLM-L6-v2 and writes
 ``indexes/naics2022_minilm.faiss`` (+ ``.json`` sidecar). ``--checkpoint`` embeds with a Lightning
-checkpoint of :class:`naics_hnm.encoder.NAICSEncoder` (or of your module via ``--model-class``);
+checkpoint of :class:`naics_hnm.train.encoder.NAICSEncoder` (or of your module via ``--model-class``);
 ``--embeddings`` indexes an HDF5 embeddings file as is. ``--index-factory`` builds an approximate
 faiss index instead of the exact flat one, with ``--search-params`` overriding its measured
-defaults (see :mod:`naics_hnm.approximate`). Bad input ends with one line on stderr and
+defaults (see :mod:`naics_hnm.index.approximate`). Bad input ends with one line on stderr and
 a non-zero exit status; the previous index is left untouched.
 """
 
@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     source.add_argument("--embeddings", type=Path, help="HDF5 embeddings file (datasets 'embeddings', 'codes')")
     source.add_argument("--model", help="transformers model name or local path to embed with "
                                         "(default: the offline all-MiniLM-L6-v2)")
-    parser.add_argument("--model-class", default="naics_hnm.encoder:NAICSEncoder",
+    parser.add_argument("--model-class", default="naics_hnm.train.encoder:NAICSEncoder",
                         help="'module:Class' of the LightningModule in --checkpoint; it needs embed(tokens) "
                              "(default: %(default)s)")
     parser.add_argument("--taxonomy", type=Path, help="taxonomy CSV (code,title[,...]); default NAICS 2022")
@@ -134,7 +134,7 @@ def load_checkpoint_model(path: Path, class_spec: str) -> torch.nn.Module:
 
 def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.ndarray:
     from naics_hnm.embedding import embed_codes
-    from naics_hnm.token_cache import TokenCache, load_tokenizer
+    from naics_hnm.data.token_cache import TokenCache, load_tokenizer
 
     tokenizer = load_tokenizer(args.model if args.model and not args.checkpoint else None)
     cache = TokenCache.from_texts(taxonomy.texts, tokenizer, args.max_length, codes=taxonomy.codes)
@@ -145,10 +145,10 @@ def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.nda
 
 
 def run(args: argparse.Namespace) -> dict:
-    from naics_hnm.embedding_index import EmbeddingIndex
+    from naics_hnm.index.embedding_index import EmbeddingIndex
     from naics_hnm.embeddings_file import load_embeddings
-    from naics_hnm.index_file import current_index_file, sidecar_path
-    from naics_hnm.taxonomy import load_taxonomy
+    from naics_hnm.index.index_file import current_index_file, sidecar_path
+    from naics_hnm.tree.taxonomy import load_taxonomy
 
     t0 = time.perf_counter()
     taxonomy = load_taxonomy(args.taxonomy)
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> dict:
             model = load_checkpoint_model(args.checkpoint, args.model_class)
             source, model_name = f"checkpoint {args.checkpoint}", str(args.checkpoint)
         else:
-            from naics_hnm.encoder import NAICSEncoder
+            from naics_hnm.train.encoder import NAICSEncoder
 
             model = NAICSEncoder(args.model)
             source, model_name = f"model {model.model_name}", model.model_name

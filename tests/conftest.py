@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from naics_hnm.taxonomy import Taxonomy
-from naics_hnm.token_cache import build_token_cache, load_token_cache, load_tokenizer
+from naics_hnm.tree.taxonomy import Taxonomy
+from naics_hnm.data.token_cache import build_token_cache, load_token_cache, load_tokenizer
 
 
 @pytest.fixture(scope="session")

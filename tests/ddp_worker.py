@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 
 from naics_hnm import HardNegativeMiningCallback, NAICSDataModule
 from naics_hnm.embedding import embed_codes
-from naics_hnm.encoder import TINY_BERT, NAICSEncoder
+from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
 
 
 class Dump(Callback):

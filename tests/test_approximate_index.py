@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import naics_hnm.approximate as approximate
-from naics_hnm.approximate import default_nprobe, train_size, training_sample
-from naics_hnm.embedding_index import EmbeddingIndex, knn_rows
-from naics_hnm.index_file import sidecar_path
-from naics_hnm.knn import search_in_batches
+import naics_hnm.index.approximate as approximate
+from naics_hnm.index.approximate import default_nprobe, train_size, training_sample
+from naics_hnm.index.embedding_index import EmbeddingIndex, knn_rows
+from naics_hnm.index.index_file import sidecar_path
+from naics_hnm.index.knn import search_in_batches
 
 HAS_GPU = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 gpu_only = pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and a faiss GPU build")
@@ -107,7 +107,7 @@ def test_too_few_vectors_for_nlist(caplog):
     with pytest.raises(ValueError, match=r"'IVF512,Flat' has nlist=512 .* only N=300 vectors; expected N >= nlist"
                                          r" \(ideally N >= 39 \* nlist\), e.g. IVF4"):
         EmbeddingIndex.build(x, device="cpu", index_factory="IVF512,Flat")
-    with caplog.at_level(logging.WARNING, logger="naics_hnm.approximate"):
+    with caplog.at_level(logging.WARNING, logger="naics_hnm.index.approximate"):
         EmbeddingIndex.build(x, device="cpu", index_factory="IVF16,Flat")
     assert "N=300 vectors train nlist=16 lists poorly; expected N >= 624" in caplog.text
     with pytest.raises(ValueError, match="index_factory='IVF8,Bogus' is not a faiss factory string for dim 8"):

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from naics_hnm import HardNegativeMiningCallback, NAICSDataModule
 from naics_hnm.embedding import embed_codes
-from naics_hnm.encoder import TINY_BERT, NAICSEncoder
+from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -225,10 +225,10 @@ def _ddp_run(tmp_path, *extra):
 @pytest.mark.slow
 def test_ddp_sharded_index_equals_one_process(tmp_path):
     """Two CPU ranks (gloo) each index half of the codes; merged neighbour lists equal one process's."""
-    from naics_hnm.embedding_index import EmbeddingIndex
-    from naics_hnm.neighbours import guarded_neighbours
-    from naics_hnm.taxonomy import Taxonomy
-    from naics_hnm.tree_guard import TreeGuard
+    from naics_hnm.index.embedding_index import EmbeddingIndex
+    from naics_hnm.mining.neighbours import guarded_neighbours
+    from naics_hnm.tree.taxonomy import Taxonomy
+    from naics_hnm.tree.guard import TreeGuard
 
     ranks = _ddp_run(tmp_path, "shard")
     assert np.array_equal(ranks[0]["neighbours"], ranks[1]["neighbours"])

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import dict_token_cache
-from naics_hnm.collate import collate_fn
-from naics_hnm.config import SamplingConfig, StreamingConfig
-from naics_hnm.datasets import NAICSMapDataset, Phase1MapDataset
-from naics_hnm.taxonomy import Taxonomy
-from naics_hnm.token_cache import TokenCache
+from naics_hnm.data.collate import collate_fn
+from naics_hnm.data.config import SamplingConfig, StreamingConfig
+from naics_hnm.data.datasets import NAICSMapDataset, Phase1MapDataset
+from naics_hnm.tree.taxonomy import Taxonomy
+from naics_hnm.data.token_cache import TokenCache
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_ROWS, dict_token_cache
-from naics_hnm.collate import collate_fn
-from naics_hnm.config import SamplingConfig, Schedule, StreamingConfig
-from naics_hnm.datasets import Phase1MapDataset
-from naics_hnm.taxonomy import Taxonomy, TaxonomyError
+from naics_hnm.data.collate import collate_fn
+from naics_hnm.data.config import SamplingConfig, Schedule, StreamingConfig
+from naics_hnm.data.datasets import Phase1MapDataset
+from naics_hnm.tree.taxonomy import Taxonomy, TaxonomyError
 
 
 def make(naics, token_cache, phase1_end_epoch=3, sampling=None, **cfg):

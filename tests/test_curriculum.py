@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import dict_token_cache
-from naics_hnm.config import SamplingConfig, StreamingConfig
-from naics_hnm.curriculum import HARD, split_counts, spill
-from naics_hnm.datasets import Phase1MapDataset
-from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.data.config import SamplingConfig, StreamingConfig
+from naics_hnm.data.curriculum import HARD, split_counts, spill
+from naics_hnm.data.datasets import Phase1MapDataset
+from naics_hnm.tree.taxonomy import Taxonomy
 
 PHASE1_END = 3
 

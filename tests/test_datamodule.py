@@ -11,11 +11,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import TINY_ROWS
-from naics_hnm.collate import collate_fn
-from naics_hnm.config import SamplingConfig, StreamingConfig
-from naics_hnm.datamodule import NAICSDataModule, default_cache_dir
-from naics_hnm.encoder import TINY_BERT, NAICSEncoder
-from naics_hnm.token_cache import TokenCacheError, read_fingerprint
+from naics_hnm.data.collate import collate_fn
+from naics_hnm.data.config import SamplingConfig, StreamingConfig
+from naics_hnm.train.datamodule import NAICSDataModule, default_cache_dir
+from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
+from naics_hnm.data.token_cache import TokenCacheError, read_fingerprint
 
 BATCH, PAIRS, EPOCHS, PHASE1_END = 64, 300, 3, 3
 

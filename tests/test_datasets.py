@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import TINY_ROWS, dict_token_cache
-from naics_hnm.collate import collate_fn
-from naics_hnm.config import SamplingConfig, StreamingConfig
-from naics_hnm.datasets import NAICSMapDataset, Phase1MapDataset, load_triplets, save_triplets
-from naics_hnm.taxonomy import Taxonomy
-from naics_hnm.token_cache import TokenCache
+from naics_hnm.data.collate import collate_fn
+from naics_hnm.data.config import SamplingConfig, StreamingConfig
+from naics_hnm.data.datasets import NAICSMapDataset, Phase1MapDataset, load_triplets, save_triplets
+from naics_hnm.tree.taxonomy import Taxonomy
+from naics_hnm.data.token_cache import TokenCache
 
 PHASE1_END = 3
 

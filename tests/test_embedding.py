@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from naics_hnm.embedding import distinct_token_rows, embed_codes
-from naics_hnm.encoder import TINY_BERT, NAICSEncoder
-from naics_hnm.token_cache import TokenCache
+from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
+from naics_hnm.data.token_cache import TokenCache
 
 
 def _cache() -> TokenCache:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import naics_hnm.index_file as index_file
-from naics_hnm.embedding_index import EmbeddingIndex, IndexFileError
-from naics_hnm.index_file import current_index_file, sha256_file
+import naics_hnm.index.index_file as index_file
+from naics_hnm.index.embedding_index import EmbeddingIndex, IndexFileError
+from naics_hnm.index.index_file import current_index_file, sha256_file
 
 METRICS = ("cosine", "ip", "l2")
 HAS_GPU = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -209,7 +209,7 @@ def test_cuda_without_gpu_is_an_error(data):
 
 
 def test_auto_logs_backend(data, caplog):
-    with caplog.at_level(logging.INFO, logger="naics_hnm.embedding_index"):
+    with caplog.at_level(logging.INFO, logger="naics_hnm.index.embedding_index"):
         index = EmbeddingIndex.build(data, device="auto")
     expected = "faiss index on GPU" if HAS_GPU else "faiss index on CPU (no"
     assert expected in caplog.text

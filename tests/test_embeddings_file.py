@@ -10,7 +10,7 @@ from naics_hnm.embeddings_file import (
     load_embeddings,
     save_embeddings,
 )
-from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.tree.taxonomy import Taxonomy
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from naics_hnm.encoder import TINY_BERT, NAICSEncoder
-from naics_hnm.losses import info_nce
-from naics_hnm.token_cache import TokenCache
+from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
+from naics_hnm.train.losses import info_nce
+from naics_hnm.data.token_cache import TokenCache
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_fully_frozen_head_uses_pooled_outputs_from_a_file(cache, tmp_path, capl
     other = NAICSEncoder(config=TINY_BERT, freeze_layers=2, head="mlp").eval()
     other.encoder.load_state_dict(model.encoder.state_dict())
     other.head.load_state_dict(model.head.state_dict())
-    with caplog.at_level("INFO", logger="naics_hnm.frozen_prefix"):
+    with caplog.at_level("INFO", logger="naics_hnm.train.frozen_prefix"):
         other.cache_frozen_prefix(cache, token_cache_path=str(token_file))
     assert "read from" in caplog.text
     assert torch.equal(other._prefix.pooled, model._prefix.pooled)
@@ -134,7 +134,7 @@ def test_info_nce_matches_a_hand_computed_softmax():
 
 
 def test_in_batch_negatives_are_guarded_by_the_taxonomy():
-    from naics_hnm.taxonomy import Taxonomy
+    from naics_hnm.tree.taxonomy import Taxonomy
 
     tx = Taxonomy.naics2022()
     model = NAICSEncoder(config=TINY_BERT, in_batch_negatives=True)

@@ -30,8 +30,8 @@ from naics_hnm.evaluation import (
     ndcg_per_query,
     placement_hits,
 )
-from naics_hnm.synthetic_tree import random_tree, synthetic_tree
-from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.tree.synthetic import random_tree, synthetic_tree
+from naics_hnm.tree.taxonomy import Taxonomy
 
 # ---------------------------------------------------------------- trees and the brute-force reference
 

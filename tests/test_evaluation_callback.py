@@ -9,10 +9,10 @@ import pytest
 
 from naics_hnm import NAICSDataModule
 from naics_hnm.embedding import embed_codes
-from naics_hnm.encoder import TINY_BERT, NAICSEncoder
+from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
 from naics_hnm.evaluation import evaluate_embeddings, holdout_split
-from naics_hnm.evaluation_callback import TaxonomyEvaluationCallback
-from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.train.evaluation_callback import TaxonomyEvaluationCallback
+from naics_hnm.tree.taxonomy import Taxonomy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

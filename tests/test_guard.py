@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from naics_hnm.guard import GuardStats, TreeGuard, guard_mask, margin_mask
-from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.mining.checks import GuardStats, TreeGuard, guard_mask, margin_mask
+from naics_hnm.tree.taxonomy import Taxonomy
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import faiss
 import numpy as np
 import pytest
 
-from naics_hnm.embedding_index import EmbeddingIndex, IndexFileError
-from naics_hnm.index_file import current_index_file, read_sidecar, sha256_file, sidecar_path
+from naics_hnm.index.embedding_index import EmbeddingIndex, IndexFileError
+from naics_hnm.index.index_file import current_index_file, read_sidecar, sha256_file, sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import os, sys
 import numpy as np
-from naics_hnm.embedding_index import EmbeddingIndex
+from naics_hnm.index.embedding_index import EmbeddingIndex
 
 path, when, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 index = EmbeddingIndex.build(np.load(sys.argv[4]), device="cpu", index_factory="HNSW8", epoch=2)

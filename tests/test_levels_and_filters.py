@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from naics_hnm.config import SamplingConfig, StreamingConfig
-from naics_hnm.curriculum import EASY
-from naics_hnm.datasets import Phase1MapDataset
+from naics_hnm.data.config import SamplingConfig, StreamingConfig
+from naics_hnm.data.curriculum import EASY
+from naics_hnm.data.datasets import Phase1MapDataset
 
 
 def _epoch(ds, epoch):

@@ -18,8 +18,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from naics_hnm import mine_hard_negatives  # noqa: E402
-from naics_hnm.hard_negatives import mine_with_report  # noqa: E402
-from naics_hnm.taxonomy import Taxonomy  # noqa: E402
+from naics_hnm.st.hard_negatives import mine_with_report  # noqa: E402
+from naics_hnm.tree.taxonomy import Taxonomy  # noqa: E402
 
 FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 
@@ -160,7 +160,7 @@ def test_rows_are_never_short_while_the_corpus_has_valid_negatives():
 
 def test_short_rows_are_counted_logged_and_n_tuple_drops_them(caplog):
     data, corpus, vectors = random_world(seed=4)
-    with caplog.at_level(logging.WARNING, logger="naics_hnm.hard_negatives"):
+    with caplog.at_level(logging.WARNING, logger="naics_hnm.st.hard_negatives"):
         out, report = mine_with_report(dict(data), TableModel(vectors), corpus=corpus, output_format="n-tuple",
                                        num_negatives=4, min_score=0.55, verbose=False)
     want = brute_force(data, corpus, vectors, n=4, min_score=0.55)

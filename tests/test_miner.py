@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from naics_hnm.embedding_index import EmbeddingIndex
-from naics_hnm.miner import HardNegativeMiner
-from naics_hnm.neighbours import guarded_neighbours
-from naics_hnm.sharded_search import Shard, merge_topk, sharded_search
-from naics_hnm.synthetic_tree import random_tree
-from naics_hnm.taxonomy import Taxonomy
-from naics_hnm.tree_guard import TreeGuard
+from naics_hnm.index.embedding_index import EmbeddingIndex
+from naics_hnm.mining.miner import HardNegativeMiner
+from naics_hnm.mining.neighbours import guarded_neighbours
+from naics_hnm.index.sharded_search import Shard, merge_topk, sharded_search
+from naics_hnm.tree.synthetic import random_tree
+from naics_hnm.tree.taxonomy import Taxonomy
+from naics_hnm.tree.guard import TreeGuard
 from test_mining import TreeReference, brute_force, scores_of
 
 

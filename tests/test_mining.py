@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from naics_hnm.embedding_index import EmbeddingIndex
-from naics_hnm.mining import mine_candidates
-from naics_hnm.synthetic_tree import random_tree
-from naics_hnm.taxonomy import Taxonomy
-from naics_hnm.tree_guard import TreeGuard
+from naics_hnm.index.embedding_index import EmbeddingIndex
+from naics_hnm.mining.candidates import mine_candidates
+from naics_hnm.tree.synthetic import random_tree
+from naics_hnm.tree.taxonomy import Taxonomy
+from naics_hnm.tree.guard import TreeGuard
 
 METRICS = ("cosine", "ip", "l2")
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from naics_hnm.embedding_index import EmbeddingIndex
+from naics_hnm.index.embedding_index import EmbeddingIndex
 from naics_hnm.embeddings_file import save_embeddings
-from naics_hnm.encoder import TINY_BERT, NAICSEncoder
+from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
 from naics_hnm.rebuild_index import main
-from naics_hnm.taxonomy import Taxonomy
-from naics_hnm.token_cache import load_tokenizer
+from naics_hnm.tree.taxonomy import Taxonomy
+from naics_hnm.data.token_cache import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

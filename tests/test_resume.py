@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from naics_hnm import HardNegativeMiningCallback, NAICSDataModule
-from naics_hnm.encoder import TINY_BERT, NAICSEncoder
+from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
 
 BATCHES_PER_EPOCH = 5  # 80 pairs per epoch, batch 16
 

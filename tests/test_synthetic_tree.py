@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from naics_hnm.synthetic_tree import CODE_STYLES, SyntheticTree, random_tree, synthetic_tree
+from naics_hnm.tree.synthetic import CODE_STYLES, SyntheticTree, random_tree, synthetic_tree
 
 
 def depths_of(tree: SyntheticTree) -> dict[str, int]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_ROWS, reference_ancestors
-from naics_hnm.taxonomy import Taxonomy, TaxonomyError, load_taxonomy
+from naics_hnm.tree.taxonomy import Taxonomy, TaxonomyError, load_taxonomy
 
 
 # ---------------------------------------------------------------- NAICS 2022 facts

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from naics_hnm import token_cache as token_cache_module
-from naics_hnm.token_cache import (FORMAT_VERSION, TokenCache, TokenCacheError, TokenizerError, build_token_cache,
+from naics_hnm.data import token_cache as token_cache_module
+from naics_hnm.data.token_cache import (FORMAT_VERSION, TokenCache, TokenCacheError, TokenizerError, build_token_cache,
                                    cache_fingerprint, ensure_token_cache, load_token_cache, load_tokenizer,
                                    read_fingerprint, token_cache_path)
 
@@ -283,14 +283,14 @@ def test_ensure_rebuilds_a_corrupt_or_stale_file(tokenizer, tmp_path, caplog):
     data = bytearray(path.read_bytes())
     data[_lengths_offset(path)] += 1
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="naics_hnm.token_cache"):
+    with caplog.at_level(logging.WARNING, logger="naics_hnm.data.token_cache"):
         assert ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 32) == (path, fp)
     assert f"'{path}' is corrupt" in caplog.text and "rebuilding the token cache: " in caplog.text
     assert load_token_cache(path, fp, expected_codes=CODES).size == len(CODES)
     other, _ = ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 8)
     shutil.copy(other, path)  # a file of other inputs under this name
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="naics_hnm.token_cache"):
+    with caplog.at_level(logging.WARNING, logger="naics_hnm.data.token_cache"):
         ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 32)
     assert "is stale" in caplog.text
     assert load_token_cache(path, fp, expected_codes=CODES).size == len(CODES)
@@ -304,7 +304,7 @@ def test_cache_of_an_earlier_format_is_rebuilt(tokenizer, tmp_path, caplog):
         f.create_dataset("lengths", data=cache.lengths.numpy().astype(np.int32))
         f.create_dataset("codes", data=CODES, dtype=h5py.string_dtype("utf-8"))
         f.attrs.update(format_version=1, fingerprint=fp, max_length=32, pad_token_id=0, n_codes=len(CODES))
-    with caplog.at_level(logging.WARNING, logger="naics_hnm.token_cache"):
+    with caplog.at_level(logging.WARNING, logger="naics_hnm.data.token_cache"):
         ensure_token_cache(tmp_path, "tiny", CODES, TEXTS, tokenizer, 32)
     assert "rebuilding the token cache: " in caplog.text
     assert f"format_version=1, expected {FORMAT_VERSION}" in caplog.text

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from naics_hnm.atomic import STALE_AFTER_S, atomic_write_text, remove_stale_temp_files
-from naics_hnm.token_cache import build_token_cache, ensure_token_cache, load_token_cache
+from naics_hnm.data.token_cache import build_token_cache, ensure_token_cache, load_token_cache
 
 CODES = [f"{1000 + i}" for i in range(40)]
 TEXTS = [f"Code {i}: farming of crop {i}" + f" and {i * 7} widgets" * (i % 4) for i in range(40)]
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KILLED_BUILD = textwrap.dedent("""
     import json, os, signal, sys
     from naics_hnm import atomic
-    from naics_hnm.token_cache import build_token_cache, ensure_token_cache, load_tokenizer
+    from naics_hnm.data.token_cache import build_token_cache, ensure_token_cache, load_tokenizer
 
     target, step, max_length = sys.argv[1], sys.argv[2], int(sys.argv[3])
     codes, texts = json.loads(sys.stdin.read())
@@ -111,7 +111,7 @@ def test_kill_9_while_holding_the_build_lock(tokenizer, tmp_path):
 # Serves ensure_token_cache requests, one JSON line each, starting at a given wall-clock time.
 WORKER = textwrap.dedent("""
     import json, os, sys, time
-    from naics_hnm import token_cache
+    from naics_hnm.data import token_cache
 
     builds = 0
     real_build = token_cache.build_token_cache

@@ -20,8 +20,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from naics_hnm.synthetic_tree import synthetic_tree
-from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.tree.synthetic import synthetic_tree
+from naics_hnm.tree.taxonomy import Taxonomy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_naics.py"

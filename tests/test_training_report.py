@@ -8,8 +8,8 @@ import re
 
 from tqdm.auto import tqdm
 
-from naics_hnm.evaluation_callback import TaxonomyEvaluationCallback
-from naics_hnm.training_report import EpochTable, header_line, plot_history, row_line
+from naics_hnm.train.evaluation_callback import TaxonomyEvaluationCallback
+from naics_hnm.train.report import EpochTable, header_line, plot_history, row_line
 
 ROW = {"epoch": 3, "phase": "2 mined", "mix": "0.40/0.40/0.20", "refresh": "0.4s", "train_loss": 0.5123,
        "ndcg@10": 0.91234, "cophenetic_pearson": 0.8, "heldout_ndcg@10": 0.77, "heldout_parent_hit": 0.6,

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from conftest import letter_code
-from naics_hnm.counter_rng import item_keys
-from naics_hnm.curriculum import EASY, HARD, SEMI_HARD, NegativeTable, spill, split_counts
-from naics_hnm.guard import GuardStats, TreeGuard, guard_mask
-from naics_hnm.pairs import sibling_pairs, tree_pairs
-from naics_hnm.synthetic_tree import random_tree, synthetic_tree
-from naics_hnm.taxonomy import Taxonomy, TaxonomyError
-from naics_hnm.tree_structure import MAX_DEPTH
+from naics_hnm.data.counter_rng import item_keys
+from naics_hnm.data.curriculum import EASY, HARD, SEMI_HARD, NegativeTable, spill, split_counts
+from naics_hnm.mining.checks import GuardStats, TreeGuard, guard_mask
+from naics_hnm.data.pairs import sibling_pairs, tree_pairs
+from naics_hnm.tree.synthetic import random_tree, synthetic_tree
+from naics_hnm.tree.taxonomy import Taxonomy, TaxonomyError
+from naics_hnm.tree.structure import MAX_DEPTH
 
 # ---------------------------------------------------------------- trees and the brute-force reference
 

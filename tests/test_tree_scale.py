@@ -42,11 +42,11 @@ def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 import torch
-from naics_hnm.counter_rng import item_keys
-from naics_hnm.curriculum import NegativeTable
-from naics_hnm.pairs import tree_pairs
-from naics_hnm.taxonomy import Taxonomy
-from naics_hnm.tree_guard import TreeGuard
+from naics_hnm.data.counter_rng import item_keys
+from naics_hnm.data.curriculum import NegativeTable
+from naics_hnm.data.pairs import tree_pairs
+from naics_hnm.tree.taxonomy import Taxonomy
+from naics_hnm.tree.guard import TreeGuard
 
 base = peak_mb()
 t0 = time.time()
@@ -87,8 +87,8 @@ _WIDE_SIBLINGS_SCRIPT = """
 import json, resource, sys, time
 import numpy as np
 
-from naics_hnm.pairs import tree_pairs
-from naics_hnm.taxonomy import Taxonomy
+from naics_hnm.data.pairs import tree_pairs
+from naics_hnm.tree.taxonomy import Taxonomy
 assert "torch" not in sys.modules
 
 def peak_mb():

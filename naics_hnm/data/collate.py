@@ -1,0 +1,63 @@
+"""Batch layout: token tensors with explicit masks, dense ids with -1 padding."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from naics_hnm.data.token_cache import TokenCache
+
+
+def _pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack id rows of any lengths, -1 padded, valid ids first (their order kept)."""
+    if rows and all(len(r) == len(rows[0]) for r in rows):
+        stacked = np.stack(rows).astype(np.int64, copy=False)
+        valid = stacked >= 0
+        if valid.all():
+            return stacked
+        order = np.argsort(~valid, axis=1, kind="stable")
+        return np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(stacked, order, 1), -1)
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        r = np.asarray(r, dtype=np.int64)
+        r = r[r >= 0]
+        out[i, : len(r)] = r
+    return out
+
+
+def collate_fn(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Collate dataset items into the training batch; ``None`` items are dropped.
+
+    Returns ``anchor``/``positive`` token dicts [B, L], ``negatives`` token dict [B, K, L] with
+    ``negative_mask`` [B, K] (False = padding), and ``anchor_idx`` [B], ``positive_idx`` [B],
+    ``negative_idx`` [B, K], ``candidate_idx`` [B, C] (int64, -1 pad), plus the code strings.
+    The input items are not modified.
+    """
+    items = [item for item in batch if item is not None]
+    if not items:
+        raise ValueError(f"collate_fn got an empty batch ({len(batch)} items, all None or none at all)")
+    tokens = items[0]["tokens"]
+    if not isinstance(tokens, TokenCache) or any(item["tokens"] is not tokens for item in items):
+        raise ValueError("collate_fn: every item must reference the same TokenCache under 'tokens'")
+    anchor_idx = np.array([item["anchor_idx"] for item in items], dtype=np.int64)
+    positive_idx = np.array([item["positive_idx"] for item in items], dtype=np.int64)
+    negative_idx = _pad_rows([item["negative_idx"] for item in items])
+    candidate_idx = _pad_rows([item["candidate_idx"] for item in items])
+    negative_mask = negative_idx >= 0
+    everything = np.concatenate([anchor_idx, positive_idx, negative_idx[negative_mask]])
+    width = max(int(tokens._numpy()[1][everything].max()), 1)
+    return {
+        "anchor": tokens.gather(anchor_idx, width),
+        "positive": tokens.gather(positive_idx, width),
+        "negatives": tokens.gather(negative_idx, width),
+        "negative_mask": torch.from_numpy(negative_mask),
+        "anchor_idx": torch.from_numpy(anchor_idx),
+        "positive_idx": torch.from_numpy(positive_idx),
+        "negative_idx": torch.from_numpy(negative_idx),
+        "candidate_idx": torch.from_numpy(candidate_idx),
+        "anchor_code": [item["anchor_code"] for item in items],
+        "positive_code": [item["positive_code"] for item in items],
+    }

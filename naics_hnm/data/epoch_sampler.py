@@ -1,0 +1,69 @@
+"""A shuffling sampler that sends the epoch along with every index.
+
+Lightning calls ``set_epoch`` on samplers, never on datasets, and persistent DataLoader workers
+keep their own copy of the dataset. This sampler therefore yields ``(epoch, index)`` pairs: the
+epoch travels with each index through the workers' index queues, so an item is computed for the
+epoch it belongs to in any worker, persistent or not. A resume in the middle of an epoch starts
+after the samples already trained on (:meth:`resume`, driven by
+:class:`naics_hnm.data.resumable_loader.ResumableLoader`). Shuffling follows
+:class:`torch.utils.data.DistributedSampler` (a generator seeded with ``seed + epoch``); it is a
+subclass so that Lightning keeps it under DDP instead of wrapping it, and shards by rank itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+
+class EpochSampler(DistributedSampler):
+    def __init__(self, dataset_size: int, *, seed: int = 0, shuffle: bool = True,
+                 samples_per_epoch: int | None = None, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        if not (isinstance(dataset_size, int) and dataset_size >= 1):
+            raise ValueError(f"dataset_size={dataset_size!r}: expected an int >= 1")
+        if samples_per_epoch is not None and not (isinstance(samples_per_epoch, int) and samples_per_epoch >= 1):
+            raise ValueError(f"samples_per_epoch={samples_per_epoch!r}: expected None or an int >= 1")
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.dataset_size = dataset_size
+        self.samples_per_epoch = min(samples_per_epoch or dataset_size, dataset_size)
+        super().__init__(range(dataset_size), num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=False)
+        self.num_samples = math.ceil(self.samples_per_epoch / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Start ``epoch`` after this rank's first ``skip`` samples, once (a mid-epoch resume)."""
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(skip, int) and skip >= 0):
+            raise ValueError(f"resume(epoch={epoch!r}, skip={skip!r}): expected two ints >= 0")
+        self._resume = (epoch, skip)
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch`` (a pure function of seed, epoch and rank)."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + epoch)
+            order = torch.randperm(self.dataset_size, generator=g)[: self.samples_per_epoch].tolist()
+        else:
+            order = list(range(self.samples_per_epoch))
+        order += order[: self.total_size - len(order)]
+        return order[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        indices = self.epoch_indices(epoch)
+        if self._resume is not None and self._resume[0] == epoch:
+            indices = indices[self._resume[1] :]
+        self._resume = None
+        return ((epoch, i) for i in indices)
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -1,0 +1,43 @@
+"""A DataLoader that Lightning resumes mid-epoch: its stateful-loader protocol over an EpochSampler.
+
+Lightning saves ``state_dict()`` of every training loader that has one in each checkpoint and
+hands it back through ``load_state_dict()`` before the resumed epoch's iterator is created. The
+state is plain: the epoch and how many batches of it the training loop had started when the
+checkpoint was written (Lightning's own batch progress). On restore the sampler skips exactly
+those samples, so a resume from any step trains on the same remaining batches, with the same
+negatives, as the uninterrupted run - in the main process or in any number of workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch.utils.data import DataLoader, Dataset
+
+from naics_hnm.data.epoch_sampler import EpochSampler
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an :class:`EpochSampler`; ``batches_started()`` reports the loop's progress."""
+
+    def __init__(self, dataset: Dataset, *, sampler: EpochSampler, batches_started: Callable[[], int],
+                 **kwargs: Any) -> None:
+        if not isinstance(sampler, EpochSampler):
+            raise TypeError(f"ResumableLoader(sampler={type(sampler).__name__}): expected an EpochSampler")
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._batches_started = batches_started
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training goes on: ``{"epoch": e, "batches": b}`` = epoch e after its first b batches."""
+        epoch, batches = int(self.sampler.epoch), int(self._batches_started())
+        if batches >= len(self):
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Set the sampler to the saved position (the first iterator may be created right after this)."""
+        epoch, batches = state_dict.get("epoch"), state_dict.get("batches", 0)
+        if epoch is None:
+            return
+        self.sampler.set_epoch(int(epoch))
+        self.sampler.resume(int(epoch), int(batches) * int(self.batch_size))

@@ -1,0 +1,302 @@
+"""The on-disk format of an index: generation-named payload files switched by one sidecar.
+
+Saving to a path such as ``indexes/x.faiss`` writes, in its folder:
+
+- ``x.faiss.g000042.index``: the faiss index (``faiss.write_index`` of its CPU version);
+- ``x.faiss.g000042.vectors.npy``: the float32 vectors (``allow_pickle=False``), only for
+  approximate indexes, whose own storage cannot give the exact vectors back;
+- ``x.faiss.json``: the sidecar, holding the metadata plus the generation's file names and
+  sha256 checksums.
+
+Each payload file is written under a temporary name, fsynced, and renamed to its generation name;
+then the folder is fsynced and the sidecar is written the same way. The sidecar's rename is the one
+commit point: readers go through the sidecar, so they see the whole old set or the whole new set,
+whatever moment the writer is killed at. After the commit, the older generations of that path, the
+files of format 1 and stale temporaries of our naming are deleted.
+
+``path`` itself then becomes a hard link to (or, where links are not possible, a copy of) the
+committed generation's index file, so ``faiss.read_index(path)`` and tools that look for ``path``
+keep working. Loads never read it: they go through the sidecar. No two renames are atomic
+together, so a kill between the sidecar's rename and this one leaves ``path`` one generation
+behind, never a load that mixes two sets; the next save puts it right. Format 1 (index at
+``path``, vectors at ``path + ".vectors.npy"``) is still read, and replaced by the first save.
+
+One writer per path at a time. Two concurrent saves of one path can pick the same generation; the
+checksums then make a load fail loudly rather than mix the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path, PurePath
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+
+from naics_hnm.index.ids import METRICS
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+REQUIRED_KEYS = ("format_version", "metric", "dim", "ntotal", "index_type", "codes_fingerprint",
+                 "model_fingerprint", "epoch", "index_sha256")
+
+
+class IndexFileError(ValueError):
+    """An index file or its sidecar is missing, corrupt or does not match what was expected."""
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The sidecar of the index set named ``path``: ``path + ".json"``."""
+    return Path(str(path) + ".json")
+
+
+def vectors_path(path: str | Path) -> Path:
+    """Where format 1 kept the vectors of an approximate index: ``path + ".vectors.npy"``."""
+    return Path(str(path) + ".vectors.npy")
+
+
+def generation_paths(path: str | Path, generation: int) -> tuple[Path, Path]:
+    """``(index file, vectors file)`` of one generation of the set named ``path``."""
+    stem = f"{Path(path).name}.g{generation:06d}"
+    folder = Path(path).parent
+    return folder / f"{stem}.index", folder / f"{stem}.vectors.npy"
+
+
+def faiss_metric(metric: str) -> int:
+    """The faiss metric constant behind one of :data:`METRICS`."""
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_index_files(path: str | Path, index: faiss.Index, vectors: np.ndarray | None,
+                      meta: dict[str, Any]) -> dict[str, Any]:
+    """Write a new generation of the set named ``path`` and switch to it; return the sidecar.
+
+    ``index`` must be a CPU index; ``vectors`` (or None) are stored beside it. On any error
+    before the sidecar's rename, this generation's files are removed and the previous set is
+    untouched; a kill at any point leaves either the previous or the new set loadable.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = _previous_sidecar(path)
+    generation = _next_generation(path, previous)
+    index_file, vectors_file = generation_paths(path, generation)
+    sidecar = {**meta, "format_version": FORMAT_VERSION, "generation": generation,
+               "index_file": index_file.name, "vectors_file": None, "vectors_sha256": None}
+    written: list[Path] = []
+    try:
+        sidecar["index_sha256"] = _write_durably(index_file, lambda tmp: faiss.write_index(index, str(tmp)))
+        written.append(index_file)
+        if vectors is not None:
+            sidecar["vectors_sha256"] = _write_durably(vectors_file, lambda tmp: _save_npy(tmp, vectors))
+            sidecar["vectors_file"] = vectors_file.name
+            written.append(vectors_file)
+        _fsync_dir(path.parent)
+        _write_durably(sidecar_path(path), lambda tmp: _write_json(tmp, sidecar))
+    except BaseException:
+        for file in written:
+            file.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    _publish(path, index_file)
+    _remove_stale(path, keep={index_file.name, vectors_file.name})
+    return sidecar
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The validated sidecar of ``path``; format 1 gains the ``index_file`` / ``vectors_file`` it implied."""
+    path = Path(path)
+    meta_path = sidecar_path(path)
+    if not meta_path.is_file():
+        raise IndexFileError(f"index sidecar {str(meta_path)!r} does not exist; expected it beside {str(path)!r}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFileError(f"index sidecar {str(meta_path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise IndexFileError(f"index sidecar {str(meta_path)!r} holds {type(meta).__name__}, expected a JSON object")
+    required = REQUIRED_KEYS + (("index_file", "generation") if meta.get("format_version") == FORMAT_VERSION else ())
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise IndexFileError(f"index sidecar {str(meta_path)!r} lacks key(s) {missing}")
+    if meta["format_version"] not in READABLE_VERSIONS:
+        raise IndexFileError(f"index sidecar {str(meta_path)!r} has format_version {meta['format_version']!r}, "
+                             f"expected one of {READABLE_VERSIONS}")
+    if meta["metric"] not in METRICS:
+        raise IndexFileError(f"index sidecar {str(meta_path)!r} has metric {meta['metric']!r}, "
+                             f"expected one of {METRICS}")
+    if meta["format_version"] == 1:
+        meta = {**meta, "index_file": path.name, "vectors_file": meta.get("vectors_file") or vectors_path(path).name}
+    for key in ("index_file", "vectors_file"):
+        _check_member(meta_path, key, meta.get(key), required=key == "index_file")
+    params = meta.setdefault("search_params", {})
+    if not isinstance(params, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in params.values()):
+        raise IndexFileError(f"index sidecar {str(meta_path)!r} has search_params {params!r}, "
+                             "expected an object of integer values")
+    return meta
+
+
+def current_index_file(path: str | Path) -> Path:
+    """The faiss file the sidecar of ``path`` names now (for tools that read it with faiss)."""
+    return Path(path).parent / read_sidecar(path)["index_file"]
+
+
+def read_index_file(path: str | Path, meta: dict[str, Any]) -> faiss.Index:
+    """The faiss index named by ``meta``, checked against its checksum, sizes and metric."""
+    file = Path(path).parent / meta["index_file"]
+    _check_checksum(file, meta["index_sha256"], "index file")
+    try:
+        index = faiss.read_index(str(file))
+    except RuntimeError as exc:
+        raise IndexFileError(f"index file {str(file)!r} cannot be read by faiss: {exc}") from exc
+    if index.ntotal != meta["ntotal"] or index.d != meta["dim"]:
+        raise IndexFileError(f"index file {str(file)!r} holds ntotal={index.ntotal}, d={index.d}; "
+                             f"its sidecar says ntotal={meta['ntotal']}, dim={meta['dim']}")
+    if index.metric_type != faiss_metric(meta["metric"]):
+        raise IndexFileError(f"index file {str(file)!r} has faiss metric {index.metric_type}, "
+                             f"sidecar says {meta['metric']!r}")
+    return index
+
+
+def read_vectors_file(path: str | Path, meta: dict[str, Any]) -> np.ndarray:
+    """The float32 [ntotal, dim] vectors named by ``meta``, checked against checksum and shape."""
+    file = Path(path).parent / meta["vectors_file"]
+    _check_checksum(file, meta.get("vectors_sha256"), f"vectors file of approximate index {str(path)!r},")
+    vectors = np.load(file, allow_pickle=False)
+    expected = (meta["ntotal"], meta["dim"])
+    if vectors.shape != expected or vectors.dtype != np.float32:
+        raise IndexFileError(f"vectors file {str(file)!r} holds {vectors.dtype} {vectors.shape}, "
+                             f"expected float32 {expected}")
+    return np.ascontiguousarray(vectors)
+
+
+def _check_member(meta_path: Path, key: str, name: Any, required: bool) -> None:
+    """Refuse a sidecar file name that is not a plain name inside the sidecar's own folder."""
+    if name is None and not required:
+        return
+    plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+    if not plain or PurePath(name).is_absolute() or PurePath(name).name != name:
+        raise IndexFileError(f"index sidecar {str(meta_path)!r} names {key} {name!r}; expected a plain file name "
+                             f"inside {str(meta_path.parent)!r}")
+
+
+def _check_checksum(file: Path, expected: Any, what: str) -> None:
+    if not file.is_file():
+        raise IndexFileError(f"{what} {str(file)!r} does not exist")
+    digest = sha256_file(file)
+    if digest != expected:
+        raise IndexFileError(f"{what} {str(file)!r} has sha256 {digest}, but its sidecar says {expected} "
+                             "(corrupt, truncated or replaced); rebuild the index")
+
+
+def _write_json(path: Path, meta: dict[str, Any]) -> None:
+    path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _save_npy(path: Path, vectors: np.ndarray) -> None:
+    with path.open("wb") as handle:
+        np.save(handle, vectors, allow_pickle=False)
+
+
+def _write_durably(target: Path, write: Callable[[Path], None]) -> str:
+    """Write ``target`` through a fsynced temporary renamed over it; return its sha256.
+
+    The rename is the last step: if anything raises, the temporary is removed and ``target`` is
+    as it was.
+    """
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with tmp.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        digest = sha256_file(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def _publish(path: Path, index_file: Path) -> None:
+    """Put the committed index file at ``path`` too: a hard link, else a copy, renamed into place."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    tmp.unlink()
+    try:
+        try:
+            os.link(index_file, tmp)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(index_file, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames inside ``folder`` durable (a no-op where directories cannot be opened)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _previous_sidecar(path: Path) -> dict[str, Any] | None:
+    """The sidecar being replaced, or None when there is none or it cannot be parsed."""
+    try:
+        meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing or corrupt: nothing to carry over, it is replaced anyway
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _own_files(path: Path) -> tuple[re.Pattern, re.Pattern]:
+    """Patterns of this set's generation files (group 1 = generation) and of our temporaries."""
+    name = re.escape(path.name)
+    generation = re.compile(rf"{name}\.g(\d+)\.(?:index|vectors\.npy)")
+    payload = r"(?:g\d+\.index\.|g\d+\.vectors\.npy\.|json\.|vectors\.npy\.)?"  # mkstemp adds 8 characters
+    temporary = re.compile(rf"\.{name}\.{payload}[a-z0-9_]{{8}}\.tmp")
+    return generation, temporary
+
+
+def _next_generation(path: Path, previous: dict[str, Any] | None) -> int:
+    """One more than any generation on disk or in the previous sidecar."""
+    generation, _ = _own_files(path)
+    seen = [int(m.group(1)) for p in path.parent.iterdir() if (m := generation.fullmatch(p.name))]
+    last = previous.get("generation") if previous else None
+    if isinstance(last, int) and not isinstance(last, bool):
+        seen.append(last)
+    return max(seen, default=0) + 1
+
+
+def _remove_stale(path: Path, keep: set[str]) -> None:
+    """Delete the older generations, format 1 files and our temporaries of the set ``path``."""
+    generation, temporary = _own_files(path)
+    for file in path.parent.iterdir():
+        own = generation.fullmatch(file.name) or temporary.fullmatch(file.name)
+        if own and file.name not in keep and file.is_file():
+            file.unlink(missing_ok=True)
+    vectors_path(path).unlink(missing_ok=True)

@@ -1,0 +1,147 @@
+"""Public guard and margin masks over batches of (anchor, candidate) ids, numpy or torch.
+
+``True`` in a mask means *keep*. The false-negative rule itself lives in one place,
+:mod:`naics_hnm.tree.guard`; this module validates user input for it (:func:`guard_mask`) and
+holds the positive-aware margin the miner applies afterwards (:func:`margin_mask`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from naics_hnm.index.ids import METRICS, as_id_tensor, check_id_range, like_input
+from naics_hnm.tree.taxonomy import Taxonomy
+from naics_hnm.tree.guard import GuardStats, TreeGuard, guard_tensors
+
+__all__ = ["GuardStats", "TreeGuard", "as_tree_guard", "check_margin", "exclude_mask", "guard_mask",
+           "margin_mask", "margin_tensors"]
+
+
+def as_tree_guard(tree: Any) -> TreeGuard | None:
+    """None, a :class:`TreeGuard`, or a :class:`Taxonomy` (wrapped) -> TreeGuard or None."""
+    if tree is None or isinstance(tree, TreeGuard):
+        return tree
+    if isinstance(tree, Taxonomy):
+        return TreeGuard(tree)
+    raise TypeError(f"taxonomy={type(tree).__name__}: expected a Taxonomy, a TreeGuard or None")
+
+
+def is_bool_mask(x: Any) -> bool:
+    """Whether ``x`` is a numpy or torch bool array."""
+    if isinstance(x, np.ndarray):
+        return x.dtype == np.bool_
+    return isinstance(x, torch.Tensor) and x.dtype == torch.bool
+
+
+def exclude_mask(candidates: torch.Tensor, exclude: Any) -> torch.Tensor:
+    """bool [B, C]: True where a candidate is in its row's exclude collection.
+
+    ``exclude`` is a bool mask [B, C] (numpy or torch) or a length-B sequence of id collections
+    (``None`` entries allowed).
+    """
+    b, c = candidates.shape
+    if is_bool_mask(exclude):
+        if tuple(exclude.shape) != (b, c):
+            raise ValueError(f"exclude mask has shape {tuple(exclude.shape)}, expected [B, C] = {(b, c)}")
+        mask = exclude if isinstance(exclude, torch.Tensor) else torch.from_numpy(np.asarray(exclude))
+        return mask.to(candidates.device)
+    if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__"):
+        raise TypeError(
+            f"exclude must be a bool mask [B, C] or a list of B id collections, got {type(exclude).__name__}"
+        )
+    if len(exclude) != b:
+        raise ValueError(f"exclude has {len(exclude)} entries, expected one id collection per anchor (B={b})")
+    rows = []
+    for i, ids in enumerate(exclude):
+        if ids is None:
+            rows.append(np.empty(0, dtype=np.int64))
+            continue
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        arr = np.asarray(list(ids) if isinstance(ids, (set, frozenset)) else ids).reshape(-1)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"exclude[{i}] must hold integer ids, got dtype {arr.dtype}")
+        rows.append(arr.astype(np.int64))
+    width = max((r.size for r in rows), default=0)
+    if width == 0 or c == 0:
+        return torch.zeros((b, c), dtype=torch.bool, device=candidates.device)
+    padded = np.full((b, width), -2, dtype=np.int64)
+    for i, r in enumerate(rows):
+        padded[i, : r.size] = r
+    table = torch.from_numpy(padded).to(candidates.device)
+    return (candidates.unsqueeze(2) == table.unsqueeze(1)).any(dim=2)
+
+
+def guard_mask(anchor_ids: Any, candidate_ids: Any, *, positive_ids: Any = None, taxonomy: Any = None,
+               order_filter: bool = False, exclude: Any = None) -> tuple[Any, GuardStats]:
+    """``(keep [B, C], stats)``: drop padding, the anchor, its positive, relatives, order, exclude.
+
+    ``taxonomy`` (a Taxonomy or a :class:`TreeGuard`) adds the tree rules: never an ancestor or
+    descendant of the anchor, never a disallowed code, and with ``order_filter`` never a code as
+    near the anchor as its positive. ``positive_ids`` may hold ``-1`` (no positive for that row).
+    ``exclude``: a bool mask [B, C] or B id collections. Output is numpy or torch like ``candidate_ids``.
+    """
+    device = candidate_ids.device if isinstance(candidate_ids, torch.Tensor) else "cpu"
+    tree = as_tree_guard(taxonomy)
+    anchors = as_id_tensor(anchor_ids, "anchor_ids", device, 1)
+    candidates = as_id_tensor(candidate_ids, "candidate_ids", device, 2)
+    positives = None if positive_ids is None else as_id_tensor(positive_ids, "positive_ids", device, 1)
+    b = anchors.shape[0]
+    if candidates.shape[0] != b:
+        raise ValueError(f"candidate_ids has {candidates.shape[0]} rows, expected B={b} (one per anchor)")
+    if positives is not None and positives.shape != anchors.shape:
+        raise ValueError(f"positive_ids has shape {tuple(positives.shape)}, expected [B] = [{b}]")
+    if order_filter and (positives is None or tree is None):
+        raise ValueError("order_filter=True needs positive_ids and a taxonomy")
+    n = len(tree) if tree is not None else 2**62
+    check_id_range(anchors, "anchor_ids", n, allow_padding=False)
+    check_id_range(candidates, "candidate_ids", n, allow_padding=True)
+    if positives is not None:
+        check_id_range(positives, "positive_ids", n, allow_padding=True)
+    excluded = None if exclude is None else exclude_mask(candidates, exclude)
+    keep, stats = guard_tensors(anchors, candidates, positives, tree=tree, order_filter=order_filter,
+                                exclude=excluded)
+    return like_input(candidate_ids, keep)[0], stats
+
+
+def margin_mask(candidate_scores: Any, positive_scores: Any, relative_margin: float, metric: str) -> Any:
+    """Positive-aware relative margin (NV-Retriever TopK-PercPos); True = keep.
+
+    Similarities (cosine/ip): keep ``s <= pos - m * |pos|`` (``(1 - m) * pos`` for ``pos >= 0``).
+    l2 distances: keep ``d >= pos + m * |pos|``. Rows with a non-finite positive score keep all.
+    """
+    m = check_margin(relative_margin)
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: expected one of {METRICS}")
+    scores, pos = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+                   for x in (candidate_scores, positive_scores))
+    pos = pos.to(device=scores.device, dtype=scores.dtype)
+    if scores.dim() != 2 or pos.shape != scores.shape[:1]:
+        raise ValueError(
+            f"candidate_scores {tuple(scores.shape)} and positive_scores {tuple(pos.shape)}: expected [B, C] and [B]"
+        )
+    keep = margin_tensors(scores, pos, m, metric)
+    return like_input(candidate_scores, keep)[0]
+
+
+def margin_tensors(scores: torch.Tensor, pos: torch.Tensor, m: float, metric: str) -> torch.Tensor:
+    """:func:`margin_mask` on validated tensors."""
+    finite = torch.isfinite(pos).unsqueeze(1)
+    safe = torch.where(torch.isfinite(pos), pos, torch.zeros_like(pos)).unsqueeze(1)
+    if metric == "l2":
+        keep = scores >= safe + m * safe.abs()
+    else:
+        keep = scores <= safe - m * safe.abs()
+    return keep | ~finite
+
+
+def check_margin(relative_margin: Any) -> float:
+    if isinstance(relative_margin, bool) or not isinstance(relative_margin, (int, float, np.floating, np.integer)):
+        raise TypeError(f"relative_margin={relative_margin!r}: expected a number in [0, 1)")
+    m = float(relative_margin)
+    if not 0.0 <= m < 1.0:
+        raise ValueError(f"relative_margin={relative_margin!r}: expected a number in [0, 1)")
+    return m

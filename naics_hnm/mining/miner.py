@@ -1,0 +1,196 @@
+"""HardNegativeMiner: the Phase 2+ miner you can hold without Lightning.
+
+``refresh(embeddings, epoch)`` indexes every code's current embedding (flat or a faiss factory
+string, GPU where available) and builds each code's guarded nearest-neighbour list from that
+index in memory-bounded batches; ``mine(anchors, positives, pool)`` widens each anchor's pool with
+its neighbours and returns the ``k`` hardest survivors of the tree guard and the margin, ranked
+exactly. Use it in any training loop::
+
+    miner = HardNegativeMiner(taxonomy, k=8)
+    miner.refresh(model_embeddings_of_every_code, epoch)
+    scores, ids, stats = miner.mine(anchor_ids, positive_ids, pool_ids)
+
+:class:`naics_hnm.train.callback.HardNegativeMiningCallback` is thin Lightning hooks around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from naics_hnm.index.embedding_index import EmbeddingIndex
+from naics_hnm.index.ids import as_id_tensor, like_input
+from naics_hnm.mining.candidates import mine_candidates
+from naics_hnm.mining.neighbours import guarded_neighbours
+from naics_hnm.index.sharded_search import Shard, sharded_search
+from naics_hnm.tree.taxonomy import Taxonomy
+from naics_hnm.tree.guard import GuardStats, TreeGuard
+
+log = logging.getLogger(__name__)
+METRICS = ("cosine", "ip", "l2")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def compact_unique(ids: torch.Tensor) -> torch.Tensor:
+    """Drop repeated ids within each row (first occurrence wins) and move valid ids to the front."""
+    sorted_ids, order = torch.sort(ids, dim=1, stable=True)
+    repeat_sorted = torch.zeros_like(ids, dtype=torch.bool)
+    repeat_sorted[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    repeat = torch.zeros_like(repeat_sorted).scatter(1, order, repeat_sorted)
+    ids = ids.masked_fill(repeat, -1)
+    front = torch.sort((ids < 0).to(torch.int8), dim=1, stable=True).indices
+    return torch.gather(ids, 1, front)
+
+
+def check_miner_args(call: str, *, k: Any, metric: Any, relative_margin: Any, neighbours: Any, device: Any,
+                     index_factory: Any, search_params: Any) -> None:
+    """Validate the miner's settings; errors quote ``call`` (the miner's or the callback's name)."""
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"{call}(k={k!r}): expected an int >= 1")
+    if metric not in METRICS:
+        raise ValueError(f"{call}(metric={metric!r}): expected one of {METRICS}")
+    if relative_margin is not None and not (isinstance(relative_margin, (int, float)) and 0.0 <= relative_margin < 1.0):
+        raise ValueError(f"{call}(relative_margin={relative_margin!r}): expected None or a number in [0, 1)")
+    if not (isinstance(neighbours, int) and neighbours >= 0):
+        raise ValueError(f"{call}(neighbours={neighbours!r}): expected an int >= 0")
+    if device not in DEVICES:
+        raise ValueError(f"{call}(device={device!r}): expected one of {DEVICES}")
+    if index_factory is not None and not (isinstance(index_factory, str) and index_factory.strip()):
+        raise ValueError(f"{call}(index_factory={index_factory!r}): expected None or a faiss factory string")
+    if search_params is not None and not isinstance(search_params, dict):
+        raise TypeError(f"{call}(search_params={search_params!r}): expected None or a dict such as {{'nprobe': 64}}")
+
+
+class HardNegativeMiner:
+    """Index the current embeddings of every code and mine guarded hard negatives per batch.
+
+    Args:
+        taxonomy: the code tree (ids are its dense indices).
+        allowed: optional bool [N]; codes outside it are never mined (held-out codes).
+        k: negatives per anchor.
+        metric: "cosine", "ip" or "l2".
+        relative_margin: positive-aware margin (drop candidates above ``(1 - m) * sim(anchor, positive)``); None: off.
+        order_filter: keep only codes whose LCA with the anchor is shallower than the positive's.
+        neighbours: M nearest guarded codes per anchor added to each pool (0: rank the pool only).
+        index_factory, search_params: an approximate faiss index (e.g. "IVF4096,Flat", {"nprobe": 64});
+            None: exact flat search.
+        device: "auto" (faiss GPU when available, logged), "cpu" or "cuda".
+        shard: under DDP, search only this rank's shard of the codes and merge the ranks' top-k
+            (index memory per rank ~ N / world size); see :mod:`naics_hnm.index.sharded_search`.
+    """
+
+    def __init__(self, taxonomy: Taxonomy, *, allowed: np.ndarray | None = None, k: int = 8,
+                 metric: str = "cosine", relative_margin: float | None = 0.05, order_filter: bool = True,
+                 neighbours: int = 64, index_factory: str | None = None, search_params: dict | None = None,
+                 device: str = "auto", neighbour_batch_size: int = 8192, max_search: int = 4096,
+                 shard: Shard | None = None) -> None:
+        if not isinstance(taxonomy, Taxonomy):
+            raise TypeError(f"HardNegativeMiner(taxonomy={type(taxonomy).__name__}): expected a Taxonomy")
+        check_miner_args("HardNegativeMiner", k=k, metric=metric, relative_margin=relative_margin,
+                         neighbours=neighbours, device=device, index_factory=index_factory, search_params=search_params)
+        self.guard = TreeGuard(taxonomy, allowed)
+        self.k = k
+        self.metric = metric
+        self.relative_margin = None if relative_margin is None else float(relative_margin)
+        self.order_filter = bool(order_filter)
+        self.neighbours = neighbours
+        self.index_factory = index_factory
+        self.search_params = dict(search_params) if search_params else None
+        self.device = device
+        self.neighbour_batch_size = neighbour_batch_size
+        self.max_search = max_search
+        self.shard = shard
+        self.index: EmbeddingIndex | None = None
+        self.neighbour_ids: torch.Tensor | None = None
+        self.epoch: int | None = None
+        self.last_timings: dict[str, float] = {}
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        return self.guard.taxonomy
+
+    def _build_index(self, embeddings: Any, epoch: int | None) -> EmbeddingIndex:
+        codes = self.taxonomy.codes
+        if self.shard is None:
+            return EmbeddingIndex.build(embeddings, metric=self.metric, device=self.device, codes=codes, epoch=epoch,
+                                        **self._index_options())
+        # ranking stays exact over every row; only the searched structure is this rank's shard
+        return EmbeddingIndex.build(embeddings, metric=self.metric, device="cpu", codes=codes, epoch=epoch)
+
+    def _index_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"index_factory": self.index_factory}
+        if self.search_params:
+            options["search_params"] = self.search_params
+        return options
+
+    def _search_fn(self, index: EmbeddingIndex) -> Callable | None:
+        if self.shard is None:
+            return None
+        return sharded_search(index.vectors.cpu().numpy(), self.shard, metric=self.metric, device=self.device,
+                              **self._index_options())
+
+    def refresh(self, embeddings: Any, epoch: int | None = None, *, progress: bool = False) -> dict[str, float]:
+        """Index ``embeddings`` (float [N, d], row i = code i) and rebuild the neighbour lists.
+
+        Returns the seconds spent on the index build and on the neighbour lists.
+        """
+        n = len(self.taxonomy)
+        if tuple(getattr(embeddings, "shape", ())[:1]) != (n,):
+            raise ValueError(f"refresh(embeddings of shape {tuple(getattr(embeddings, 'shape', ()))}): expected "
+                             f"[{n}, d], one row per code of the taxonomy")
+        t0 = time.perf_counter()
+        index = self._build_index(embeddings, epoch)
+        t1 = time.perf_counter()
+        neighbour_ids = None
+        if self.neighbours:
+            anchors = np.arange(n) if self.guard.allowed is None else np.flatnonzero(self.guard.allowed)
+            _, ids, _ = guarded_neighbours(index, anchors, self.neighbours, guard=self.guard,
+                                           batch_size=self.neighbour_batch_size, max_search=self.max_search,
+                                           search=self._search_fn(index), progress=progress)
+            table = np.full((n, self.neighbours), -1, dtype=np.int32)
+            table[anchors] = ids
+            neighbour_ids = torch.from_numpy(table).to(index.vectors.device)
+        t2 = time.perf_counter()
+        self.index, self.neighbour_ids, self.epoch = index, neighbour_ids, epoch
+        self.last_timings = {"build": t1 - t0, "neighbours": t2 - t1}
+        return dict(self.last_timings)
+
+    def widen(self, anchors: Any, pool: Any = None) -> torch.Tensor:
+        """Each anchor's pool [B, C] (-1 pads; None: empty) plus its neighbours, repeats removed."""
+        if self.index is None:
+            raise RuntimeError("HardNegativeMiner.widen() before refresh(): index the embeddings first")
+        device = self.index.vectors.device
+        anchors = as_id_tensor(anchors, "anchor_ids", device, 1)
+        pool = torch.empty((len(anchors), 0), dtype=torch.int64, device=device) if pool is None \
+            else as_id_tensor(pool, "pool", device, 2)
+        if self.neighbour_ids is None:
+            return pool
+        return compact_unique(torch.cat([pool, self.neighbour_ids[anchors].to(torch.int64)], dim=1))
+
+    def mine(self, anchors: Any, positives: Any, pool: Any = None, *,
+             widen: bool = True) -> tuple[Any, Any, GuardStats]:
+        """``(scores [B, k], ids [B, k], stats)``: the k hardest guarded codes of each widened pool.
+
+        Never the anchor, its positive (-1: none), an ancestor, a descendant or a disallowed
+        code; with the order filter only codes farther in the tree than the positive; with the
+        margin none above it. Output is numpy or torch like ``anchors``.
+        """
+        if self.index is None:
+            raise RuntimeError("HardNegativeMiner.mine() before refresh(): index the embeddings first")
+        candidates = self.widen(anchors, pool) if widen else pool
+        scores, ids, stats = mine_candidates(
+            self.index, anchors, candidates, k=self.k, positive_ids=positives, relative_margin=self.relative_margin,
+            taxonomy=self.guard, order_filter=self.order_filter, return_stats=True)
+        return (*like_input(anchors, torch.as_tensor(scores), torch.as_tensor(ids)), stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values only: what was refreshed when (the embeddings themselves live in files)."""
+        return {"epoch": self.epoch, "k": self.k, "metric": self.metric, "neighbours": self.neighbours,
+                "index_factory": self.index_factory}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state.get("epoch")

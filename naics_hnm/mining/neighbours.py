@@ -1,0 +1,90 @@
+"""Guarded nearest neighbours of indexed codes: the pool-widening lists of Phase 2+.
+
+Each anchor's ``m`` most similar codes that the tree guard keeps (never the anchor, an ancestor,
+a descendant or a disallowed code) come from the index itself - flat or approximate - in batches
+of queries, so memory is O(batch x depth) beyond the [N, m] result. A row whose first ``depth``
+neighbours are mostly guarded away (an internal code with a large subtree) is searched again
+deeper, up to ``max_search``; what is still short is padded with -1 and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from naics_hnm.index.embedding_index import EmbeddingIndex
+from naics_hnm.tree.guard import TreeGuard, guard_tensors
+
+log = logging.getLogger(__name__)
+
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class NeighbourReport:
+    rows: int = 0
+    short_rows: int = 0
+    searches: int = 0
+
+
+def _first_kept(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray, m: int,
+                metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row the first ``m`` kept entries (search order), ties by lower id; (scores, ids, n_kept)."""
+    worst = np.inf if metric == "l2" else -np.inf
+    masked = np.where(keep, scores, worst)
+    key = masked if metric == "l2" else -masked
+    order = np.lexsort((np.where(keep, ids, np.iinfo(np.int64).max), key), axis=1)[:, :m]
+    top_ids = np.take_along_axis(np.where(keep, ids, -1), order, axis=1)
+    top_scores = np.take_along_axis(masked, order, axis=1)
+    if top_ids.shape[1] < m:
+        pad = m - top_ids.shape[1]
+        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=worst)
+    return top_scores, top_ids, keep.sum(axis=1)
+
+
+def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *, guard: TreeGuard | None = None,
+                       batch_size: int = 8192, max_search: int = 4096, search: SearchFn | None = None,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray, NeighbourReport]:
+    """``(scores [B, m], ids [B, m] int32, report)``: each anchor's ``m`` nearest guarded codes.
+
+    Scores follow the index metric (similarity, or squared distance for l2), best first; -1 pads.
+    With a flat index the result equals a brute-force search over all guarded codes (for rows not
+    cut short by ``max_search``). ``search(queries_ids, k) -> (scores, ids)`` replaces the index
+    search (the sharded DDP search plugs in here).
+    """
+    if not (isinstance(m, int) and m >= 1):
+        raise ValueError(f"m={m!r}: expected an int >= 1")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+    anchor_ids = np.asarray(anchor_ids, dtype=np.int64)
+    n = index.ntotal
+    search = search or (lambda rows, k: index.search_ids(rows, k))
+    limit = min(n, max(max_search, m + 1))
+    first_depth = min(limit, m + 2 + (guard.taxonomy.max_depth if guard is not None else 0))
+    out_scores = np.empty((len(anchor_ids), m), dtype=np.float32)
+    out_ids = np.empty((len(anchor_ids), m), dtype=np.int32)
+    report = NeighbourReport(rows=len(anchor_ids))
+    starts = range(0, len(anchor_ids), batch_size)
+    for start in tqdm(starts, desc="neighbour lists", disable=not progress, leave=False):
+        rows = np.arange(start, min(start + batch_size, len(anchor_ids)))
+        depth = first_depth
+        while len(rows):
+            scores, ids = search(anchor_ids[rows], depth)
+            report.searches += 1
+            keep, _ = guard_tensors(torch.from_numpy(anchor_ids[rows]), torch.from_numpy(ids), tree=guard)
+            top_s, top_i, kept = _first_kept(scores, ids, keep.numpy(), m, index.metric)
+            done = (kept >= m) | (depth >= limit)
+            out_scores[rows[done]], out_ids[rows[done]] = top_s[done], top_i[done]
+            report.short_rows += int((kept[done] < min(m, n - 1)).sum())
+            rows = rows[~done]
+            depth = min(limit, depth * 4)
+    if report.short_rows:
+        log.info("neighbour lists: %d of %d codes have fewer than %d guarded neighbours within the first %d "
+                 "search results (padded with -1)", report.short_rows, report.rows, m, limit)
+    return out_scores, out_ids, report

@@ -1,0 +1,320 @@
+"""Mine hard negatives for a file of (anchor, positive) text pairs.
+
+    python -m naics_hnm.mine --dataset pairs.jsonl --model PATH --output mined.jsonl [options]
+
+Reads ``.jsonl`` (one JSON object per line), ``.csv`` (with a header row) or ``.parquet``, mines
+with :func:`naics_hnm.mine_hard_negatives` and writes the same columns as sentence-transformers'
+``mine_hard_negatives`` to ``--output`` (``.jsonl``, ``.csv`` - list cells as JSON - or
+``.parquet``). ``--model`` is a SentenceTransformer folder or name. Prints a progress bar and a
+summary: rows, short rows and why, the score distribution of positives and negatives.
+
+Bad input ends with one line on stderr and exit status 2; the output file is written to a
+temporary file and moved into place, so it is either complete or untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from naics_hnm.atomic import atomic_path
+
+PROG = "python -m naics_hnm.mine"
+FORMATS = (".jsonl", ".csv", ".parquet")
+
+
+class CliError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
+        raise CliError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[2], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("files")
+    io.add_argument("--dataset", required=True, type=Path, help="(anchor, positive) pairs: .jsonl, .csv or .parquet")
+    io.add_argument("--model", required=True, help="SentenceTransformer folder (or name, when the hub is reachable)")
+    io.add_argument("--output", required=True, type=Path, help="where to write: .jsonl, .csv or .parquet")
+    io.add_argument("--corpus", type=Path, help="extra candidate texts: .txt (one per line), .jsonl, .csv or .parquet")
+    io.add_argument("--corpus-column", help="the text column of a tabular --corpus (default: 'text' or the first)")
+    io.add_argument("--anchor-column", help="anchor column (default: the first)")
+    io.add_argument("--positive-column", help="positive column (default: the second)")
+    m = p.add_argument_group("mining (as sentence_transformers.util.mine_hard_negatives)")
+    m.add_argument("--num-negatives", type=int, default=3)
+    m.add_argument("--range-min", type=int, default=0, help="skip this many valid candidates")
+    m.add_argument("--range-max", type=int, help="rank bound of random sampling (default as sentence-transformers)")
+    m.add_argument("--max-score", type=float)
+    m.add_argument("--min-score", type=float)
+    m.add_argument("--absolute-margin", type=float)
+    m.add_argument("--relative-margin", type=float)
+    m.add_argument("--sampling-strategy", choices=("top", "random"), default="top")
+    m.add_argument("--seed", type=int, default=0, help="key of the random draws")
+    m.add_argument("--query-prompt")
+    m.add_argument("--query-prompt-name")
+    m.add_argument("--corpus-prompt")
+    m.add_argument("--corpus-prompt-name")
+    m.add_argument("--include-positives", action="store_true")
+    m.add_argument("--output-format", choices=("triplet", "n-tuple", "labeled-pair", "labeled-list"),
+                   default="triplet")
+    m.add_argument("--output-scores", action="store_true")
+    m.add_argument("--batch-size", type=int, default=32, help="texts per model call")
+    m.add_argument("--cache-folder", help="cache embeddings here")
+    t = p.add_argument_group("tree guard and index")
+    t.add_argument("--taxonomy", type=Path, help="taxonomy CSV (code,title[,parent]): texts stand for codes")
+    t.add_argument("--codes", type=Path, help="CSV with text,code rows, for texts that are not titles")
+    t.add_argument("--order-filter", action="store_true", help="also drop texts as near in the tree as a positive")
+    t.add_argument("--index-factory", help="faiss factory string for an approximate index, e.g. IVF4096,Flat")
+    t.add_argument("--search-params", help="JSON search parameters, e.g. '{\"nprobe\": 64}'")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the index lives")
+    t.add_argument("--model-device", help="where the model runs (default: the model's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("naics_hnm.st.hard_negatives").setLevel(logging.ERROR)  # the summary below says it
+    if args.output.is_dir():
+        raise CliError(f"--output {str(args.output)!r} is a folder; expected a file path")
+    if args.output.suffix not in FORMATS:
+        raise CliError(f"--output {str(args.output)!r}: expected a file ending in {', '.join(FORMATS)}")
+    existing = next(p for p in (args.output.parent.absolute(), *args.output.parent.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"--output {str(args.output)!r}: {str(existing)!r} is "
+                       f"{'a file' if not existing.is_dir() else 'not writable'}, expected a writable folder")
+    dataset = read_table(args.dataset, "--dataset")
+    corpus = read_corpus(args.corpus, args.corpus_column) if args.corpus else None
+    codes = read_codes(args.codes) if args.codes else None
+    search_params = _json_option(args.search_params, "--search-params") if args.search_params else None
+    taxonomy = _taxonomy(args.taxonomy) if args.taxonomy else None
+    model = load_model(args.model, args.model_device)
+    from naics_hnm.st.hard_negatives import mine_with_report
+
+    start = time.perf_counter()
+    try:
+        columns, report = mine_with_report(
+            dataset, model, anchor_column_name=args.anchor_column, positive_column_name=args.positive_column,
+            corpus=corpus, cross_encoder=None, range_min=args.range_min, range_max=args.range_max,
+            max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
+            relative_margin=args.relative_margin, num_negatives=args.num_negatives,
+            sampling_strategy=args.sampling_strategy, query_prompt_name=args.query_prompt_name,
+            query_prompt=args.query_prompt, corpus_prompt_name=args.corpus_prompt_name,
+            corpus_prompt=args.corpus_prompt, include_positives=args.include_positives,
+            output_format=args.output_format, output_scores=args.output_scores, batch_size=args.batch_size,
+            faiss_batch_size=16384, use_faiss=True, use_multi_process=False, verbose=not args.quiet,
+            cache_folder=args.cache_folder, as_triplets=None, margin=None, seed=args.seed, taxonomy=taxonomy,
+            codes=codes, order_filter=args.order_filter, index_factory=args.index_factory,
+            search_params=search_params, device=args.device)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CliError(_one_line(exc)) from None
+    write_table(args.output, columns)
+    if not args.quiet:
+        _summary(report, args, time.perf_counter() - start)
+    return 0
+
+
+def _summary(report: Any, args: argparse.Namespace, seconds: float) -> None:
+    steps = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    print(f"mined {report.rows_out:,} {args.output_format} rows from {report.rows_in:,} input rows in "
+          f"{seconds:.1f}s ({steps})")
+    print(f"  {report.anchors:,} distinct anchors, {report.corpus_texts:,} distinct corpus texts, "
+          f"{report.texts_embedded:,} texts embedded; {args.num_negatives} negatives per anchor: " + (
+              f"valid ranks {args.range_min}-{args.range_min + args.num_negatives - 1}"
+              if args.sampling_strategy == "top" else
+              f"drawn from valid ranks {args.range_min}-{report.range_max - 1} with seed {report.seed}"))
+    print(f"  short rows: {report.short_rows:,}" + (f" - {report.short_message()}" if report.short_anchors else
+                                                    f" (every anchor has {args.num_negatives} negatives)"))
+    for line in report.score_table():
+        print(f"  {line}")
+    print(f"wrote {args.output}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().strip("'\"") or type(exc).__name__
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def read_table(path: Path, option: str) -> dict[str, list]:
+    """Columns of a .jsonl, .csv or .parquet file; CliError naming the file (and line) on bad input."""
+    if not path.is_file():
+        raise CliError(f"{option} {str(path)!r}: no such file")
+    suffix = path.suffix
+    try:
+        if suffix == ".jsonl":
+            columns = _read_jsonl(path, option)
+        elif suffix == ".csv":
+            columns = _read_csv(path, option)
+        elif suffix == ".parquet":
+            columns = _read_parquet(path, option)
+        else:
+            raise CliError(f"{option} {str(path)!r}: expected a file ending in {', '.join(FORMATS)}")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{option} {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise CliError(f"{option} {str(path)!r}: {exc.strerror or exc}") from None
+    if not columns or not next(iter(columns.values())):
+        raise CliError(f"{option} {str(path)!r} holds no rows; expected (anchor, positive) rows")
+    return columns
+
+
+def _read_jsonl(path: Path, option: str) -> dict[str, list]:
+    columns: dict[str, list] = {}
+    rows = 0
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CliError(f"{option} {str(path)!r} line {line_no}: invalid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise CliError(f"{option} {str(path)!r} line {line_no}: expected a JSON object, "
+                               f"got {type(record).__name__}")
+            for key in record:
+                if key not in columns:
+                    columns[key] = [None] * rows
+            for key, values in columns.items():
+                values.append(record.get(key))
+            rows += 1
+    return columns
+
+
+def _read_csv(path: Path, option: str) -> dict[str, list]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header:
+            raise CliError(f"{option} {str(path)!r} is empty; expected a header row and (anchor, positive) rows")
+        columns: dict[str, list] = {name: [] for name in header}
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise CliError(f"{option} {str(path)!r} line {reader.line_num}: {len(row)} fields, expected "
+                               f"{len(header)} (the header's)")
+            for name, value in zip(header, row):
+                columns[name].append(value)
+    return columns
+
+
+def _read_parquet(path: Path, option: str) -> dict[str, list]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CliError(f"{option} {str(path)!r}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        return pq.read_table(path).to_pydict()
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise CliError(f"{option} {str(path)!r}: not a readable parquet file ({_one_line(exc)})") from None
+
+
+def read_corpus(path: Path, column: str | None) -> list[str]:
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise CliError(f"--corpus {str(path)!r}: no such file")
+        try:
+            return [line.rstrip("\r\n") for line in path.open(encoding="utf-8") if line.strip()]
+        except UnicodeDecodeError:
+            raise CliError(f"--corpus {str(path)!r} is not UTF-8 text") from None
+    table = read_table(path, "--corpus")
+    name = column or ("text" if "text" in table else next(iter(table)))
+    if name not in table:
+        raise CliError(f"--corpus-column {name!r} is not a column of {str(path)!r}; its columns are {list(table)}")
+    return table[name]
+
+
+def read_codes(path: Path) -> dict[str, list[str]]:
+    table = read_table(path, "--codes")
+    if "text" not in table or "code" not in table:
+        raise CliError(f"--codes {str(path)!r}: expected columns text and code, got {list(table)}")
+    codes: dict[str, list[str]] = {}
+    for text, code in zip(table["text"], table["code"]):
+        codes.setdefault(str(text), []).append(str(code))
+    return codes
+
+
+def write_table(path: Path, columns: dict[str, list]) -> None:
+    """Write the columns atomically: the file is complete or the previous one is untouched."""
+    try:
+        with atomic_path(path) as temp:
+            if path.suffix == ".parquet":
+                try:
+                    import pyarrow as pa
+                    import pyarrow.parquet as pq
+                except ImportError:
+                    raise CliError("writing .parquet needs pyarrow (pip install pyarrow)") from None
+                pq.write_table(pa.Table.from_pydict(columns), temp)
+                return
+            with temp.open("w", encoding="utf-8", newline="") as handle:
+                names = list(columns)
+                rows = zip(*columns.values())
+                if path.suffix == ".jsonl":
+                    for row in rows:
+                        handle.write(json.dumps(dict(zip(names, row)), ensure_ascii=False) + "\n")
+                else:
+                    writer = csv.writer(handle)
+                    writer.writerow(names)
+                    writer.writerows([json.dumps(v) if isinstance(v, list) else v for v in row] for row in rows)
+    except OSError as exc:
+        raise CliError(f"--output {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def load_model(name: str, device: str | None) -> Any:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise CliError("--model needs sentence-transformers (pip install sentence-transformers)") from None
+    if not Path(name).exists() and Path(name).is_absolute():
+        raise CliError(f"--model {name!r}: no such folder")
+    try:
+        return SentenceTransformer(name, device=device)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's model argument
+        raise CliError(f"--model {name!r} could not be loaded as a SentenceTransformer: {_one_line(exc)}") from None
+
+
+def _taxonomy(path: Path) -> Any:
+    from naics_hnm.tree.taxonomy import Taxonomy
+
+    if not path.is_file():
+        raise CliError(f"--taxonomy {str(path)!r}: no such file")
+    try:
+        return Taxonomy.from_csv(path)
+    except (ValueError, OSError) as exc:
+        raise CliError(f"--taxonomy: {_one_line(exc)}") from None
+
+
+def _json_option(text: str, option: str) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{option} {text!r}: invalid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise CliError(f"{option} {text!r}: expected a JSON object such as {{\"nprobe\": 64}}")
+    return value
+

@@ -1,0 +1,326 @@
+"""HardNegativeMiningCallback: Lightning hooks around :class:`naics_hnm.mining.miner.HardNegativeMiner`."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from naics_hnm.train.mining_data import MiningData
+from naics_hnm.embedding import EmbedFn, embed_codes
+from naics_hnm.embeddings_file import EmbeddingsFileError, load_embeddings, save_embeddings
+from naics_hnm.mining.miner import HardNegativeMiner, check_miner_args
+from naics_hnm.index.sharded_search import Shard
+from naics_hnm.tree.guard import GuardStats
+from naics_hnm.writable import ensure_writable_dir
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingDtype(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+
+
+class HardNegativeMiningCallback(Callback):
+    """Phase 2+ hard-negative mining for a datamodule that offers ``mining_data()`` (NAICSDataModule).
+
+    At every train epoch start it delivers the epoch to the datamodule (so the Phase 1 curriculum
+    moves, even with persistent workers). From ``start_epoch`` on, every ``refresh_every_n_epochs``
+    epochs, it embeds every code with the model being trained (eval mode, no grad) and refreshes a
+    :class:`HardNegativeMiner`: an index over the embeddings and each code's ``neighbours`` nearest
+    guarded codes. Each training batch's ``candidate_idx`` pool is widened with its anchors'
+    neighbours, ranked exactly, and the ``k`` hardest survivors replace ``negatives`` /
+    ``negative_idx`` / ``negative_mask`` (plus ``negative_scores``) before ``training_step`` sees
+    the batch. Never the anchor, its positive, an ancestor or a descendant; with ``order_filter``
+    only codes whose lowest common ancestor with the anchor is shallower than the positive's; with
+    ``relative_margin`` no candidate above ``(1 - m) * sim(anchor, positive)``.
+
+    The refresh embeddings are written to ``embeddings_dir`` (an HDF5 file per refresh, default
+    ``<default_root_dir>/hnm_embeddings``); a checkpoint holds only their path and sha256, and a
+    resume rebuilds the same index from that file.
+
+    Args:
+        k, start_epoch, relative_margin, order_filter, refresh_every_n_epochs, embed_fn, device,
+        metric, neighbours, index_factory, search_params: see :class:`HardNegativeMiner`;
+            ``start_epoch`` None takes the datamodule's ``phase1_end_epoch``; ``embed_fn``
+            ``tokens -> Tensor[n, d]`` defaults to ``pl_module.embed``.
+        embed_batch_size: codes per forward pass while refreshing.
+        embedding_dtype: "float32" or "float16" for the refresh embeddings held in memory.
+        shard_index: under DDP, each rank indexes only its shard of the codes (see :mod:`naics_hnm.index.sharded_search`).
+        save_dir: when set, each refreshed index is saved there as ``epoch{e}.faiss`` (+ sidecar).
+    """
+
+    def __init__(self, k: int = 8, start_epoch: int | None = None, relative_margin: float | None = 0.05,
+                 order_filter: bool = True, refresh_every_n_epochs: int = 1, embed_fn: EmbedFn | None = None,
+                 device: str = "auto", *, metric: str = "cosine", neighbours: int = 64,
+                 index_factory: str | None = None, search_params: dict | None = None, embed_batch_size: int = 512,
+                 embedding_dtype: str = "float32", shard_index: bool = False,
+                 embeddings_dir: str | Path | None = None, save_dir: str | Path | None = None) -> None:
+        call = "HardNegativeMiningCallback"
+        check_miner_args(call, k=k, metric=metric, relative_margin=relative_margin, neighbours=neighbours,
+                         device=device, index_factory=index_factory, search_params=search_params)
+        if start_epoch is not None and not (isinstance(start_epoch, int) and start_epoch >= 0):
+            raise ValueError(f"{call}(start_epoch={start_epoch!r}): expected None or an int >= 0")
+        if not (isinstance(refresh_every_n_epochs, int) and refresh_every_n_epochs >= 1):
+            raise ValueError(f"{call}(refresh_every_n_epochs={refresh_every_n_epochs!r}): expected an int >= 1")
+        if embed_fn is not None and not callable(embed_fn):
+            raise TypeError(f"{call}(embed_fn={embed_fn!r}): expected a callable tokens -> Tensor[n, d]")
+        if not (isinstance(embed_batch_size, int) and embed_batch_size >= 1):
+            raise ValueError(f"{call}(embed_batch_size={embed_batch_size!r}): expected an int >= 1")
+        try:
+            self.embedding_dtype = EmbeddingDtype(embedding_dtype)
+        except ValueError:
+            raise ValueError(f"{call}(embedding_dtype={embedding_dtype!r}): expected one of "
+                             f"{[d.value for d in EmbeddingDtype]}") from None
+        self.k = k
+        self.start_epoch = start_epoch
+        self.relative_margin = None if relative_margin is None else float(relative_margin)
+        self.order_filter = bool(order_filter)
+        self.refresh_every_n_epochs = refresh_every_n_epochs
+        self.embed_fn = embed_fn
+        self.device = device
+        self.metric = metric
+        self.neighbours = neighbours
+        self.index_factory = index_factory
+        self.search_params = search_params
+        self.embed_batch_size = embed_batch_size
+        self.shard_index = bool(shard_index)
+        self.embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.miner: HardNegativeMiner | None = None
+        self.refresh_count = 0
+        self.last_refresh_epoch: int | None = None
+        self.last_refresh_seconds: dict[str, float] = {}
+        self._embeddings_file: dict[str, Any] | None = None
+        self._prepared_epoch: int | None = None
+        self._previous_top: torch.Tensor | None = None
+        self._stats = GuardStats()
+        self._similarity_sum = 0.0
+        self._similarity_count = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(k=self.k, metric=self.metric)
+
+    @property
+    def index(self):
+        """The current :class:`EmbeddingIndex` (None before the first refresh)."""
+        return None if self.miner is None else self.miner.index
+
+    def _data(self, trainer: pl.Trainer) -> MiningData:
+        dm = trainer.datamodule
+        if dm is None or not callable(getattr(dm, "mining_data", None)):
+            raise RuntimeError("HardNegativeMiningCallback needs trainer.fit(model, datamodule=...) with a datamodule "
+                               f"that has mining_data() (such as NAICSDataModule); got {type(dm).__name__}")
+        return dm.mining_data()
+
+    def first_mined_epoch(self, trainer: pl.Trainer) -> int:
+        return self.start_epoch if self.start_epoch is not None else int(self._data(trainer).phase1_end_epoch)
+
+    def is_mining(self, trainer: pl.Trainer) -> bool:
+        """True from the Phase 2 start epoch on."""
+        return trainer.current_epoch >= self.first_mined_epoch(trainer)
+
+    def _make_miner(self, trainer: pl.Trainer) -> HardNegativeMiner:
+        data = self._data(trainer)
+        shard = None
+        if self.shard_index and trainer.world_size > 1:
+            def all_gather(array: np.ndarray) -> np.ndarray:
+                gathered = trainer.strategy.all_gather(torch.from_numpy(array).to(trainer.strategy.root_device))
+                return gathered.cpu().numpy()
+            shard = Shard(trainer.global_rank, trainer.world_size, all_gather)
+        return HardNegativeMiner(
+            data.taxonomy, allowed=data.allowed, k=self.k, metric=self.metric, relative_margin=self.relative_margin,
+            order_filter=self.order_filter, neighbours=self.neighbours, index_factory=self.index_factory,
+            search_params=self.search_params, device=self.device, shard=shard)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.embed_fn is None and not callable(getattr(pl_module, "embed", None)):
+            raise TypeError(f"HardNegativeMiningCallback: {type(pl_module).__name__} has no embed(tokens) method; "
+                            "add one or pass embed_fn=...")
+        self._data(trainer)
+        if self.embeddings_dir is None:
+            self.embeddings_dir = Path(trainer.default_root_dir) / "hnm_embeddings"
+        if trainer.is_global_zero:
+            for what, folder in (("embeddings_dir", self.embeddings_dir), ("save_dir", self.save_dir)):
+                if folder is not None:
+                    ensure_writable_dir(folder, f"HardNegativeMiningCallback({what})")
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.first_mined_epoch(trainer) >= trainer.max_epochs:
+            log.warning("HardNegativeMiningCallback: mining starts at epoch %d but max_epochs=%d; no epoch is mined",
+                        self.first_mined_epoch(trainer), trainer.max_epochs)
+        self.miner = self._make_miner(trainer)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prepare_epoch(trainer, pl_module)
+
+    def _prepare_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Deliver the epoch to the data and make its index ready, once per epoch.
+
+        Called at the epoch start and again before the first batch: Lightning skips
+        ``on_train_epoch_start`` when it resumes from a checkpoint written mid-epoch or at the
+        last batch of an epoch, and the resumed batches must be mined all the same.
+        """
+        epoch = trainer.current_epoch
+        if self._prepared_epoch == epoch:
+            return
+        self._prepared_epoch = epoch
+        self._data(trainer).set_epoch(epoch)
+        self._stats = GuardStats()
+        self._similarity_sum, self._similarity_count = 0.0, 0
+        if not self.is_mining(trainer):
+            return
+        due = (epoch - self.first_mined_epoch(trainer)) % self.refresh_every_n_epochs == 0
+        due = bool(trainer.strategy.broadcast(due, src=0))
+        if due and self.last_refresh_epoch != epoch:
+            self.refresh(trainer, pl_module)
+        else:
+            self._restore(trainer)
+
+    def _restore(self, trainer: pl.Trainer) -> None:
+        """After a resume: rebuild the index of the last refresh from its embeddings file."""
+        if self.miner is None or self.miner.index is not None or self._embeddings_file is None:
+            return
+        info = self._embeddings_file
+        try:
+            loaded = load_embeddings(info["path"], expected_codes=self.miner.taxonomy.codes)
+        except EmbeddingsFileError as err:
+            raise RuntimeError(f"HardNegativeMiningCallback: cannot resume mining from {info['path']!r} ({err}); "
+                               "the refresh embeddings file of this checkpoint is needed") from None
+        if _digest(loaded.embeddings) != info["sha256"]:
+            raise RuntimeError(f"HardNegativeMiningCallback: {info['path']!r} does not hold the embeddings this "
+                               "checkpoint was refreshed with (sha256 differs)")
+        self.miner.refresh(loaded.embeddings, info["epoch"], progress=trainer.is_global_zero)
+        self._previous_top = self._top_neighbours()
+
+    def _embed_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
+        """Every code's embedding; under DDP each rank embeds a shard and the shards are all-gathered."""
+        cache = self._data(trainer).token_cache
+        n, world, rank = cache.size, trainer.world_size, trainer.global_rank
+        per_rank = -(-n // world)
+        shard = torch.arange(rank * per_rank, min(n, (rank + 1) * per_rank))
+        pad = per_rank - len(shard)
+        if pad:
+            shard = torch.cat([shard, torch.zeros(pad, dtype=torch.long)])
+        emb = embed_codes(self.embed_fn or pl_module.embed, cache, shard, batch_size=self.embed_batch_size,
+                          device=pl_module.device, module=pl_module, progress=trainer.is_global_zero,
+                          desc=f"epoch {trainer.current_epoch}: embedding {n} codes",
+                          dtype=getattr(torch, self.embedding_dtype.value))
+        if world == 1:
+            return emb
+        gathered = trainer.strategy.all_gather(emb.to(pl_module.device))  # [world, per_rank, d]
+        return gathered.reshape(world * per_rank, -1)[:n].cpu()
+
+    def _top_neighbours(self) -> torch.Tensor | None:
+        ids = None if self.miner is None else self.miner.neighbour_ids
+        return None if ids is None else ids[:, : self.k].clone()
+
+    def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Re-embed every code with the current model and rebuild the index and neighbour lists."""
+        epoch = trainer.current_epoch
+        t0 = time.perf_counter()
+        embeddings = self._embed_all(trainer, pl_module).float().numpy()
+        t1 = time.perf_counter()
+        timings = self.miner.refresh(embeddings, epoch, progress=trainer.is_global_zero)
+        t2 = time.perf_counter()
+        self._save_embeddings(trainer, embeddings, epoch)
+        self.refresh_count += 1
+        self.last_refresh_epoch = epoch
+        self.last_refresh_seconds = {"embed": t1 - t0, "build": t2 - t1, **timings}
+        overlap = float("nan")
+        top = self._top_neighbours()
+        if top is not None and self._previous_top is not None:
+            same = (top[:, :, None] == self._previous_top.to(top.device)[:, None, :]) & (top[:, :, None] >= 0)
+            overlap = same.any(2).float().sum().item() / max(int((top >= 0).sum()), 1)
+        self._previous_top = top
+        metrics = {"hnm/refresh_embed_s": t1 - t0, "hnm/refresh_build_s": t2 - t1, "hnm/neighbour_overlap": overlap,
+                   "hnm/refresh_count": float(self.refresh_count)}
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, rank_zero_only=True, sync_dist=False)
+        rank_zero_info(f"hard-negative index refreshed at epoch {epoch}: embed {t1 - t0:.2f}s, index "
+                       f"{timings['build']:.3f}s, neighbours {timings['neighbours']:.3f}s, {self.index.ntotal} codes "
+                       f"on {self.index.device}, overlap {overlap:.3f}")
+        if self.save_dir is not None and trainer.is_global_zero:
+            self.index.save(self.save_dir / f"epoch{epoch}.faiss")
+
+    def _save_embeddings(self, trainer: pl.Trainer, embeddings: np.ndarray, epoch: int) -> None:
+        path = self.embeddings_dir / f"refresh_epoch{epoch:04d}.h5"
+        if trainer.is_global_zero:
+            save_embeddings(path, embeddings, self.miner.taxonomy.codes, model=type(trainer.lightning_module).__name__,
+                            epoch=epoch)
+        trainer.strategy.barrier("hnm_embeddings_saved")
+        self._embeddings_file = {"path": str(path.resolve()), "sha256": _digest(embeddings), "epoch": epoch}
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._prepare_epoch(trainer, pl_module)
+        if self.is_mining(trainer) and self.index is not None:
+            self.mine_batch(trainer, batch)
+
+    def mine_batch(self, trainer: pl.Trainer, batch: dict[str, Any]) -> None:
+        """Replace the batch's negatives in place with the k hardest guarded candidates."""
+        if self.miner is None or self.miner.index is None:
+            raise RuntimeError("HardNegativeMiningCallback.mine_batch() before the first refresh")
+        device = self.index.vectors.device
+        anchors = batch["anchor_idx"].to(device)
+        pool = self.miner.widen(anchors, batch["candidate_idx"].to(device))
+        scores, ids, stats = self.miner.mine(anchors, batch["positive_idx"].to(device), pool, widen=False)
+        self._stats = self._stats + stats
+        valid = ids >= 0
+        if valid.any():
+            self._similarity_sum += float(scores[valid].sum())
+            self._similarity_count += int(valid.sum())
+        out_device = batch["anchor_idx"].device
+        ids = ids.to(out_device)
+        cache = self._data(trainer).token_cache
+        everything = torch.cat([batch["anchor_idx"].cpu(), batch["positive_idx"].cpu(), ids[ids >= 0].cpu()])
+        width = max(int(cache.lengths[everything].max()), 1)
+        for key, rows in (("anchor", batch["anchor_idx"]), ("positive", batch["positive_idx"]), ("negatives", ids)):
+            batch[key] = {name: t.to(out_device) for name, t in cache.gather(rows.cpu(), width).items()}
+        batch["negative_idx"] = ids
+        batch["negative_mask"] = ids >= 0
+        batch["negative_scores"] = scores.to(out_device)
+        batch["candidate_idx"] = pool.to(out_device)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.is_mining(trainer) or self._stats.candidates == 0:
+            return
+        metrics = {f"hnm/{name}": value for name, value in self._stats.as_fractions().items()}
+        if self._similarity_count:
+            metrics["hnm/mean_negative_similarity"] = self._similarity_sum / self._similarity_count
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, rank_zero_only=True, sync_dist=False)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values; the refresh embeddings live in a file named here (never N x d in the checkpoint)."""
+        return {"refresh_count": self.refresh_count, "last_refresh_epoch": self.last_refresh_epoch,
+                "embeddings_file": None if self._embeddings_file is None else dict(self._embeddings_file)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.refresh_count = int(state_dict.get("refresh_count", 0))
+        self.last_refresh_epoch = state_dict.get("last_refresh_epoch")
+        self._embeddings_file = state_dict.get("embeddings_file")
+        self._previous_top = None
+        self._prepared_epoch = None
+        if self.miner is not None:
+            self.miner.index = None

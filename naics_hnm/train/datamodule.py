@@ -1,0 +1,215 @@
+"""NAICSDataModule: taxonomy, token cache, Phase 1 datasets and their loaders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader
+
+from naics_hnm.data.collate import collate_fn
+from naics_hnm.data.config import SamplingConfig, StreamingConfig
+from naics_hnm.data.datasets import NAICSMapDataset, Phase1MapDataset
+from naics_hnm.data.epoch_sampler import EpochSampler
+from naics_hnm.train.mining_data import MiningData
+from naics_hnm.data.resumable_loader import ResumableLoader
+from naics_hnm.data.pairs import allowed_mask, tree_pairs
+from naics_hnm.tree.taxonomy import Taxonomy, load_taxonomy
+from naics_hnm.data.token_cache import (TokenCache, cache_fingerprint, ensure_token_cache, load_token_cache,
+                                   load_tokenizer, token_cache_path)
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$NAICS_HNM_CACHE``, else ``~/.cache/naics_hnm``."""
+    return Path(os.environ.get("NAICS_HNM_CACHE", Path.home() / ".cache" / "naics_hnm"))
+
+
+class NAICSDataModule(pl.LightningDataModule):
+    """Phase 1 curriculum data for a code taxonomy (NAICS 2022 by default).
+
+    Args:
+        taxonomy: CSV path (``code,title[,description,examples,excluded_codes]``), a Taxonomy, or
+            None for NAICS 2022.
+        batch_size, num_workers: DataLoader settings; workers are persistent when ``num_workers > 0``.
+        seed: keys every negative draw and the shuffling; same seed, same batches.
+        phase1_end_epoch: first epoch after the curriculum (the mining callback's default start).
+        cache_dir: where the HDF5 token cache lives (default :func:`default_cache_dir`).
+        tokenizer: tokenizer name or local path (default: the offline all-MiniLM-L6-v2).
+        max_length: token budget per code text.
+        n_negatives, n_candidates, positive_relations, max_siblings: see :class:`StreamingConfig`.
+        sampling: the curriculum (:class:`SamplingConfig`).
+        exclude_codes: codes kept out of training entirely (e.g. a held-out split).
+        val_fraction: share of pairs kept for validation, with fixed negatives.
+        pairs_per_epoch: train on a fresh shuffled subset of this many pairs per epoch (None: all).
+    """
+
+    def __init__(self, taxonomy: str | Path | Taxonomy | None = None, *, batch_size: int = 256,
+                 num_workers: int = 0, seed: int = 42, phase1_end_epoch: int = 2,
+                 cache_dir: str | Path | None = None, tokenizer: str | None = None, max_length: int = 32,
+                 n_negatives: int = 8, n_candidates: int = 48,
+                 positive_relations: Sequence[str] = ("parent", "sibling"), max_siblings: int | None = None,
+                 sampling: SamplingConfig | None = None, exclude_codes: Sequence[str] = (),
+                 val_fraction: float = 0.05, pairs_per_epoch: int | None = None) -> None:
+        super().__init__()
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+        if not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ValueError(f"num_workers={num_workers!r}: expected an int >= 0")
+        if not (isinstance(phase1_end_epoch, int) and phase1_end_epoch >= 0):
+            raise ValueError(f"phase1_end_epoch={phase1_end_epoch!r}: expected an int >= 0")
+        if pairs_per_epoch is not None and not (isinstance(pairs_per_epoch, int) and pairs_per_epoch >= 1):
+            raise ValueError(f"pairs_per_epoch={pairs_per_epoch!r}: expected None or an int >= 1")
+        if not (isinstance(max_length, int) and max_length >= 2):
+            raise ValueError(f"max_length={max_length!r}: expected an int >= 2")
+        if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
+            raise ValueError(f"val_fraction={val_fraction!r}: expected a number in [0, 1)")
+        self.taxonomy_source = taxonomy
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.phase1_end_epoch = phase1_end_epoch
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.val_fraction = float(val_fraction)
+        self.pairs_per_epoch = pairs_per_epoch
+        self.cfg = StreamingConfig(
+            seed=seed, n_negatives=n_negatives, n_candidates=n_candidates,
+            positive_relations=tuple(positive_relations), max_siblings=max_siblings,
+            exclude_codes=tuple(exclude_codes),
+            taxonomy=str(taxonomy) if isinstance(taxonomy, (str, Path)) else None,
+        )
+        self.sampling_cfg = sampling if sampling is not None else SamplingConfig()
+        self.taxonomy: Taxonomy | None = taxonomy if isinstance(taxonomy, Taxonomy) else None
+        self.token_cache: TokenCache | None = None
+        self.train_dataset: Phase1MapDataset | None = None
+        self.val_dataset: NAICSMapDataset | None = None
+        self._train_sampler: EpochSampler | None = None
+        self._loaded_tokenizer = None
+        self._content_fingerprint: str | None = None
+        self._epoch = 0
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    def _taxonomy(self) -> Taxonomy:
+        if self.taxonomy is None:
+            self.taxonomy = load_taxonomy(self.taxonomy_source)
+        return self.taxonomy
+
+    @property
+    def cache_path(self) -> Path:
+        """The token cache file: its name carries the content fingerprint (texts, tokenizer, max_length)."""
+        return token_cache_path(self.cache_dir, self._taxonomy().name, self._fingerprint())
+
+    def _fingerprint(self) -> str:
+        if self._content_fingerprint is None:
+            self._content_fingerprint = cache_fingerprint(self._taxonomy().texts, self._tokenizer(), self.max_length)
+        return self._content_fingerprint
+
+    def _tokenizer(self):
+        if self._loaded_tokenizer is None:
+            self._loaded_tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._loaded_tokenizer
+
+    def prepare_data(self) -> None:
+        """Build the token cache unless a valid one for this content exists (under a lock, atomically).
+
+        Runs sharing a ``cache_dir`` never overwrite each other's caches: another max_length,
+        tokenizer or set of texts is another file. A corrupt or stale file is rebuilt.
+        """
+        taxonomy = self._taxonomy()
+        ensure_token_cache(self.cache_dir, taxonomy.name, taxonomy.codes, taxonomy.texts, self._tokenizer(),
+                           self.max_length, tokenizer_name=self.tokenizer_name or "all-MiniLM-L6-v2 (offline)")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the token cache and create the train and validation datasets."""
+        if self.train_dataset is not None:
+            return
+        taxonomy = self._taxonomy()
+        self.token_cache = load_token_cache(self.cache_path, self._fingerprint(), expected_codes=taxonomy.codes)
+        allowed = allowed_mask(taxonomy, self.cfg.exclude_codes)
+        pairs = tree_pairs(taxonomy, self.cfg.positive_relations, allowed, self.cfg.max_siblings, self.cfg.seed)
+        order = np.random.default_rng(self.cfg.seed).permutation(len(pairs))
+        n_val = int(round(self.val_fraction * len(pairs)))
+        val_pairs, train_pairs = pairs[np.sort(order[:n_val])], pairs[np.sort(order[n_val:])]
+        self.train_dataset = Phase1MapDataset(self.cfg, self.sampling_cfg, self.token_cache,
+                                              self.phase1_end_epoch, taxonomy=taxonomy, pairs=train_pairs)
+        self.train_dataset.set_epoch(self._epoch)
+        val_source = Phase1MapDataset(self.cfg, self.sampling_cfg, self.token_cache, self.phase1_end_epoch,
+                                      taxonomy=taxonomy, pairs=val_pairs)
+        # fixed negatives: drawn once at the end of the curriculum, the same every epoch
+        self.val_dataset = NAICSMapDataset(val_source.presample(self.phase1_end_epoch), self.token_cache,
+                                           codes=taxonomy.codes)
+        log.info("%s: %d train pairs, %d validation pairs, %d excluded codes", taxonomy,
+                 len(train_pairs), len(val_pairs), int((~allowed).sum()))
+
+    def mining_data(self) -> MiningData:
+        """What :class:`HardNegativeMiningCallback` needs: taxonomy, allowed codes, tokens, epochs."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        return MiningData(taxonomy=self._taxonomy(), allowed=self.train_dataset.allowed,
+                          token_cache=self.token_cache, phase1_end_epoch=self.phase1_end_epoch,
+                          set_epoch=self.set_epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move the training data to ``epoch``: the sampler (and so every worker) and the dataset."""
+        self._epoch = int(epoch)
+        if self._train_sampler is not None:
+            self._train_sampler.set_epoch(self._epoch)
+        if self.train_dataset is not None:
+            self.train_dataset.set_epoch(self._epoch)
+
+    def on_train_epoch_start(self) -> None:
+        """Move the training data to the trainer's current epoch.
+
+        Lightning never calls this on a datamodule; it is kept as the seed's public API, a thin
+        call into :meth:`set_epoch`. During ``fit`` the epoch reaches the data through the
+        sampler's ``(epoch, index)`` pairs (Lightning calls ``set_epoch`` on it) and through
+        :class:`HardNegativeMiningCallback`, which calls :meth:`set_epoch` at each epoch start.
+        """
+        if self.trainer is not None:
+            self.set_epoch(self.trainer.current_epoch)
+
+    def _loader(self, dataset, **kwargs: Any) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_fn,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled loader whose sampler sends the epoch with every index."""
+        if self.train_dataset is None:
+            raise RuntimeError("train_dataloader() called before setup(): call prepare_data() and setup() first")
+        if self.trainer is not None:
+            # on resume Lightning creates the first iterator before it calls set_epoch on samplers,
+            # and current_epoch still counts completed epochs: take the epoch about to run
+            self._epoch = self.trainer.fit_loop.epoch_progress.current.processed
+        self._train_sampler = EpochSampler(len(self.train_dataset), seed=self.cfg.seed, shuffle=True,
+                                           samples_per_epoch=self.pairs_per_epoch)
+        self.set_epoch(self._epoch)
+        return ResumableLoader(self.train_dataset, sampler=self._train_sampler, batches_started=self._batches_started,
+                               batch_size=self.batch_size, collate_fn=collate_fn, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0)
+
+    def _batches_started(self) -> int:
+        """Batches of the current epoch the training loop has started (0 outside a Trainer)."""
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation pairs with fixed negatives, in order."""
+        if self.val_dataset is None:
+            raise RuntimeError("val_dataloader() called before setup(): call prepare_data() and setup() first")
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._epoch = int(state_dict.get("epoch", 0))
