@@ -504,6 +504,7 @@ def test_evaluate_embeddings_keys_and_torch(naics, tree_embedding):
         "cophenetic_pearson", "cophenetic_spearman", "ndcg@10", "heldout_ndcg@10",
         "heldout_parent_hit", "heldout_grandparent_hit", "heldout_parent_hit_all", "heldout_grandparent_hit_all",
         "heldout_parent_eligible", "heldout_grandparent_eligible", "heldout_codes",
+        "reconstruction_map", "reconstruction_mean_rank",
     }
     assert metrics["heldout_ndcg@10"] == pytest.approx(1.0)
     assert metrics["heldout_codes"] == mask[naics.level(5)].sum()

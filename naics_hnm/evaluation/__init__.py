@@ -1,0 +1,80 @@
+"""Taxonomy-aware quality of code embeddings: cophenetic correlation, NDCG@k, held-out placement and reconstruction.
+
+All metrics work on cosine similarity of L2-normalised rows (row ``i`` embeds code ``i``) and, by
+default, on the leaves of the tree (:func:`evaluation_codes`; NAICS 2022: its 1,012 six-digit
+codes). The tree is the taxonomy's, of any shape and uneven depth: distance counts edges through
+the lowest common ancestor (LCA), and the LCA depth is 0 when only the virtual root is shared.
+
+Ties follow one rule, :func:`comparable` in :mod:`naics_hnm.evaluation.rows` (similarities rounded
+to 9 decimals, then the lower position first), so every machine ranks the same.
+
+Memory stays bounded for any taxonomy size: similarities are computed for one chunk of queries at
+a time (about ``2**22`` floats), relations only for the top-k hits and nearest codes, and
+everything that needs all corpus codes (ideal DCG, placement eligibility) comes from subtree
+counts over the DFS order, O(queries x depth). No N x N or queries x corpus relation is built.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from naics_hnm.evaluation.cophenetic import average_ranks, cophenetic_correlation
+from naics_hnm.evaluation.ndcg import ndcg_at_k, ndcg_per_query
+from naics_hnm.evaluation.placement import check_mask, holdout_split, placement_hits
+from naics_hnm.evaluation.reconstruction import reconstruction
+from naics_hnm.evaluation.rows import (
+    SIMILARITY_DECIMALS,
+    as_unit_rows,
+    comparable,
+    evaluation_codes,
+)
+from naics_hnm.tree.taxonomy import Taxonomy
+
+__all__ = [
+    "SIMILARITY_DECIMALS", "as_unit_rows", "average_ranks", "comparable", "cophenetic_correlation",
+    "evaluate_embeddings", "evaluation_codes", "holdout_split", "ndcg_at_k", "ndcg_per_query", "placement_hits",
+    "reconstruction",
+]
+logger = logging.getLogger(__name__)
+
+
+def evaluate_embeddings(
+    embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any = None, k: int = 10, *,
+    max_queries: int | None = 5000, seed: int = 0, reconstruction_queries: int | None = 1000,
+) -> dict[str, float]:
+    """All metrics on the leaves, as flat keys (plain floats).
+
+    ``cophenetic_pearson``, ``cophenetic_spearman``, ``ndcg@k`` (leaves as queries, a seeded
+    sample of ``max_queries`` above that, against all leaves), ``reconstruction_map`` and
+    ``reconstruction_mean_rank`` (all codes; a seeded sample of ``reconstruction_queries`` queries
+    above that; see :mod:`naics_hnm.evaluation.reconstruction`) and, with ``heldout_mask``:
+    ``heldout_ndcg@k`` (held-out leaves as queries, sampled likewise, against all leaves),
+    ``heldout_parent_hit``, ``heldout_grandparent_hit``, ``heldout_parent_hit_all``,
+    ``heldout_grandparent_hit_all``, ``heldout_parent_eligible``, ``heldout_grandparent_eligible``
+    (see :func:`placement_hits`) and ``heldout_codes`` (the number of held-out leaves).
+    """
+    started = time.perf_counter()
+    unit = as_unit_rows(embeddings, len(taxonomy))
+    mask = None if heldout_mask is None else check_mask(heldout_mask, len(taxonomy))
+    leaves = evaluation_codes(taxonomy)
+    cophenetic = cophenetic_correlation(unit, taxonomy)
+    metrics = {
+        "cophenetic_pearson": cophenetic["pearson"],
+        "cophenetic_spearman": cophenetic["spearman"],
+        f"ndcg@{k}": ndcg_at_k(unit, taxonomy, k=k, max_queries=max_queries, seed=seed),
+    }
+    rebuilt = reconstruction(unit, taxonomy, max_queries=reconstruction_queries, seed=seed)
+    metrics["reconstruction_map"] = rebuilt["map"]
+    metrics["reconstruction_mean_rank"] = rebuilt["mean_rank"]
+    if mask is not None:
+        hits = placement_hits(unit, taxonomy, mask)
+        metrics[f"heldout_ndcg@{k}"] = ndcg_at_k(unit, taxonomy, query_ids=leaves[mask[leaves]], corpus_ids=leaves,
+                                                 k=k, max_queries=max_queries, seed=seed)
+        for name in ("parent", "grandparent"):
+            metrics[f"heldout_{name}_hit"] = hits[name]
+            metrics[f"heldout_{name}_hit_all"] = hits[f"{name}_all"]
+            metrics[f"heldout_{name}_eligible"] = hits[f"{name}_eligible"]
+        metrics["heldout_codes"] = hits["heldout_leaves"]
+    logger.info("evaluated embeddings in %.2f s: %s", time.perf_counter() - started, metrics)
+    return {key: float(value) for key, value in metrics.items()}

@@ -1,0 +1,116 @@
+"""NDCG@k with graded tree gains, in query chunks: the ideal DCG from subtree counts, no query x corpus relation."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from naics_hnm.evaluation.rows import (
+    BLOCK,
+    as_unit_rows,
+    comparable,
+    sample_codes,
+    select_codes,
+    subtree_counter,
+)
+from naics_hnm.tree.taxonomy import Taxonomy
+
+
+def _top_k(similarity: np.ndarray, k: int) -> np.ndarray:
+    """Column positions of each row's k largest values, by (value descending, position ascending)."""
+    n = similarity.shape[1]
+    kth = np.partition(similarity, n - k, axis=1)[:, n - k]  # the k-th largest value per row
+    rows, cols = np.nonzero(similarity >= kth[:, None])  # at least k per row; ties at kth give more
+    order = np.lexsort((cols, -similarity[rows, cols], rows))
+    rows, cols = rows[order], cols[order]
+    rank = np.arange(rows.size) - np.searchsorted(rows, rows)  # rank within the row
+    return cols[rank < k].reshape(similarity.shape[0], k)
+
+
+def _ideal_dcg(taxonomy: Taxonomy, queries: np.ndarray, corpus: np.ndarray, cum_discount: np.ndarray) -> np.ndarray:
+    """Ideal DCG per query from subtree counts: O(queries x depth), no query x corpus block.
+
+    ``at_least[:, t]`` counts the corpus codes (other than the query) whose LCA with the query has
+    depth >= t: those in the subtree of the query's ancestor at depth t. The best ranks go to the
+    deepest LCAs, so the gain ``2**t - 1 = sum of 2**(s-1), s <= t`` adds ``2**(t-1)`` on each of
+    the first ``min(at_least[:, t], k)`` ranks.
+    """
+    k = cum_discount.size - 1
+    path = taxonomy.ancestor_path[queries].astype(np.int64)  # [Q, D+1], column 0 the root (N)
+    at_least = subtree_counter(taxonomy, corpus)(path)
+    in_corpus = np.zeros(len(taxonomy), dtype=bool)
+    in_corpus[corpus] = True
+    at_least -= (in_corpus[queries][:, None] & (path >= 0)).astype(np.int64)
+    weights = 2.0 ** np.arange(taxonomy.max_depth)
+    return cum_discount[np.minimum(at_least[:, 1:], k)] @ weights
+
+
+def _ndcg(unit: np.ndarray, taxonomy: Taxonomy, queries: np.ndarray, corpus: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, corpus.size)
+    discount = 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
+    ideal = _ideal_dcg(taxonomy, queries, corpus, np.concatenate([[0.0], np.cumsum(discount)]))
+    position = np.full(len(taxonomy), -1, dtype=np.int64)
+    position[corpus] = np.arange(corpus.size)
+    corpus_unit = unit[corpus]
+    rows = max(1, BLOCK // max(corpus.size, k * (taxonomy.max_depth + 1)))
+    dcg = np.empty(queries.size, dtype=np.float64)
+    for start in range(0, queries.size, rows):
+        chunk = queries[start : start + rows]
+        similarity = comparable(unit[chunk] @ corpus_unit.T)
+        own = position[chunk]
+        similarity[np.flatnonzero(own >= 0), own[own >= 0]] = -np.inf  # a query never ranks itself
+        top = corpus[_top_k(similarity, k)]
+        gains = np.exp2(taxonomy.lca_depth(chunk[:, None], top).astype(np.float64)) - 1.0
+        gains[top == chunk[:, None]] = 0.0
+        dcg[start : start + chunk.size] = gains @ discount
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ideal > 0, dcg / ideal, np.nan)
+
+
+def ndcg_per_query(
+    embeddings: Any,
+    taxonomy: Taxonomy,
+    query_ids: Sequence[int] | np.ndarray | None = None,
+    corpus_ids: Sequence[int] | np.ndarray | None = None,
+    k: int = 10,
+    *,
+    depth: int | None = None,
+) -> np.ndarray:
+    """NDCG@k of each query (NaN where the ideal DCG is 0, i.e. the query is skipped).
+
+    Queries and corpus default to the codes at ``depth``, or the leaves. Each query ranks every
+    other corpus code by cosine similarity (:func:`comparable`; ties: lower corpus position first). The gain of a
+    corpus code is ``2 ** lca_depth(query, code) - 1`` (root 0, top level 1, ...); the discount is
+    ``1 / log2(rank + 1)`` with ranks from 1; the ideal DCG sorts the same gains (the query itself
+    excluded) in descending order.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k={k!r}; expected a positive integer")
+    unit = as_unit_rows(embeddings, len(taxonomy))
+    queries = select_codes(taxonomy, query_ids, depth, "query_ids")
+    corpus = select_codes(taxonomy, corpus_ids, depth, "corpus_ids")
+    return _ndcg(unit, taxonomy, queries, corpus, int(k))
+
+
+def ndcg_at_k(
+    embeddings: Any,
+    taxonomy: Taxonomy,
+    query_ids: Sequence[int] | np.ndarray | None = None,
+    corpus_ids: Sequence[int] | np.ndarray | None = None,
+    k: int = 10,
+    *,
+    depth: int | None = None,
+    max_queries: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Mean NDCG@k over the queries with a non-zero ideal DCG (see :func:`ndcg_per_query`).
+
+    Above ``max_queries`` queries a seeded sample of that many is scored (None: all).
+    """
+    queries = sample_codes(select_codes(taxonomy, query_ids, depth, "query_ids"), max_queries, seed, "max_queries")
+    per_query = ndcg_per_query(embeddings, taxonomy, queries, corpus_ids, k, depth=depth)
+    scored = per_query[~np.isnan(per_query)]
+    if scored.size == 0:
+        raise ValueError("no query has a related corpus code (every ideal DCG is 0); NDCG is undefined")
+    return float(scored.mean())

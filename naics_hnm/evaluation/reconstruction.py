@@ -1,0 +1,69 @@
+"""Tree reconstruction (Nickel & Kiela 2017): do a code's ancestors and descendants rank above the rest?
+
+For each query code ``u`` every other code is ranked by cosine similarity; the relevant codes are
+``u``'s proper ancestors and proper descendants (the transitive closure of the tree, both ways).
+Two numbers, as in the hyperbolic-embedding literature:
+
+- **mean rank**: over every (query, relevant code ``v``) pair, ``1 +`` the number of non-relevant
+  codes ranked at or above ``v`` (1 is perfect);
+- **MAP**: per query, the mean over its relevant codes of the precision at ``v``'s position
+  (relevant codes at or above ``v`` / all codes at or above ``v``), averaged over the queries.
+
+Ties count against the embedding ("at or above"): a constant embedding scores the worst, never the
+best. Similarities go through the package's tie rule (:func:`naics_hnm.evaluation.rows.comparable`).
+Queries without any relevant code (a top-level code without children) are skipped. Above
+``max_queries`` a seeded sample of queries is scored against all codes; similarities are computed
+for one chunk of queries at a time, so nothing grows as N x N.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from naics_hnm.evaluation.rows import BLOCK, as_unit_rows, comparable, sample_codes
+from naics_hnm.tree.taxonomy import Taxonomy
+
+
+def _relevant(taxonomy: Taxonomy, u: int) -> np.ndarray:
+    """Proper ancestors and proper descendants of ``u``."""
+    ancestors = taxonomy.ancestor_path[u, 1 : taxonomy.depth[u]].astype(np.int64)
+    return np.concatenate([ancestors, taxonomy.dfs_order[taxonomy.pre[u] + 1 : taxonomy.end[u]]])
+
+
+def _query_scores(similarity: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ranks of the relevant codes among the non-relevant ones, and the average precision, of one query.
+
+    ``similarity`` is the query's row with the query itself at -inf (so it is never at or above a code).
+    """
+    others = similarity.size - 1
+    scores = similarity[relevant]
+    at_or_above = others - np.searchsorted(np.sort(similarity[np.isfinite(similarity)]), scores, side="left")
+    relevant_at_or_above = scores.size - np.searchsorted(np.sort(scores), scores, side="left")
+    ranks = 1 + at_or_above - relevant_at_or_above
+    return ranks, float(np.mean(relevant_at_or_above / at_or_above))
+
+
+def reconstruction(
+    embeddings: Any, taxonomy: Taxonomy, *, max_queries: int | None = 1000, seed: int = 0,
+) -> dict[str, float]:
+    """``{"mean_rank", "map", "queries"}`` of tree reconstruction over all codes (see the module docstring)."""
+    unit = as_unit_rows(embeddings, len(taxonomy))
+    n = len(taxonomy)
+    has_relevant = (taxonomy.depth > 1) | (taxonomy.end - taxonomy.pre > 1)
+    queries = sample_codes(np.flatnonzero(has_relevant).astype(np.int64), max_queries, seed, "max_queries")
+    if queries.size == 0:
+        raise ValueError("no code has an ancestor or a descendant (a flat list of codes); reconstruction is undefined")
+    rows = max(1, BLOCK // n)
+    rank_sum, rank_count, precisions = 0.0, 0, []
+    for start in range(0, queries.size, rows):
+        chunk = queries[start : start + rows]
+        similarity = comparable(unit[chunk] @ unit.T)
+        similarity[np.arange(chunk.size), chunk] = -np.inf
+        for row, u in enumerate(chunk.tolist()):
+            ranks, average_precision = _query_scores(similarity[row], _relevant(taxonomy, u))
+            rank_sum += float(ranks.sum())
+            rank_count += ranks.size
+            precisions.append(average_precision)
+    return {"mean_rank": rank_sum / rank_count, "map": float(np.mean(precisions)), "queries": float(queries.size)}
