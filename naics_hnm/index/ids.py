@@ -13,6 +13,9 @@ import numpy as np
 import torch
 
 METRICS = ("cosine", "ip", "l2")
+"""Metric names, everywhere: larger is nearer for cosine and ip, smaller for l2."""
+DEVICES = ("auto", "cpu", "cuda")
+"""Where an index lives: ``auto`` takes a faiss GPU when there is one."""
 
 
 def worst_score(metric: str) -> float:

@@ -34,9 +34,9 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from naics_hnm.index.embedding_index import DEVICES, EmbeddingIndex
+from naics_hnm.index.embedding_index import EmbeddingIndex
+from naics_hnm.index.ids import DEVICES
 from naics_hnm.st.negative_search import SearchRequest, TextTree, search_negatives, text_codes
-from naics_hnm.tree.taxonomy import Taxonomy
 from naics_hnm.st.text_corpus import (
     DOCUMENT,
     QUERY,
@@ -48,6 +48,7 @@ from naics_hnm.st.text_corpus import (
     output_columns,
     resolved_prompt,
 )
+from naics_hnm.tree.taxonomy import Taxonomy
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,17 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as hf_logging
 
-from naics_hnm.train.frozen_prefix import (FrozenPrefix, frozen_modules, mean_pool, pooled_cache_file, run_layers,
-                                           transformer_layers)
-from naics_hnm.train.losses import info_nce
 from naics_hnm.data.token_cache import TokenCache, default_tokenizer_path
+from naics_hnm.train.frozen_prefix import (
+    FrozenPrefix,
+    frozen_modules,
+    mean_pool,
+    pooled_cache_file,
+    run_layers,
+    transformer_layers,
+)
+from naics_hnm.train.losses import info_nce
 from naics_hnm.tree.guard import TreeGuard
-
 
 LENGTH_BUCKET = 128
 """Rows per length-sorted chunk in ``NAICSEncoder.embed``."""

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from naics_hnm.tree.taxonomy import Taxonomy
 from naics_hnm.tree.guard import TreeGuard
+from naics_hnm.tree.taxonomy import Taxonomy
 
 
 class LevelRanges:
