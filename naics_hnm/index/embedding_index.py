@@ -29,26 +29,10 @@ import torch
 
 from naics_hnm.fingerprint import codes_fingerprint
 from naics_hnm.index.approximate import SearchTraits, apply_search_params, build_faiss_index
-from naics_hnm.index.ids import (
-    DEVICES,
-    METRICS,
-    as_id_tensor,
-    check_id_range,
-    check_k,
-    duplicate_mask,
-    like_input,
-    select_topk,
-    worst_score,
-)
-from naics_hnm.index.index_file import (
-    IndexFileError,
-    faiss_metric,
-    read_index_file,
-    read_sidecar,
-    read_vectors_file,
-    sidecar_path,
-    write_index_files,
-)
+from naics_hnm.index.ids import (DEVICES, METRICS, as_id_tensor, check_id_range, check_k, duplicate_mask, like_input,
+                                 select_topk, worst_score)
+from naics_hnm.index.index_file import (IndexFileError, faiss_metric, read_index_file, read_sidecar, read_vectors_file,
+                                        sidecar_path, write_index_files)
 from naics_hnm.index.knn import as_float_matrix, normalise_rows, rescore_topk, search_in_batches, torch_knn
 
 logger = logging.getLogger(__name__)

@@ -19,16 +19,8 @@ import numpy as np
 import torch
 
 from naics_hnm.index.embedding_index import EmbeddingIndex
-from naics_hnm.index.ids import (
-    as_id_tensor,
-    check_id_range,
-    check_k,
-    duplicate_mask,
-    like_input,
-    search_deeper,
-    select_topk,
-    worst_score,
-)
+from naics_hnm.index.ids import (as_id_tensor, check_id_range, check_k, duplicate_mask, like_input, search_deeper,
+                                 select_topk, worst_score)
 from naics_hnm.mining.checks import as_tree_guard, check_margin, exclude_mask, is_bool_mask, margin_tensors
 from naics_hnm.tree.guard import GuardStats, TreeGuard, guard_tensors
 

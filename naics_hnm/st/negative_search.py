@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from naics_hnm.data.counter_rng import item_keys, uniforms
 from naics_hnm.index.embedding_index import EmbeddingIndex
 from naics_hnm.index.ids import search_deeper
+from naics_hnm.tree.guard import too_near
 from naics_hnm.tree.taxonomy import Taxonomy
 
 _BLOCK_ENTRIES = 1 << 20        # [rows, depth] candidates of one faiss search block
@@ -296,7 +297,7 @@ def _settle(r: SearchRequest, rows: np.ndarray, scores: np.ndarray, ids: np.ndar
         drop("related", related & _unless(protected))
         if order_limit is not None:
             limit = order_limit[rows][:, None]
-            drop("order", (limit >= 0) & (lca >= limit) & _unless(protected))
+            drop("order", too_near(lca, limit) & _unless(protected))
     if bounds is not None:
         for reason in ("absolute_margin", "relative_margin", "max_score"):
             if reason in bounds:
