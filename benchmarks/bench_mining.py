@@ -28,7 +28,6 @@ import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Callable
 
@@ -44,9 +43,9 @@ from bench_search import paired_median_seconds, unit_rows  # noqa: E402
 
 from naics_hnm import EmbeddingIndex, HardNegativeMiningCallback, NAICSDataModule, mine_candidates  # noqa: E402
 from naics_hnm.embedding import embed_codes  # noqa: E402
-from naics_hnm.train.encoder import NAICSEncoder  # noqa: E402
 from naics_hnm.mining.miner import HardNegativeMiner  # noqa: E402
 from naics_hnm.mining.neighbours import guarded_neighbours  # noqa: E402
+from naics_hnm.train.encoder import NAICSEncoder  # noqa: E402
 from naics_hnm.tree.guard import TreeGuard  # noqa: E402
 
 MARGIN = 0.05
@@ -151,7 +150,6 @@ def bench_batch(model, embeddings, batch_sizes, reps_step, reps_mine, cache_dir)
     for b in batch_sizes:
         dm, batch = first_batch(b, cache_dir, epoch=PHASE2_EPOCH)
         tx = dm.taxonomy
-        trainer = types.SimpleNamespace(datamodule=dm)  # mine_batch only reads trainer.datamodule
         cb = HardNegativeMiningCallback(k=K, relative_margin=MARGIN, order_filter=True, device="cpu")
         data = dm.mining_data()
         cb.miner = HardNegativeMiner(tx, allowed=data.allowed, k=K, relative_margin=MARGIN, order_filter=True,
@@ -179,7 +177,7 @@ def bench_batch(model, embeddings, batch_sizes, reps_step, reps_mine, cache_dir)
                                          cands.numpy(), K, MARGIN)
             print(f"    check mine_candidates ({name}) vs NumPy brute force: {compare(s.numpy(), i.numpy(), rs, ri)}")
         probe = dict(batch)
-        cb.mine_batch(trainer, probe)
+        cb.mine_batch(probe, data.token_cache)
         ids = probe["negative_idx"]
         bad = sum(bool(related[a, c]) or c == p for a, p, row in zip(anchors.tolist(), positives.tolist(),
                                                                          ids.tolist()) for c in row if c >= 0)
@@ -190,7 +188,7 @@ def bench_batch(model, embeddings, batch_sizes, reps_step, reps_mine, cache_dir)
         step = training_step_fn(model, optimizer, batch)
         # the step dominates; time it reps_step times and each miner reps_mine times between steps
         mined: dict[str, list[float]] = {"pool48": [], "widened": [], "mine_batch": []}
-        fns = {"pool48": mine(pool), "widened": mine(widened), "mine_batch": lambda: cb.mine_batch(trainer, dict(batch))}
+        fns = {"pool48": mine(pool), "widened": mine(widened), "mine_batch": lambda: cb.mine_batch(dict(batch), data.token_cache)}
         step_times = []
         step()
         for fn in fns.values():

@@ -14,44 +14,17 @@ import sys
 import warnings
 from types import ModuleType
 
-MOVED = {
-    "approximate": "index.approximate",
-    "callback": "train.callback",
-    "collate": "data.collate",
-    "config": "data.config",
-    "counter_rng": "data.counter_rng",
-    "curriculum": "data.curriculum",
-    "datamodule": "train.datamodule",
-    "datasets": "data.datasets",
-    "embedding_index": "index.embedding_index",
-    "encoder": "train.encoder",
-    "epoch_sampler": "data.epoch_sampler",
-    "evaluation_callback": "train.evaluation_callback",
-    "frozen_prefix": "train.frozen_prefix",
-    "guard": "mining.checks",
-    "hard_negatives": "st.hard_negatives",
-    "ids": "index.ids",
-    "index_file": "index.index_file",
-    "knn": "index.knn",
-    "losses": "train.losses",
-    "miner": "mining.miner",
-    "mining_data": "train.mining_data",
-    "negative_search": "st.negative_search",
-    "neighbours": "mining.neighbours",
-    "pairs": "data.pairs",
-    "prefix_tree": "tree.prefix",
-    "resumable_loader": "data.resumable_loader",
-    "sharded_search": "index.sharded_search",
-    "synthetic_tree": "tree.synthetic",
-    "taxonomy": "tree.taxonomy",
-    "taxonomy_csv": "tree.taxonomy_csv",
-    "text_corpus": "st.text_corpus",
-    "token_cache": "data.token_cache",
-    "training_report": "train.report",
-    "tree_guard": "tree.guard",
-    "tree_ranges": "tree.ranges",
-    "tree_structure": "tree.structure",
+_HOMES = {  # package: its modules' old flat names (old:new where the module was renamed)
+    "tree": "taxonomy taxonomy_csv prefix_tree:prefix tree_structure:structure tree_guard:guard tree_ranges:ranges "
+            "synthetic_tree:synthetic",
+    "index": "ids embedding_index knn approximate sharded_search index_file",
+    "mining": "guard:checks miner neighbours",
+    "data": "token_cache counter_rng pairs curriculum datasets collate epoch_sampler resumable_loader config",
+    "train": "datamodule mining_data callback encoder frozen_prefix losses evaluation_callback training_report:report",
+    "st": "hard_negatives negative_search text_corpus",
 }
+MOVED = {old: f"{package}.{new or old}" for package, names in _HOMES.items()
+         for old, _, new in (name.partition(":") for name in names.split())}
 """Old module name (under ``naics_hnm.``) -> new module name (under ``naics_hnm.``)."""
 
 

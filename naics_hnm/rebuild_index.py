@@ -133,8 +133,8 @@ def load_checkpoint_model(path: Path, class_spec: str) -> torch.nn.Module:
 
 
 def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.ndarray:
-    from naics_hnm.embedding import embed_codes
     from naics_hnm.data.token_cache import TokenCache, load_tokenizer
+    from naics_hnm.embedding import embed_codes
 
     tokenizer = load_tokenizer(args.model if args.model and not args.checkpoint else None)
     cache = TokenCache.from_texts(taxonomy.texts, tokenizer, args.max_length, codes=taxonomy.codes)
@@ -145,8 +145,8 @@ def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.nda
 
 
 def run(args: argparse.Namespace) -> dict:
-    from naics_hnm.index.embedding_index import EmbeddingIndex
     from naics_hnm.embeddings_file import load_embeddings
+    from naics_hnm.index.embedding_index import EmbeddingIndex
     from naics_hnm.index.index_file import current_index_file, sidecar_path
     from naics_hnm.tree.taxonomy import load_taxonomy
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import naics_hnm.index.index_file as index_file
-from naics_hnm.index.embedding_index import EmbeddingIndex, IndexFileError
+from naics_hnm.index.embedding_index import EmbeddingIndex
+from naics_hnm.index.index_file import IndexFileError
 from naics_hnm.index.index_file import current_index_file, sha256_file
 
 METRICS = ("cosine", "ip", "l2")

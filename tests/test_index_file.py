@@ -14,7 +14,8 @@ import faiss
 import numpy as np
 import pytest
 
-from naics_hnm.index.embedding_index import EmbeddingIndex, IndexFileError
+from naics_hnm.index.embedding_index import EmbeddingIndex
+from naics_hnm.index.index_file import IndexFileError
 from naics_hnm.index.index_file import current_index_file, read_sidecar, sha256_file, sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from naics_hnm.data.token_cache import TokenCache
+from naics_hnm.data.token_cache import TokenCache, gather_tokens
 
 
 def _pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
@@ -47,12 +47,8 @@ def collate_fn(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     negative_idx = _pad_rows([item["negative_idx"] for item in items])
     candidate_idx = _pad_rows([item["candidate_idx"] for item in items])
     negative_mask = negative_idx >= 0
-    everything = np.concatenate([anchor_idx, positive_idx, negative_idx[negative_mask]])
-    width = max(int(tokens._numpy()[1][everything].max()), 1)
     return {
-        "anchor": tokens.gather(anchor_idx, width),
-        "positive": tokens.gather(positive_idx, width),
-        "negatives": tokens.gather(negative_idx, width),
+        **gather_tokens(tokens, {"anchor": anchor_idx, "positive": positive_idx, "negatives": negative_idx}),
         "negative_mask": torch.from_numpy(negative_mask),
         "anchor_idx": torch.from_numpy(anchor_idx),
         "positive_idx": torch.from_numpy(positive_idx),

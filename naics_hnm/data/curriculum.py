@@ -106,7 +106,7 @@ class NegativeTable:
             np.broadcast_to(max_lca, anchors.shape), self.default_max_lca(anchors))
         safe = np.maximum(codes, 0)
         lca = self.guard.lca_depth(anchors, safe)
-        valid = (codes >= 0) & ~self.guard.related(anchors, safe) & self.guard.is_allowed(safe)
+        valid = self.guard.may_be_negative(anchors, codes)
         bucket = np.where(lca == 0, EASY, np.where(lca == top, HARD, SEMI_HARD))
         return np.where(valid & (lca <= top), bucket, 3)
 

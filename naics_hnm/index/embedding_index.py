@@ -27,34 +27,16 @@ import faiss
 import numpy as np
 import torch
 
-from naics_hnm.index.approximate import SearchTraits, apply_search_params, build_faiss_index
-from naics_hnm.index.ids import (  # noqa: F401  (re-exported: other modules import these from here)
-    METRICS,
-    as_id_tensor,
-    check_id_range,
-    check_k,
-    duplicate_mask,
-    like_input,
-    select_topk,
-    worst_score,
-)
-from naics_hnm.index.index_file import (  # noqa: F401  (re-exported)
-    FORMAT_VERSION,
-    IndexFileError,
-    faiss_metric,
-    read_index_file,
-    read_sidecar,
-    read_vectors_file,
-    sidecar_path,
-    vectors_path,
-    write_index_files,
-)
-from naics_hnm.index.knn import as_float_matrix, normalise_rows, rescore_topk, search_in_batches, torch_knn
 from naics_hnm.fingerprint import codes_fingerprint
+from naics_hnm.index.approximate import SearchTraits, apply_search_params, build_faiss_index
+from naics_hnm.index.ids import (DEVICES, METRICS, as_id_tensor, check_id_range, check_k, duplicate_mask, like_input,
+                                 select_topk, worst_score)
+from naics_hnm.index.index_file import (IndexFileError, faiss_metric, read_index_file, read_sidecar, read_vectors_file,
+                                        sidecar_path, write_index_files)
+from naics_hnm.index.knn import as_float_matrix, normalise_rows, rescore_topk, search_in_batches, torch_knn
 
 logger = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
 FAISS_GPU_MAX_K = 2048
 _SEARCH_BLOCK_BYTES = 128 << 20
 _RANK_BLOCK_BYTES = 4 << 20

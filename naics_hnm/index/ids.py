@@ -7,12 +7,15 @@ Scores follow the metric: larger is more similar for ``"cosine"`` and ``"ip"``, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 METRICS = ("cosine", "ip", "l2")
+"""Metric names, everywhere: larger is nearer for cosine and ip, smaller for l2."""
+DEVICES = ("auto", "cpu", "cuda")
+"""Where an index lives: ``auto`` takes a faiss GPU when there is one."""
 
 
 def worst_score(metric: str) -> float:
@@ -76,15 +79,19 @@ def duplicate_mask(ids: torch.Tensor) -> torch.Tensor:
 
 
 def select_topk(
-    scores: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, k: int, metric: str
+    scores: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, k: int, metric: str, *, ties: str = "column"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable top-k ``(scores [B, k], ids [B, k])`` among ``keep`` entries, best first.
+    """Stable top-k ``(scores [B, k], ids [B, k])`` among ``keep`` entries, best first: the one top-k.
 
-    Ties keep the earlier column; rows with fewer than k kept entries are padded with id -1 and
-    :func:`worst_score`.
+    Ties keep the earlier column (``ties="column"``) or the lower id (``ties="id"``); rows with fewer
+    than k kept entries are padded with id -1 and :func:`worst_score`.
     """
     worst = worst_score(metric)
     masked = scores.masked_fill(~keep, worst)
+    by_id = None
+    if ties == "id":  # a stable sort by id first, so the stable sort by score breaks ties by id
+        by_id = torch.sort(ids.masked_fill(~keep, torch.iinfo(ids.dtype).max), dim=1, stable=True).indices
+        masked, ids, keep = masked.gather(1, by_id), ids.gather(1, by_id), keep.gather(1, by_id)
     order = torch.sort(masked, dim=1, descending=metric != "l2", stable=True).indices[:, :k]
     top_scores = masked.gather(1, order)
     top_ids = ids.gather(1, order).masked_fill(~keep.gather(1, order), -1)
@@ -94,3 +101,27 @@ def select_topk(
         top_scores = torch.nn.functional.pad(top_scores, (0, pad), value=worst)
         top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
     return top_scores, top_ids
+
+
+def select_topk_np(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray, k: int, metric: str, *,
+                   ties: str = "column") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`select_topk` for numpy arrays (run by torch on the CPU, without copies in)."""
+    top_scores, top_ids = select_topk(torch.from_numpy(np.ascontiguousarray(scores)),
+                                      torch.from_numpy(np.ascontiguousarray(ids)),
+                                      torch.from_numpy(np.ascontiguousarray(keep)), k, metric, ties=ties)
+    return top_scores.numpy(), top_ids.numpy()
+
+
+def search_deeper(rows: Any, depth: int, limit: int, search_round: Callable[[Any, int, bool], Any], *,
+                  factor: int = 2) -> None:
+    """The one "search deeper until k survive" loop.
+
+    ``search_round(rows, depth, last)`` searches ``rows`` (an index array or tensor) ``depth`` deep,
+    settles the rows that have enough survivors (every row when ``last``: ``depth`` reached
+    ``limit``) and returns a bool mask of the rows it settled; the others are searched again
+    ``factor`` times deeper (at most ``limit``).
+    """
+    while len(rows):
+        done = search_round(rows, depth, depth >= limit)
+        rows = rows[~done]
+        depth = min(limit, depth * factor)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from naics_hnm.index.ids import worst_score
+from naics_hnm.index.ids import select_topk_np, worst_score
 
 MAX_PADDED_BYTES = 1 << 30
 
@@ -57,9 +57,7 @@ def rescore_topk(vectors: np.ndarray, sq_norms: np.ndarray | None, metric: str, 
     if metric == "l2":
         scores = sq_norms[safe] + np.einsum("qd,qd->q", queries, queries)[:, None] - 2 * scores
         np.maximum(scores, 0, out=scores)
-    scores[candidates < 0] = worst_score(metric)
-    order = np.argsort(scores if metric == "l2" else -scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
+    return select_topk_np(scores, candidates, candidates >= 0, k, metric)
 
 
 def torch_knn(vectors: torch.Tensor, sq_norms: torch.Tensor | None, metric: str, queries: np.ndarray, k: int,

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from naics_hnm.index.embedding_index import EmbeddingIndex
+from naics_hnm.index.ids import select_topk_np
 
 AllGather = Callable[[np.ndarray], np.ndarray]
 
@@ -44,11 +45,7 @@ def merge_topk(scores: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tupl
     w, q, kk = scores.shape
     scores = scores.transpose(1, 0, 2).reshape(q, w * kk)
     ids = ids.transpose(1, 0, 2).reshape(q, w * kk)
-    worst = np.inf if metric == "l2" else -np.inf
-    scores = np.where(ids >= 0, scores, worst)
-    key = scores if metric == "l2" else -scores
-    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), key), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    return select_topk_np(scores, ids, ids >= 0, k, metric, ties="id")
 
 
 def sharded_search(vectors: np.ndarray, shard: Shard, *, metric: str, device: str = "auto",

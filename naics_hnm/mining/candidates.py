@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from naics_hnm.index.embedding_index import EmbeddingIndex
-from naics_hnm.index.ids import as_id_tensor, check_id_range, check_k, duplicate_mask, like_input, select_topk, worst_score
+from naics_hnm.index.ids import (as_id_tensor, check_id_range, check_k, duplicate_mask, like_input, search_deeper,
+                                 select_topk, worst_score)
 from naics_hnm.mining.checks import as_tree_guard, check_margin, exclude_mask, is_bool_mask, margin_tensors
 from naics_hnm.tree.guard import GuardStats, TreeGuard, guard_tensors
 
@@ -183,23 +184,22 @@ def _mine_global(request: _Request) -> tuple[torch.Tensor, torch.Tensor, GuardSt
     out_scores = torch.full((b, k), worst_score(index.metric), dtype=torch.float32, device=device)
     out_ids = torch.full((b, k), -1, dtype=torch.int64, device=device)
     stats = GuardStats()
-    pending = torch.arange(b, device=device)
-    depth = _initial_depth(request)
-    current = request
-    while pending.numel():
+
+    def search_round(rows: torch.Tensor, depth: int, last: bool) -> torch.Tensor:
+        nonlocal stats
+        current = request.subset(rows) if len(rows) < b else request
         _, neighbours = index.search_ids(current.anchors.cpu().numpy(), depth)
         neighbours = torch.from_numpy(neighbours).to(device)
         (scores, ids), round_stats, survivors = _mine_pool(current, neighbours)
-        done = (survivors >= k) | (depth >= index.ntotal)
-        out_scores[pending[done]] = scores[done]
-        out_ids[pending[done]] = ids[done]
+        done = (survivors >= k) | last
+        out_scores[rows[done]] = scores[done]
+        out_ids[rows[done]] = ids[done]
         if bool(done.all()):
             stats = stats + round_stats
-            break
-        if bool(done.any()):
+        elif bool(done.any()):
             done_rows = torch.nonzero(done).squeeze(1)
             stats = stats + _mine_pool(current.subset(done_rows), neighbours[done_rows])[1]
-        rest = torch.nonzero(~done).squeeze(1)
-        pending, current = pending[rest], current.subset(rest)
-        depth = min(index.ntotal, 2 * depth)
+        return done
+
+    search_deeper(torch.arange(b, device=device), _initial_depth(request), index.ntotal, search_round)
     return out_scores, out_ids, stats

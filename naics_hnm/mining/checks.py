@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from naics_hnm.index.ids import METRICS, as_id_tensor, check_id_range, like_input
-from naics_hnm.tree.taxonomy import Taxonomy
 from naics_hnm.tree.guard import GuardStats, TreeGuard, guard_tensors
+from naics_hnm.tree.taxonomy import Taxonomy
 
 __all__ = ["GuardStats", "TreeGuard", "as_tree_guard", "check_margin", "exclude_mask", "guard_mask",
            "margin_mask", "margin_tensors"]

@@ -23,25 +23,19 @@ import numpy as np
 import torch
 
 from naics_hnm.index.embedding_index import EmbeddingIndex
-from naics_hnm.index.ids import as_id_tensor, like_input
+from naics_hnm.index.ids import DEVICES, METRICS, as_id_tensor, duplicate_mask, like_input
+from naics_hnm.index.sharded_search import Shard, sharded_search
 from naics_hnm.mining.candidates import mine_candidates
 from naics_hnm.mining.neighbours import guarded_neighbours
-from naics_hnm.index.sharded_search import Shard, sharded_search
-from naics_hnm.tree.taxonomy import Taxonomy
 from naics_hnm.tree.guard import GuardStats, TreeGuard
+from naics_hnm.tree.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
-METRICS = ("cosine", "ip", "l2")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def compact_unique(ids: torch.Tensor) -> torch.Tensor:
     """Drop repeated ids within each row (first occurrence wins) and move valid ids to the front."""
-    sorted_ids, order = torch.sort(ids, dim=1, stable=True)
-    repeat_sorted = torch.zeros_like(ids, dtype=torch.bool)
-    repeat_sorted[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
-    repeat = torch.zeros_like(repeat_sorted).scatter(1, order, repeat_sorted)
-    ids = ids.masked_fill(repeat, -1)
+    ids = ids.masked_fill(duplicate_mask(ids), -1)
     front = torch.sort((ids < 0).to(torch.int8), dim=1, stable=True).indices
     return torch.gather(ids, 1, front)
 

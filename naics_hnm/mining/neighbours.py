@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from naics_hnm.index.embedding_index import EmbeddingIndex
+from naics_hnm.index.ids import search_deeper, select_topk_np
 from naics_hnm.tree.guard import TreeGuard, guard_tensors
 
 log = logging.getLogger(__name__)
@@ -30,22 +31,6 @@ class NeighbourReport:
     rows: int = 0
     short_rows: int = 0
     searches: int = 0
-
-
-def _first_kept(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray, m: int,
-                metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row the first ``m`` kept entries (search order), ties by lower id; (scores, ids, n_kept)."""
-    worst = np.inf if metric == "l2" else -np.inf
-    masked = np.where(keep, scores, worst)
-    key = masked if metric == "l2" else -masked
-    order = np.lexsort((np.where(keep, ids, np.iinfo(np.int64).max), key), axis=1)[:, :m]
-    top_ids = np.take_along_axis(np.where(keep, ids, -1), order, axis=1)
-    top_scores = np.take_along_axis(masked, order, axis=1)
-    if top_ids.shape[1] < m:
-        pad = m - top_ids.shape[1]
-        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
-        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=worst)
-    return top_scores, top_ids, keep.sum(axis=1)
 
 
 def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *, guard: TreeGuard | None = None,
@@ -71,19 +56,21 @@ def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *,
     out_ids = np.empty((len(anchor_ids), m), dtype=np.int32)
     report = NeighbourReport(rows=len(anchor_ids))
     starts = range(0, len(anchor_ids), batch_size)
+
+    def search_round(rows: np.ndarray, depth: int, last: bool) -> np.ndarray:
+        scores, ids = search(anchor_ids[rows], depth)
+        report.searches += 1
+        keep, _ = guard_tensors(torch.from_numpy(anchor_ids[rows]), torch.from_numpy(ids), tree=guard)
+        top_s, top_i = select_topk_np(scores, ids, keep.numpy(), m, index.metric, ties="id")
+        kept = keep.numpy().sum(axis=1)
+        done = (kept >= m) | last
+        out_scores[rows[done]], out_ids[rows[done]] = top_s[done], top_i[done]
+        report.short_rows += int((kept[done] < min(m, n - 1)).sum())
+        return done
+
     for start in tqdm(starts, desc="neighbour lists", disable=not progress, leave=False):
-        rows = np.arange(start, min(start + batch_size, len(anchor_ids)))
-        depth = first_depth
-        while len(rows):
-            scores, ids = search(anchor_ids[rows], depth)
-            report.searches += 1
-            keep, _ = guard_tensors(torch.from_numpy(anchor_ids[rows]), torch.from_numpy(ids), tree=guard)
-            top_s, top_i, kept = _first_kept(scores, ids, keep.numpy(), m, index.metric)
-            done = (kept >= m) | (depth >= limit)
-            out_scores[rows[done]], out_ids[rows[done]] = top_s[done], top_i[done]
-            report.short_rows += int((kept[done] < min(m, n - 1)).sum())
-            rows = rows[~done]
-            depth = min(limit, depth * 4)
+        search_deeper(np.arange(start, min(start + batch_size, len(anchor_ids))), first_depth, limit, search_round,
+                      factor=4)
     if report.short_rows:
         log.info("neighbour lists: %d of %d codes have fewer than %d guarded neighbours within the first %d "
                  "search results (padded with -1)", report.short_rows, report.rows, m, limit)

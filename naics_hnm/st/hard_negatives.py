@@ -34,20 +34,12 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from naics_hnm.index.embedding_index import DEVICES, EmbeddingIndex
+from naics_hnm.index.embedding_index import EmbeddingIndex
+from naics_hnm.index.ids import DEVICES
 from naics_hnm.st.negative_search import SearchRequest, TextTree, search_negatives, text_codes
+from naics_hnm.st.text_corpus import (DOCUMENT, QUERY, TextPairs, as_output, collect_pairs, embed_pairs, empty_columns,
+                                      output_columns, resolved_prompt)
 from naics_hnm.tree.taxonomy import Taxonomy
-from naics_hnm.st.text_corpus import (
-    DOCUMENT,
-    QUERY,
-    TextPairs,
-    as_output,
-    collect_pairs,
-    embed_pairs,
-    empty_columns,
-    output_columns,
-    resolved_prompt,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 
 from naics_hnm.data.counter_rng import item_keys, uniforms
 from naics_hnm.index.embedding_index import EmbeddingIndex
+from naics_hnm.index.ids import search_deeper
+from naics_hnm.tree.guard import too_near
 from naics_hnm.tree.taxonomy import Taxonomy
 
 _BLOCK_ENTRIES = 1 << 20        # [rows, depth] candidates of one faiss search block
@@ -194,17 +196,18 @@ def _scan(r: SearchRequest, depth: np.ndarray, need: int, bounds: dict[str, np.n
             rows = by_depth[start : start + rows_per_block]
             scores = torch.from_numpy(r.queries[rows]).to(vectors.device) @ vectors.T
             removed = _mask_score_rules(r, rows, scores, bounds)
-            pending, k = np.arange(rows.size), int(depth[rows].max())
-            while pending.size:
-                k = min(k, ntotal)
+
+            def top_round(pending: np.ndarray, k: int, last: bool) -> np.ndarray:
                 top, cols = torch.topk(scores[torch.from_numpy(pending).to(vectors.device)], k, dim=1)
                 top, ids = top.cpu().numpy(), cols.cpu().numpy().astype(np.int64)
                 ids[np.isneginf(top)] = -1
-                exhausted = (ids[:, -1] < 0) | (k >= ntotal)
+                exhausted = (ids[:, -1] < 0) | last
                 done = _settle(r, rows[pending], top, ids, exhausted, need, None, order_limit, out,
                                {reason: count[pending] for reason, count in removed.items()}, k)
                 bar.update(int(done.sum()))
-                pending, k = pending[~done], 4 * k
+                return done
+
+            search_deeper(np.arange(rows.size), min(int(depth[rows].max()), ntotal), ntotal, top_round, factor=4)
 
 
 def _mask_score_rules(r: SearchRequest, rows: np.ndarray, scores: torch.Tensor,
@@ -228,23 +231,22 @@ def _search(r: SearchRequest, depth: np.ndarray, need: int, bounds: dict[str, np
             order_limit: np.ndarray | None, out: SearchResult, bar: Any) -> None:
     """Approximate index: faiss searches, each unsettled row again at 4x the depth."""
     ntotal = r.index.ntotal
-    pending = np.arange(r.queries.shape[0])
-    while pending.size:
-        deeper = []
-        for d in np.unique(depth[pending]):
-            group = pending[depth[pending] == d]
-            rows_per_block = max(1, min(r.batch_size, _BLOCK_ENTRIES // int(d)))
-            for start in range(0, group.size, rows_per_block):
-                rows = group[start : start + rows_per_block]
-                scores, ids = r.index.search(r.queries[rows], int(d))
-                exhausted = (d >= ntotal) | (ids[:, -1] < 0)
-                if r.min_score is not None:
-                    exhausted |= scores[:, -1] < r.min_score  # deeper candidates score lower still
-                done = _settle(r, rows, scores, ids, exhausted, need, bounds, order_limit, out, {}, int(d))
-                bar.update(int(done.sum()))
-                deeper.append(rows[~done])
-        pending = np.concatenate(deeper) if deeper else pending[:0]
-        depth[pending] = np.minimum(ntotal, 4 * depth[pending])
+
+    def search_round(rows: np.ndarray, d: int, last: bool) -> np.ndarray:
+        done = np.zeros(rows.size, dtype=bool)
+        rows_per_block = max(1, min(r.batch_size, _BLOCK_ENTRIES // d))
+        for start in range(0, rows.size, rows_per_block):
+            block = slice(start, start + rows_per_block)
+            scores, ids = r.index.search(r.queries[rows[block]], d)
+            exhausted = last | (ids[:, -1] < 0)
+            if r.min_score is not None:
+                exhausted |= scores[:, -1] < r.min_score  # deeper candidates score lower still
+            done[block] = _settle(r, rows[block], scores, ids, exhausted, need, bounds, order_limit, out, {}, d)
+            bar.update(int(done[block].sum()))
+        return done
+
+    for d in np.unique(depth):
+        search_deeper(np.flatnonzero(depth == d), int(d), ntotal, search_round, factor=4)
 
 
 def _upper_bounds(r: SearchRequest) -> dict[str, np.ndarray]:
@@ -295,7 +297,7 @@ def _settle(r: SearchRequest, rows: np.ndarray, scores: np.ndarray, ids: np.ndar
         drop("related", related & _unless(protected))
         if order_limit is not None:
             limit = order_limit[rows][:, None]
-            drop("order", (limit >= 0) & (lca >= limit) & _unless(protected))
+            drop("order", too_near(lca, limit) & _unless(protected))
     if bounds is not None:
         for reason in ("absolute_margin", "relative_margin", "max_score"):
             if reason in bounds:

@@ -16,11 +16,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from naics_hnm.train.mining_data import MiningData
+from naics_hnm.data.token_cache import TokenCache, gather_tokens
 from naics_hnm.embedding import EmbedFn, embed_codes
 from naics_hnm.embeddings_file import EmbeddingsFileError, load_embeddings, save_embeddings
-from naics_hnm.mining.miner import HardNegativeMiner, check_miner_args
 from naics_hnm.index.sharded_search import Shard
+from naics_hnm.mining.miner import HardNegativeMiner, check_miner_args
+from naics_hnm.train.mining_data import MiningData
 from naics_hnm.tree.guard import GuardStats
 from naics_hnm.writable import ensure_writable_dir
 
@@ -273,10 +274,10 @@ class HardNegativeMiningCallback(Callback):
                              batch_idx: int) -> None:
         self._prepare_epoch(trainer, pl_module)
         if self.is_mining(trainer) and self.index is not None:
-            self.mine_batch(trainer, batch)
+            self.mine_batch(batch, self._data(trainer).token_cache)
 
-    def mine_batch(self, trainer: pl.Trainer, batch: dict[str, Any]) -> None:
-        """Replace the batch's negatives in place with the k hardest guarded candidates."""
+    def mine_batch(self, batch: dict[str, Any], token_cache: TokenCache) -> None:
+        """Replace the batch's negatives in place with the k hardest guarded candidates (tokens from ``token_cache``)."""
         if self.miner is None or self.miner.index is None:
             raise RuntimeError("HardNegativeMiningCallback.mine_batch() before the first refresh")
         device = self.index.vectors.device
@@ -290,11 +291,9 @@ class HardNegativeMiningCallback(Callback):
             self._similarity_count += int(valid.sum())
         out_device = batch["anchor_idx"].device
         ids = ids.to(out_device)
-        cache = self._data(trainer).token_cache
-        everything = torch.cat([batch["anchor_idx"].cpu(), batch["positive_idx"].cpu(), ids[ids >= 0].cpu()])
-        width = max(int(cache.lengths[everything].max()), 1)
-        for key, rows in (("anchor", batch["anchor_idx"]), ("positive", batch["positive_idx"]), ("negatives", ids)):
-            batch[key] = {name: t.to(out_device) for name, t in cache.gather(rows.cpu(), width).items()}
+        tokens = gather_tokens(token_cache, {"anchor": batch["anchor_idx"], "positive": batch["positive_idx"],
+                                             "negatives": ids})
+        batch.update({key: {name: t.to(out_device) for name, t in group.items()} for key, group in tokens.items()})
         batch["negative_idx"] = ids
         batch["negative_mask"] = ids >= 0
         batch["negative_scores"] = scores.to(out_device)

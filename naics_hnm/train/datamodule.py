@@ -15,12 +15,12 @@ from naics_hnm.data.collate import collate_fn
 from naics_hnm.data.config import SamplingConfig, StreamingConfig
 from naics_hnm.data.datasets import NAICSMapDataset, Phase1MapDataset
 from naics_hnm.data.epoch_sampler import EpochSampler
-from naics_hnm.train.mining_data import MiningData
-from naics_hnm.data.resumable_loader import ResumableLoader
 from naics_hnm.data.pairs import allowed_mask, tree_pairs
-from naics_hnm.tree.taxonomy import Taxonomy, load_taxonomy
+from naics_hnm.data.resumable_loader import ResumableLoader
 from naics_hnm.data.token_cache import (TokenCache, cache_fingerprint, ensure_token_cache, load_token_cache,
-                                   load_tokenizer, token_cache_path)
+                                        load_tokenizer, token_cache_path)
+from naics_hnm.train.mining_data import MiningData
+from naics_hnm.tree.taxonomy import Taxonomy, load_taxonomy
 
 log = logging.getLogger(__name__)
 

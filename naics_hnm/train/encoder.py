@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as hf_logging
 
+from naics_hnm.data.token_cache import TokenCache, default_tokenizer_path
 from naics_hnm.train.frozen_prefix import (FrozenPrefix, frozen_modules, mean_pool, pooled_cache_file, run_layers,
                                            transformer_layers)
 from naics_hnm.train.losses import info_nce
-from naics_hnm.data.token_cache import TokenCache, default_tokenizer_path
-from naics_hnm.tree.guard import TreeGuard
-
+from naics_hnm.tree.guard import TreeGuard, too_near
 
 LENGTH_BUCKET = 128
 """Rows per length-sorted chunk in ``NAICSEncoder.embed``."""
@@ -231,7 +230,7 @@ class NAICSEncoder(pl.LightningModule):
         if self._guard is not None:
             rows, codes = anchors.unsqueeze(1), unique.unsqueeze(0).expand(b, -1)
             ok &= ~self._guard.related(rows, codes)
-            ok &= self._guard.lca_depth(rows, codes) < self._guard.lca_depth(anchors, positives).unsqueeze(1)
+            ok &= ~too_near(self._guard.lca_depth(rows, codes), self._guard.lca_depth(anchors, positives).unsqueeze(1))
         return ok
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from naics_hnm.atomic import atomic_path
-from naics_hnm.embedding import embed_codes
 from naics_hnm.data.token_cache import TokenCache
+from naics_hnm.embedding import embed_codes
 
 log = logging.getLogger(__name__)
 

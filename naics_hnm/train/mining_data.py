@@ -7,8 +7,8 @@ from typing import Callable
 
 import numpy as np
 
-from naics_hnm.tree.taxonomy import Taxonomy
 from naics_hnm.data.token_cache import TokenCache
+from naics_hnm.tree.taxonomy import Taxonomy
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from naics_hnm.tree.structure import lca_depth_of, related_of
 from naics_hnm.tree.taxonomy import Taxonomy
 
 
@@ -88,16 +89,13 @@ class TreeGuard:
             a, c = torch.broadcast_tensors(torch.as_tensor(a, device=c.device), c)
         else:
             a, c = np.broadcast_arrays(np.asarray(a), np.asarray(c))
-        pa, pc = arr["path"][a], arr["path"][c]
-        same = (pa == pc) & (pa >= 0)
-        return same.sum(-1) if isinstance(same, torch.Tensor) else same.sum(-1).astype(np.int64)
+        depth = lca_depth_of(arr["path"], a, c)
+        return depth if isinstance(depth, torch.Tensor) else depth.astype(np.int64)
 
     def related(self, a: Any, c: Any) -> Any:
         """a == c, or one is an ancestor of the other; broadcasts."""
         arr = self._arrays(c)
-        pre, end = arr["pre"], arr["end"]
-        pa, pc = pre[a], pre[c]
-        return ((pa <= pc) & (pc < end[a])) | ((pc <= pa) & (pa < end[c]))
+        return related_of(arr["pre"], arr["end"], a, c)
 
     def is_allowed(self, c: Any) -> Any:
         """bool per id: inside the ``allowed`` mask (all True without one)."""
@@ -106,10 +104,22 @@ class TreeGuard:
             return torch.ones_like(c, dtype=torch.bool) if isinstance(c, torch.Tensor) else np.ones(np.shape(c), bool)
         return allowed[c]
 
+    def may_be_negative(self, a: Any, c: Any) -> Any:
+        """The tree's part of the rule, the one entry point: ``c`` is an id (not -1 padding), neither
+        related to ``a`` nor outside ``allowed``; numpy or torch, broadcasts."""
+        safe = c.clamp(min=0) if isinstance(c, torch.Tensor) else np.maximum(c, 0)
+        return (c >= 0) & ~self.related(a, safe) & self.is_allowed(safe)
+
     def keep(self, anchors: torch.Tensor, candidates: torch.Tensor, positives: torch.Tensor | None = None, *,
              order_filter: bool = False, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, GuardStats]:
         """:func:`guard_tensors` with this tree."""
         return guard_tensors(anchors, candidates, positives, tree=self, order_filter=order_filter, exclude=exclude)
+
+
+def too_near(lca: Any, positive_lca: Any) -> Any:
+    """The order filter, written once: a candidate whose LCA depth with the anchor is at least the
+    positive's (``positive_lca``; -1 where a row has no positive: nothing is too near)."""
+    return (lca >= positive_lca) & (positive_lca >= 0)
 
 
 def guard_tensors(anchors: torch.Tensor, candidates: torch.Tensor, positives: torch.Tensor | None = None, *,
@@ -136,8 +146,8 @@ def guard_tensors(anchors: torch.Tensor, candidates: torch.Tensor, positives: to
         if tree.allowed is not None:
             rules.append(("removed_disallowed", ~tree.is_allowed(safe)))
         if order_filter:
-            pos_depth = tree.lca_depth(anchors, positives.clamp(min=0)).unsqueeze(1)
-            rules.append(("removed_order", (tree.lca_depth(rows, safe) >= pos_depth) & has_pos))
+            pos_depth = tree.lca_depth(anchors, positives.clamp(min=0)).unsqueeze(1).masked_fill(~has_pos, -1)
+            rules.append(("removed_order", too_near(tree.lca_depth(rows, safe), pos_depth)))
     if exclude is not None:
         rules.append(("removed_exclude", exclude))
     stats = GuardStats(candidates=int(valid.sum()))

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from naics_hnm.tree.taxonomy import Taxonomy
 from naics_hnm.tree.guard import TreeGuard
+from naics_hnm.tree.taxonomy import Taxonomy
 
 
 class LevelRanges:
@@ -64,7 +64,7 @@ class LevelRanges:
         """List position of each code [B] in its anchor's list, -1 if it is not a valid negative."""
         owner = self._owner
         safe = np.maximum(codes, 0)
-        ok = (codes >= 0) & ~owner.guard.related(anchors, safe) & owner.guard.is_allowed(safe)
+        ok = owner.guard.may_be_negative(anchors, codes)
         level = np.where(ok, owner.guard.lca_depth(anchors, safe), 0)
         rows = np.arange(len(anchors))
         squeezed = owner.rank[owner.pre[safe]]

@@ -23,6 +23,21 @@ import numpy as np
 MAX_DEPTH = 64
 
 
+def lca_depth_of(path, a, c):
+    """Depth of the lowest common ancestor of each (a, c) pair, for ``path`` = ``ancestor_path[:, 1:]``.
+
+    The one formula, for numpy arrays or torch tensors (``a`` and ``c`` of one broadcast shape).
+    """
+    pa, pc = path[a], path[c]
+    return ((pa == pc) & (pa >= 0)).sum(-1)
+
+
+def related_of(pre, end, a, c):
+    """a == c, or one is an ancestor of the other: the one formula, for numpy arrays or torch tensors."""
+    pa, pc = pre[a], pre[c]
+    return ((pa <= pc) & (pc < end[a])) | ((pc <= pa) & (pa < end[c]))
+
+
 class TreeError(ValueError):
     """A parent array that is not a forest: names the offending code."""
 

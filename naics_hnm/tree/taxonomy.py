@@ -21,7 +21,7 @@ import numpy as np
 
 from naics_hnm.fingerprint import codes_fingerprint
 from naics_hnm.tree.prefix import PrefixTreeError, prefix_parents
-from naics_hnm.tree.structure import TreeError, build_tree
+from naics_hnm.tree.structure import TreeError, build_tree, lca_depth_of, related_of
 from naics_hnm.tree.taxonomy_csv import TaxonomyError, read_taxonomy_csv
 
 
@@ -183,9 +183,7 @@ class Taxonomy:
     def lca_depth(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
         """Depth of the lowest common ancestor of each (a, c) pair (0 = only the root); broadcasts."""
         a, c = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(c, dtype=np.int64))
-        path = self.ancestor_path[:, 1:]
-        pa, pc = path[a], path[c]
-        return ((pa == pc) & (pa >= 0)).sum(axis=-1).astype(np.int64)
+        return lca_depth_of(self.ancestor_path[:, 1:], a, c).astype(np.int64)
 
     def is_ancestor(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """True where j is a proper ancestor of i; broadcasts."""
@@ -194,9 +192,7 @@ class Taxonomy:
 
     def related(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
         """True where a == c or one is an ancestor of the other (false negatives by construction)."""
-        a, c = np.asarray(a, dtype=np.int64), np.asarray(c, dtype=np.int64)
-        pa, pc = self.pre[a], self.pre[c]
-        return ((pa <= pc) & (pc < self.end[a])) | ((pc <= pa) & (pa < self.end[c]))
+        return related_of(self.pre, self.end, np.asarray(a, dtype=np.int64), np.asarray(c, dtype=np.int64))
 
     def tree_distance(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
         """Number of edges between two codes through their lowest common ancestor; broadcasts."""

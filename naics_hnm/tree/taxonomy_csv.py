@@ -9,7 +9,6 @@ import csv
 import io
 from pathlib import Path
 
-
 REQUIRED_COLUMNS = ("code", "title")
 OPTIONAL_COLUMNS = ("parent", "description", "examples", "excluded_codes")
 
