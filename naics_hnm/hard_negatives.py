@@ -13,7 +13,10 @@ What differs (``docs/sentence_transformers.md``):
 - ``taxonomy=`` (and ``codes=``) add the tree guard: never a text of an ancestor or a descendant of
   the anchor's codes (with ``order_filter=True`` nor one as near in the tree as a positive);
 - ``index_factory=`` builds an approximate faiss index (on GPU when present) for huge corpora;
-- each distinct text is embedded once, in batches sorted by token length.
+- each distinct text is embedded once, in batches sorted by token length;
+- ``cross_encoder=`` rescores as sentence-transformers 6.3 does (its scores rank the candidates and
+  feed every score rule), each distinct (anchor, text) pair once
+  (:mod:`naics_hnm.cross_encoder_rescoring`).
 
 Any model with ``encode(list[str]) -> array [n, d]`` works (prompts are prepended to the texts); a
 SentenceTransformer is called through its own ``encode_query`` / ``encode_document`` with its
@@ -34,6 +37,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
+from naics_hnm.cross_encoder_rescoring import check_cross_encoder, rescore_with_cross_encoder
 from naics_hnm.embedding_index import DEVICES, EmbeddingIndex
 from naics_hnm.negative_search import SearchRequest, TextTree, search_negatives, text_codes
 from naics_hnm.taxonomy import Taxonomy
@@ -100,7 +104,10 @@ def mine_hard_negatives(
     The parameters up to ``margin`` are sentence-transformers', with the same defaults and output
     (``dataset`` may also be a dict of text columns; the output is then a dict of columns).
     ``use_faiss`` is accepted and ignored (the search is exact unless ``index_factory`` asks for
-    an approximate faiss index); ``cross_encoder`` rescoring is not supported. Extras, keyword-only:
+    an approximate faiss index). ``cross_encoder`` (a ``sentence_transformers.CrossEncoder``)
+    rescores the candidates and the positives as in sentence-transformers 6.3: the margins,
+    ``max_score`` / ``min_score``, the ranking and the scores written are its scores
+    (:mod:`naics_hnm.cross_encoder_rescoring`). Extras, keyword-only:
 
     Args:
         seed: key of the draws of ``sampling_strategy="random"`` (None: a fresh seed, logged).
@@ -138,6 +145,7 @@ class MiningReport:
     removed: dict[str, int]
     short_removed: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
+    pairs_rescored: int = 0  # distinct (anchor, text) pairs the cross-encoder scored
 
     def score_table(self) -> list[str]:
         lines = [f"{'score':<6} {'positive':>10} {'negative':>10}"]
@@ -197,13 +205,21 @@ def mine_with_report(dataset: Any, model: Any, **options: Any) -> tuple[Any, Min
     anchor_of = np.repeat(np.arange(len(pairs.anchors)), pairs.positives_per_anchor)
     positive_scores = np.einsum("pd,pd->p", queries[anchor_of], vectors[pairs.pos_ids]).astype(np.float32)
     lap("index")
-    result = search_negatives(SearchRequest(
+    request = SearchRequest(
         index=index, queries=queries, self_ids=pairs.self_ids, pos_offsets=pairs.pos_offsets, pos_ids=pairs.pos_ids,
         positive_scores=positive_scores, keys=pairs.text_keys(), num_negatives=s["num_negatives"],
         range_min=s["range_min"], range_max=range_max, strategy=s["sampling_strategy"], seed=s["seed"],
         include_positives=s["include_positives"], tree=tree, batch_size=s["faiss_batch_size"],
-        **{name: s[name] for name in _SCORE_OPTIONS}), progress=s["verbose"])
-    lap("search")
+        **{name: s[name] for name in _SCORE_OPTIONS})
+    rescored = 0
+    if s["cross_encoder"] is None:
+        result = search_negatives(request, progress=s["verbose"])
+        lap("search")
+    else:
+        result, positive_scores, rescored = rescore_with_cross_encoder(
+            s["cross_encoder"], pairs, request, range_max, batch_size=s["batch_size"], progress=s["verbose"],
+            use_multi_process=s["use_multi_process"])
+        lap("rescore")
     rows = output_columns(pairs, result.ids, result.scores, positive_scores, s["output_format"], s["output_scores"],
                           s["num_negatives"])
     output = as_output(rows.columns, dataset)
@@ -215,7 +231,7 @@ def mine_with_report(dataset: Any, model: Any, **options: Any) -> tuple[Any, Min
         rows_out=len(rows.columns[pairs.anchor_column]), short_anchors=int(short.sum()),
         short_rows=int(pairs.positives_per_anchor[short].sum()), dropped_rows=rows.dropped_rows,
         positive_scores=rows.positive_scores, negative_scores=rows.negative_scores,
-        removed=result.removed, short_removed=result.short_removed, seconds=seconds)
+        removed=result.removed, short_removed=result.short_removed, seconds=seconds, pairs_rescored=rescored)
     _log(report, s)
     return output, report
 
@@ -242,6 +258,7 @@ def _range_max(s: dict[str, Any], max_positives: int) -> int:
     if s["range_max"] is not None:
         return s["range_max"]
     filtered = any(s[name] is not None for name in ("absolute_margin", "relative_margin", "max_score"))
+    filtered |= s["cross_encoder"] is not None and s["min_score"] is not None  # as sentence-transformers 6.3
     return s["range_min"] + s["num_negatives"] * (10 if filtered else 1) + max_positives
 
 
@@ -264,9 +281,8 @@ def _validate(model: Any, o: dict[str, Any]) -> dict[str, Any]:
     if not callable(getattr(model, "encode", None)):
         raise TypeError(f"model must have encode(list[str]) -> array [n, d] (e.g. a SentenceTransformer), "
                         f"got {type(model).__name__}")
-    if o.pop("cross_encoder") is not None:
-        raise ValueError("cross_encoder rescoring is not supported by naics_hnm.mine_hard_negatives; pass "
-                         "cross_encoder=None (sentence_transformers.util.mine_hard_negatives can rescore)")
+    if o["cross_encoder"] is not None:
+        check_cross_encoder(o["cross_encoder"])
     o.pop("use_faiss")  # no effect: the search is exact unless index_factory is given
     _deprecated(o)
     for name, allowed in (("output_format", OUTPUT_FORMATS), ("sampling_strategy", STRATEGIES), ("device", DEVICES)):

@@ -5,8 +5,10 @@
 Reads ``.jsonl`` (one JSON object per line), ``.csv`` (with a header row) or ``.parquet``, mines
 with :func:`naics_hnm.mine_hard_negatives` and writes the same columns as sentence-transformers'
 ``mine_hard_negatives`` to ``--output`` (``.jsonl``, ``.csv`` - list cells as JSON - or
-``.parquet``). ``--model`` is a SentenceTransformer folder or name. Prints a progress bar and a
-summary: rows, short rows and why, the score distribution of positives and negatives.
+``.parquet``). ``--model`` is a SentenceTransformer folder or name; ``--cross-encoder`` a
+CrossEncoder folder or name that rescores the candidates and positives (as sentence-transformers'
+``cross_encoder=``). Prints a progress bar and a summary: rows, short rows and why, the score
+distribution of positives and negatives.
 
 Bad input ends with one line on stderr and exit status 2; the output file is written to a
 temporary file and moved into place, so it is either complete or untouched.
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     io = p.add_argument_group("files")
     io.add_argument("--dataset", required=True, type=Path, help="(anchor, positive) pairs: .jsonl, .csv or .parquet")
     io.add_argument("--model", required=True, help="SentenceTransformer folder (or name, when the hub is reachable)")
+    io.add_argument("--cross-encoder", help="CrossEncoder folder (or name) that rescores candidates and positives")
     io.add_argument("--output", required=True, type=Path, help="where to write: .jsonl, .csv or .parquet")
     io.add_argument("--corpus", type=Path, help="extra candidate texts: .txt (one per line), .jsonl, .csv or .parquet")
     io.add_argument("--corpus-column", help="the text column of a tabular --corpus (default: 'text' or the first)")
@@ -110,13 +113,14 @@ def _run(args: argparse.Namespace) -> int:
     search_params = _json_option(args.search_params, "--search-params") if args.search_params else None
     taxonomy = _taxonomy(args.taxonomy) if args.taxonomy else None
     model = load_model(args.model, args.model_device)
+    cross_encoder = load_cross_encoder(args.cross_encoder, args.model_device) if args.cross_encoder else None
     from naics_hnm.hard_negatives import mine_with_report
 
     start = time.perf_counter()
     try:
         columns, report = mine_with_report(
             dataset, model, anchor_column_name=args.anchor_column, positive_column_name=args.positive_column,
-            corpus=corpus, cross_encoder=None, range_min=args.range_min, range_max=args.range_max,
+            corpus=corpus, cross_encoder=cross_encoder, range_min=args.range_min, range_max=args.range_max,
             max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
             relative_margin=args.relative_margin, num_negatives=args.num_negatives,
             sampling_strategy=args.sampling_strategy, query_prompt_name=args.query_prompt_name,
@@ -144,6 +148,9 @@ def _summary(report: Any, args: argparse.Namespace, seconds: float) -> None:
               f"valid ranks {args.range_min}-{args.range_min + args.num_negatives - 1}"
               if args.sampling_strategy == "top" else
               f"drawn from valid ranks {args.range_min}-{report.range_max - 1} with seed {report.seed}"))
+    if report.pairs_rescored:
+        print(f"  cross-encoder {args.cross_encoder}: {report.pairs_rescored:,} distinct (anchor, text) pairs scored; "
+              "scores and rules are its scores")
     print(f"  short rows: {report.short_rows:,}" + (f" - {report.short_message()}" if report.short_anchors else
                                                     f" (every anchor has {args.num_negatives} negatives)"))
     for line in report.score_table():
@@ -296,6 +303,19 @@ def load_model(name: str, device: str | None) -> Any:
         return SentenceTransformer(name, device=device)
     except Exception as exc:  # noqa: BLE001 - any loading failure is the user's model argument
         raise CliError(f"--model {name!r} could not be loaded as a SentenceTransformer: {_one_line(exc)}") from None
+
+
+def load_cross_encoder(name: str, device: str | None) -> Any:
+    try:
+        from sentence_transformers import CrossEncoder
+    except ImportError:
+        raise CliError("--cross-encoder needs sentence-transformers (pip install sentence-transformers)") from None
+    if not Path(name).exists() and Path(name).is_absolute():
+        raise CliError(f"--cross-encoder {name!r}: no such folder")
+    try:
+        return CrossEncoder(name, device=device)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's cross-encoder argument
+        raise CliError(f"--cross-encoder {name!r} could not be loaded as a CrossEncoder: {_one_line(exc)}") from None
 
 
 def _taxonomy(path: Path) -> Any:
