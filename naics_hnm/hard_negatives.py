@@ -14,6 +14,8 @@ What differs (``docs/sentence_transformers.md``):
   the anchor's codes (with ``order_filter=True`` nor one as near in the tree as a positive);
 - ``index_factory=`` builds an approximate faiss index (on GPU when present) for huge corpora;
 - each distinct text is embedded once, in batches sorted by token length;
+- the output carries a dataset card (``info.description`` of a returned ``Dataset``;
+  :func:`naics_hnm.dataset_card.write_dataset_card` writes it as ``README.md``);
 - ``cross_encoder=`` rescores as sentence-transformers 6.3 does (its scores rank the candidates and
   feed every score rule), each distinct (anchor, text) pair once
   (:mod:`naics_hnm.cross_encoder_rescoring`).
@@ -38,6 +40,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from naics_hnm.cross_encoder_rescoring import check_cross_encoder, rescore_with_cross_encoder
+from naics_hnm.dataset_card import PYTHON_API, card_record, render_card
 from naics_hnm.embedding_index import DEVICES, EmbeddingIndex
 from naics_hnm.negative_search import SearchRequest, TextTree, search_negatives, text_codes
 from naics_hnm.taxonomy import Taxonomy
@@ -146,6 +149,19 @@ class MiningReport:
     short_removed: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
     pairs_rescored: int = 0  # distinct (anchor, text) pairs the cross-encoder scored
+    card_record: dict[str, Any] = field(default_factory=dict)  # naics_hnm.dataset_card's record of the run
+
+    def counts(self) -> dict[str, Any]:
+        """What the dataset card counts."""
+        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "anchors": self.anchors,
+                "corpus_texts": self.corpus_texts, "texts_embedded": self.texts_embedded,
+                "pairs_rescored": self.pairs_rescored, "short_anchors": self.short_anchors,
+                "short_rows": self.short_rows, "dropped_rows": self.dropped_rows,
+                "removed": dict(self.removed), "removed_in_short_rows": dict(self.short_removed)}
+
+    def card(self, command: str = PYTHON_API) -> str:
+        """The dataset card (YAML front matter + Markdown), with ``command`` as the way it was run."""
+        return render_card({**self.card_record, "command": command})
 
     def score_table(self) -> list[str]:
         lines = [f"{'score':<6} {'positive':>10} {'negative':>10}"]
@@ -232,6 +248,11 @@ def mine_with_report(dataset: Any, model: Any, **options: Any) -> tuple[Any, Min
         short_rows=int(pairs.positives_per_anchor[short].sum()), dropped_rows=rows.dropped_rows,
         positive_scores=rows.positive_scores, negative_scores=rows.negative_scores,
         removed=result.removed, short_removed=result.short_removed, seconds=seconds, pairs_rescored=rescored)
+    report.card_record = card_record(
+        {**s, "range_max": range_max}, report.counts(), model=model, cross_encoder=s["cross_encoder"],
+        taxonomy=s["taxonomy"], codes=s["codes"], corpus_size=None if s["corpus"] is None else len(s["corpus"]))
+    if hasattr(output, "info"):  # a Dataset carries its card (save_to_disk keeps it in dataset_info.json)
+        output.info.description = report.card()
     _log(report, s)
     return output, report
 

@@ -8,7 +8,8 @@ with :func:`naics_hnm.mine_hard_negatives` and writes the same columns as senten
 ``.parquet``). ``--model`` is a SentenceTransformer folder or name; ``--cross-encoder`` a
 CrossEncoder folder or name that rescores the candidates and positives (as sentence-transformers'
 ``cross_encoder=``). Prints a progress bar and a summary: rows, short rows and why, the score
-distribution of positives and negatives.
+distribution of positives and negatives. Beside the output it writes its dataset card,
+``<output name>.README.md`` (:mod:`naics_hnm.dataset_card`; the command line included).
 
 Bad input ends with one line on stderr and exit status 2; the output file is written to a
 temporary file and moved into place, so it is either complete or untouched.
@@ -21,6 +22,7 @@ import csv
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.command = shlex.join([*PROG.split(), *(sys.argv[1:] if argv is None else argv)])
         return _run(args)
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -134,12 +137,19 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, KeyError) as exc:
         raise CliError(_one_line(exc)) from None
     write_table(args.output, columns)
+    from naics_hnm.dataset_card import write_dataset_card
+
+    try:
+        card = write_dataset_card(report.card(args.command), args.output)
+    except OSError as exc:
+        raise CliError(f"--output {str(args.output)!r}: the dataset card could not be written: "
+                       f"{exc.strerror or exc}") from None
     if not args.quiet:
-        _summary(report, args, time.perf_counter() - start)
+        _summary(report, args, time.perf_counter() - start, card)
     return 0
 
 
-def _summary(report: Any, args: argparse.Namespace, seconds: float) -> None:
+def _summary(report: Any, args: argparse.Namespace, seconds: float, card: Path) -> None:
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     print(f"mined {report.rows_out:,} {args.output_format} rows from {report.rows_in:,} input rows in "
           f"{seconds:.1f}s ({steps})")
@@ -155,7 +165,7 @@ def _summary(report: Any, args: argparse.Namespace, seconds: float) -> None:
                                                     f" (every anchor has {args.num_negatives} negatives)"))
     for line in report.score_table():
         print(f"  {line}")
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output} and its dataset card {card}")
 
 
 def _one_line(exc: BaseException) -> str:
