@@ -68,14 +68,15 @@ class PairScorer:
 
     Pairs are batched across anchors in descending token length (the cross-encoder's tokenizer,
     else characters), ``batch_size`` pairs per ``predict`` call; with a multi-process ``pool`` one
-    ``predict`` call takes them all in that order and the pool splits it.
+    ``predict`` call takes them all in that order and the pool splits it. With a ``shard`` (one rank
+    of a process group) each rank scores an interleaved slice of them and all ranks get every score.
     """
 
     def __init__(self, cross_encoder: Any, texts: PairTexts, *, batch_size: int, progress: bool,
-                 pool: Any = None) -> None:
+                 pool: Any = None, shard: Any = None) -> None:
         check_cross_encoder(cross_encoder)
-        self.model, self.texts, self.batch_size, self.progress, self.pool = (
-            cross_encoder, texts, batch_size, progress, pool)
+        self.model, self.texts, self.batch_size, self.progress, self.pool, self.shard = (
+            cross_encoder, texts, batch_size, progress, pool, shard)
         self.width = np.int64(len(texts.corpus) + 1)
         self._keys = np.zeros(0, dtype=np.int64)      # sorted pair keys anchor * width + corpus id
         self._scores = np.zeros(0, dtype=np.float32)
@@ -113,15 +114,26 @@ class PairScorer:
             self._corpus_len[unknown] = self._lengths([self.texts.corpus[i] for i in unknown])
         order = np.argsort(-(self._anchor_len[anchors] + self._corpus_len[ids]), kind="stable")
         pairs = [(self.texts.anchors[a], self.texts.corpus[i]) for a, i in zip(anchors[order], ids[order])]
-        out = np.empty(keys.size, dtype=np.float32)
-        if self.pool is not None:
-            self.calls += 1
-            out[order] = self._predict(pairs)
-        else:
-            for start in tqdm(range(0, len(pairs), self.batch_size), desc="rescoring with the cross-encoder",
+
+        def run(positions: np.ndarray) -> np.ndarray:  # positions in the length order
+            if self.pool is not None:
+                self.calls += 1
+                return self._predict([pairs[i] for i in positions])
+            scores = np.empty(positions.size, dtype=np.float32)
+            for start in tqdm(range(0, positions.size, self.batch_size), desc="rescoring with the cross-encoder",
                               disable=not self.progress, unit="batch"):
                 self.calls += 1
-                out[order[start : start + self.batch_size]] = self._predict(pairs[start : start + self.batch_size])
+                scores[start : start + self.batch_size] = self._predict(
+                    [pairs[i] for i in positions[start : start + self.batch_size]])
+            return scores
+
+        out = np.empty(keys.size, dtype=np.float32)
+        if self.shard is None or self.shard.world_size == 1:
+            out[order] = run(np.arange(len(pairs)))
+        else:
+            from naics_hnm.distributed_mining import gather_scores
+
+            out[order] = gather_scores(self.shard, len(pairs), run)
         self.pairs_scored += keys.size
         merged = np.concatenate([self._keys, keys])
         at = np.argsort(merged, kind="stable")
@@ -238,7 +250,7 @@ def _settle(r: SearchRequest, scorer: PairScorer, rows: np.ndarray, ids: np.ndar
 
 def rescore_with_cross_encoder(cross_encoder: Any, pairs: Any, request: SearchRequest, range_max: int, *,
                                batch_size: int, progress: bool,
-                               use_multi_process: Any = False) -> tuple[SearchResult, np.ndarray, int]:
+                               use_multi_process: Any = False, shard: Any = None) -> tuple[SearchResult, np.ndarray, int]:
     """The hook of :func:`naics_hnm.mine_hard_negatives`: ``(result, positive scores, pairs scored)``.
 
     ``pairs`` is the :class:`~naics_hnm.text_corpus.TextPairs` of the run. With
@@ -251,7 +263,7 @@ def rescore_with_cross_encoder(cross_encoder: Any, pairs: Any, request: SearchRe
             target_devices=None if use_multi_process is True else list(use_multi_process))
     try:
         scorer = PairScorer(cross_encoder, PairTexts(pairs.anchors, pairs.corpus), batch_size=batch_size,
-                            progress=progress, pool=pool)
+                            progress=progress, pool=pool, shard=shard)
         window = cross_encoder_window(range_max, int(pairs.positives_per_anchor.max()))
         rescored = rescore_negatives(request, scorer, window, progress=progress)
     finally:

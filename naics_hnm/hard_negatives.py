@@ -41,7 +41,8 @@ import numpy as np
 
 from naics_hnm.cross_encoder_rescoring import check_cross_encoder, rescore_with_cross_encoder
 from naics_hnm.dataset_card import PYTHON_API, card_record, render_card
-from naics_hnm.embedding_index import DEVICES, EmbeddingIndex
+from naics_hnm.distributed_mining import build_index
+from naics_hnm.embedding_index import DEVICES
 from naics_hnm.negative_search import SearchRequest, TextTree, search_negatives, text_codes
 from naics_hnm.taxonomy import Taxonomy
 from naics_hnm.text_corpus import (
@@ -187,10 +188,14 @@ class MiningReport:
                 + (f"; {self.dropped_rows:,} rows are left out of the output" if self.dropped_rows else ""))
 
 
-def mine_with_report(dataset: Any, model: Any, **options: Any) -> tuple[Any, MiningReport]:
+def mine_with_report(dataset: Any, model: Any, *, shard: Any = None, **options: Any) -> tuple[Any, MiningReport]:
     """:func:`mine_hard_negatives` plus a :class:`MiningReport` (what the CLI prints).
 
     ``options`` are :func:`mine_hard_negatives`' parameters by name; omitted ones take its defaults.
+    ``shard`` (a :class:`~naics_hnm.sharded_search.Shard`, e.g. from
+    :func:`naics_hnm.distributed_mining.process_group_shard`): this process is one rank of a group
+    that mines together - each rank embeds its slice of the texts and indexes its slice of the
+    corpus, every rank returns the same result (call it on every rank with the same arguments).
     """
     defaults = {name: p.default for name, p in inspect.signature(mine_hard_negatives).parameters.items()
                 if name not in ("dataset", "model")}
@@ -213,10 +218,10 @@ def mine_with_report(dataset: Any, model: Any, **options: Any) -> tuple[Any, Min
     corpus_vectors, queries, embedded = embed_pairs(
         model, pairs, (s["query_prompt"], s["query_prompt_name"]), (s["corpus_prompt"], s["corpus_prompt_name"]),
         batch_size=s["batch_size"], progress=s["verbose"], cache_folder=s["cache_folder"],
-        use_multi_process=s["use_multi_process"])
+        use_multi_process=s["use_multi_process"], shard=shard)
     lap("embed")
-    index = EmbeddingIndex.build(corpus_vectors, metric="cosine", device=s["device"],
-                                 index_factory=s["index_factory"], search_params=s["search_params"], seed=s["seed"])
+    index = build_index(corpus_vectors, shard, device=s["device"], index_factory=s["index_factory"],
+                        search_params=s["search_params"], seed=s["seed"])
     vectors = index.vectors.numpy() if index.device == "cpu" else corpus_vectors  # the scores faiss sees
     anchor_of = np.repeat(np.arange(len(pairs.anchors)), pairs.positives_per_anchor)
     positive_scores = np.einsum("pd,pd->p", queries[anchor_of], vectors[pairs.pos_ids]).astype(np.float32)
@@ -234,7 +239,7 @@ def mine_with_report(dataset: Any, model: Any, **options: Any) -> tuple[Any, Min
     else:
         result, positive_scores, rescored = rescore_with_cross_encoder(
             s["cross_encoder"], pairs, request, range_max, batch_size=s["batch_size"], progress=s["verbose"],
-            use_multi_process=s["use_multi_process"])
+            use_multi_process=s["use_multi_process"], shard=shard)
         lap("rescore")
     rows = output_columns(pairs, result.ids, result.scores, positive_scores, s["output_format"], s["output_scores"],
                           s["num_negatives"])

@@ -11,6 +11,11 @@ CrossEncoder folder or name that rescores the candidates and positives (as sente
 distribution of positives and negatives. Beside the output it writes its dataset card,
 ``<output name>.README.md`` (:mod:`naics_hnm.dataset_card`; the command line included).
 
+Under ``torchrun --nproc-per-node N -m naics_hnm.mine ...`` the ranks mine together
+(:mod:`naics_hnm.distributed_mining`): each embeds its slice of the distinct texts, indexes its
+slice of the corpus and scores its slice of the cross-encoder pairs; rank 0 writes the output and
+the card, equal to one process's.
+
 Bad input ends with one line on stderr and exit status 2; the output file is written to a
 temporary file and moved into place, so it is either complete or untouched.
 """
@@ -89,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        args.command = shlex.join([*PROG.split(), *(sys.argv[1:] if argv is None else argv)])
+        launcher = PROG.split()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            launcher = ["torchrun", "--nproc-per-node", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]),
+                        *launcher[1:]]
+        args.command = shlex.join([*launcher, *(sys.argv[1:] if argv is None else argv)])
         return _run(args)
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -97,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
+    finally:
+        if "naics_hnm.distributed_mining" in sys.modules:
+            sys.modules["naics_hnm.distributed_mining"].leave_process_group()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -115,6 +127,15 @@ def _run(args: argparse.Namespace) -> int:
     codes = read_codes(args.codes) if args.codes else None
     search_params = _json_option(args.search_params, "--search-params") if args.search_params else None
     taxonomy = _taxonomy(args.taxonomy) if args.taxonomy else None
+    from naics_hnm.distributed_mining import process_group_shard
+
+    shard = process_group_shard()
+    writer = shard is None or shard.rank == 0
+    if args.model_device is None and shard is not None and shard.world_size > 1:
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per rank
+            args.model_device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     model = load_model(args.model, args.model_device)
     cross_encoder = load_cross_encoder(args.cross_encoder, args.model_device) if args.cross_encoder else None
     from naics_hnm.hard_negatives import mine_with_report
@@ -122,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         columns, report = mine_with_report(
-            dataset, model, anchor_column_name=args.anchor_column, positive_column_name=args.positive_column,
+            dataset, model, shard=shard, anchor_column_name=args.anchor_column, positive_column_name=args.positive_column,
             corpus=corpus, cross_encoder=cross_encoder, range_min=args.range_min, range_max=args.range_max,
             max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
             relative_margin=args.relative_margin, num_negatives=args.num_negatives,
@@ -130,12 +151,14 @@ def _run(args: argparse.Namespace) -> int:
             query_prompt=args.query_prompt, corpus_prompt_name=args.corpus_prompt_name,
             corpus_prompt=args.corpus_prompt, include_positives=args.include_positives,
             output_format=args.output_format, output_scores=args.output_scores, batch_size=args.batch_size,
-            faiss_batch_size=16384, use_faiss=True, use_multi_process=False, verbose=not args.quiet,
+            faiss_batch_size=16384, use_faiss=True, use_multi_process=False, verbose=writer and not args.quiet,
             cache_folder=args.cache_folder, as_triplets=None, margin=None, seed=args.seed, taxonomy=taxonomy,
             codes=codes, order_filter=args.order_filter, index_factory=args.index_factory,
             search_params=search_params, device=args.device)
     except (ValueError, TypeError, KeyError) as exc:
         raise CliError(_one_line(exc)) from None
+    if not writer:
+        return 0
     write_table(args.output, columns)
     from naics_hnm.dataset_card import write_dataset_card
 
