@@ -58,9 +58,10 @@ def check_cross_encoder(cross_encoder: Any) -> None:
                         "or None")
 
 
-def cross_encoder_window(range_max: int, max_positives: int) -> int:
-    """sentence-transformers' window of raw bi-encoder candidates: ``range_max + max_positives + 1``."""
-    return range_max + max_positives + 1
+def cross_encoder_window(range_max: int, max_rows_per_anchor: int) -> int:
+    """sentence-transformers' window of raw bi-encoder candidates: ``range_max + max positives + 1``,
+    where it counts an anchor's positives as its rows (a repeated row counts twice)."""
+    return range_max + max_rows_per_anchor + 1
 
 
 class PairScorer:
@@ -248,12 +249,13 @@ def _settle(r: SearchRequest, scorer: PairScorer, rows: np.ndarray, ids: np.ndar
     return done
 
 
-def rescore_with_cross_encoder(cross_encoder: Any, pairs: Any, request: SearchRequest, range_max: int, *,
+def rescore_with_cross_encoder(cross_encoder: Any, pairs: Any, request: SearchRequest, window: int, *,
                                batch_size: int, progress: bool,
                                use_multi_process: Any = False, shard: Any = None) -> tuple[SearchResult, np.ndarray, int]:
     """The hook of :func:`naics_hnm.mine_hard_negatives`: ``(result, positive scores, pairs scored)``.
 
-    ``pairs`` is the :class:`~naics_hnm.text_corpus.TextPairs` of the run. With
+    ``pairs`` is the :class:`~naics_hnm.text_corpus.TextPairs` of the run; ``window`` the raw
+    candidates per anchor (:func:`cross_encoder_window`). With
     ``use_multi_process`` (True, or a list of devices) the cross-encoder predicts through its own
     multi-process pool, as in sentence-transformers.
     """
@@ -264,7 +266,6 @@ def rescore_with_cross_encoder(cross_encoder: Any, pairs: Any, request: SearchRe
     try:
         scorer = PairScorer(cross_encoder, PairTexts(pairs.anchors, pairs.corpus), batch_size=batch_size,
                             progress=progress, pool=pool, shard=shard)
-        window = cross_encoder_window(range_max, int(pairs.positives_per_anchor.max()))
         rescored = rescore_negatives(request, scorer, window, progress=progress)
     finally:
         if pool is not None:

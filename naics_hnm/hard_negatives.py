@@ -33,13 +33,14 @@ import math
 import os
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from naics_hnm.cross_encoder_rescoring import check_cross_encoder, rescore_with_cross_encoder
+from naics_hnm.cross_encoder_rescoring import check_cross_encoder, cross_encoder_window, rescore_with_cross_encoder
 from naics_hnm.dataset_card import PYTHON_API, card_record, render_card
 from naics_hnm.distributed_mining import build_index
 from naics_hnm.embedding_index import DEVICES
@@ -213,7 +214,10 @@ def mine_with_report(dataset: Any, model: Any, *, shard: Any = None, **options: 
     pairs = collect_pairs(dataset, s["anchor_column_name"], s["positive_column_name"], s["corpus"])
     empty_columns(pairs.anchor_column, pairs.positive_column, s["output_format"], s["output_scores"],
                   s["num_negatives"])  # a column clash fails before any work
-    range_max = _range_max(s, int(pairs.positives_per_anchor.max()))
+    max_positives = int(pairs.positives_per_anchor.max())
+    if s["cross_encoder"] is not None:  # sentence-transformers sizes its window by rows per anchor, repeats included
+        max_positives = max(Counter(dataset[pairs.anchor_column]).values())
+    range_max = _range_max(s, max_positives)
     tree = _text_tree(pairs, s) if s["taxonomy"] is not None else None
     corpus_vectors, queries, embedded = embed_pairs(
         model, pairs, (s["query_prompt"], s["query_prompt_name"]), (s["corpus_prompt"], s["corpus_prompt_name"]),
@@ -238,7 +242,8 @@ def mine_with_report(dataset: Any, model: Any, *, shard: Any = None, **options: 
         lap("search")
     else:
         result, positive_scores, rescored = rescore_with_cross_encoder(
-            s["cross_encoder"], pairs, request, range_max, batch_size=s["batch_size"], progress=s["verbose"],
+            s["cross_encoder"], pairs, request, cross_encoder_window(range_max, max_positives),
+            batch_size=s["batch_size"], progress=s["verbose"],
             use_multi_process=s["use_multi_process"], shard=shard)
         lap("rescore")
     rows = output_columns(pairs, result.ids, result.scores, positive_scores, s["output_format"], s["output_scores"],

@@ -127,6 +127,20 @@ def test_same_output_as_sentence_transformers_with_ranges(tiny_st, tiny_ce, opti
                         "scores")
 
 
+def test_same_output_as_sentence_transformers_with_repeated_rows(tiny_st, tiny_ce):
+    """sentence-transformers sizes its window by rows per anchor (a repeated row counts): so do we."""
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives as theirs
+
+    dataset, corpus = fruit_dataset()
+    rows = dataset.to_dict()
+    dataset = Dataset.from_dict({k: v + v[:1] * 3 for k, v in rows.items()})  # the first pair four times
+    options = dict(corpus=corpus, cross_encoder=tiny_ce, num_negatives=3, output_format="n-tuple",
+                   output_scores=True, batch_size=8, use_faiss=True, verbose=False)
+    assert_same_dataset(mine_hard_negatives(dataset, tiny_st, **options), theirs(dataset, tiny_st, **options),
+                        "scores")
+
+
 @pytest.mark.parametrize("rule", ["max_score", "absolute_margin"])
 def test_score_rules_apply_to_cross_encoder_scores(tiny_st, tiny_ce, rule):
     """max_score / a margin on the cross-encoder's scores: where their window suffices, both agree;
