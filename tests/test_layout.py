@@ -148,3 +148,23 @@ def test_contract_names_import_from_the_package():
              "mine_hard_negatives").split()
     for name in names:
         assert getattr(naics_hnm, name).__name__ == name
+
+
+def test_the_project_itself_imports_only_current_paths():
+    """Library, tests, examples and benchmarks name modules where they are now, never by an old path."""
+    root = PACKAGE.parent
+    current = set(MODULES) | {"naics_hnm"}
+    stale = []
+    for path in [*PACKAGE.rglob("*.py"), *(root / "tests").glob("*.py"), *(root / "examples").glob("*.py"),
+                 *(root / "benchmarks").glob("*.py")]:
+        if path.name in ("_moved.py", "test_layout.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("naics_hnm"):
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names if alias.name.startswith("naics_hnm")]
+            else:
+                continue
+            stale += [f"{path.relative_to(root)}:{node.lineno} {name}" for name in names if name not in current]
+    assert not stale, stale

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,6 +83,32 @@ def test_cli_writes_the_functions_rows(model_dir, pairs_jsonl, corpus_txt, tmp_p
     assert "positive" in printed and "negative" in printed and "mean" in printed
 
 
+def test_cli_cross_encoder_writes_the_functions_rows(model_dir, pairs_jsonl, corpus_txt, tmp_path, capsys):
+    from naics_hnm import mine_hard_negatives
+
+    from test_cross_encoder_rescoring import save_tiny_cross_encoder
+
+    ce_dir = save_tiny_cross_encoder(tmp_path / "ce")
+    out = tmp_path / "mined.jsonl"
+    rc = main(["--dataset", str(pairs_jsonl), "--model", str(model_dir), "--output", str(out), "--corpus",
+               str(corpus_txt), "--cross-encoder", str(ce_dir), "--num-negatives", "3", "--output-format", "n-tuple",
+               "--output-scores", "--batch-size", "8"])
+    assert rc == 0
+    rows = read_jsonl(out)
+    model = st.SentenceTransformer(str(model_dir), device="cpu")
+    want = mine_hard_negatives({k: [r[k] for r in PAIRS] for k in ("anchor", "positive")}, model,
+                               corpus=corpus_txt.read_text().split("\n")[:-1], num_negatives=3,
+                               cross_encoder=st.CrossEncoder(str(ce_dir), device="cpu"), output_format="n-tuple",
+                               output_scores=True, verbose=False)
+    for name in want:
+        got = [r[name] for r in rows]
+        if name == "scores":
+            np.testing.assert_allclose(np.array(got), np.array(want[name]), atol=1e-5)
+        else:
+            assert got == want[name], name
+    assert "distinct (anchor, text) pairs scored" in capsys.readouterr().out
+
+
 def test_cli_csv_in_parquet_out(model_dir, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     src = tmp_path / "pairs.csv"
@@ -132,6 +159,7 @@ BAD = {
     "model path": (["--model", "{tmp}/no_model"], "--model"),
     "search params": (["--search-params", "{{nprobe: 4}}"], "invalid JSON"),
     "taxonomy": (["--taxonomy", "{tmp}/none.csv"], "--taxonomy"),
+    "cross-encoder path": (["--cross-encoder", "{tmp}/no_ce"], "--cross-encoder"),
     "unknown option": (["--negatives", "3"], "unrecognized arguments"),
 }
 

@@ -5,8 +5,16 @@
 Reads ``.jsonl`` (one JSON object per line), ``.csv`` (with a header row) or ``.parquet``, mines
 with :func:`naics_hnm.mine_hard_negatives` and writes the same columns as sentence-transformers'
 ``mine_hard_negatives`` to ``--output`` (``.jsonl``, ``.csv`` - list cells as JSON - or
-``.parquet``). ``--model`` is a SentenceTransformer folder or name. Prints a progress bar and a
-summary: rows, short rows and why, the score distribution of positives and negatives.
+``.parquet``). ``--model`` is a SentenceTransformer folder or name; ``--cross-encoder`` a
+CrossEncoder folder or name that rescores the candidates and positives (as sentence-transformers'
+``cross_encoder=``). Prints a progress bar and a summary: rows, short rows and why, the score
+distribution of positives and negatives. Beside the output it writes its dataset card,
+``<output name>.README.md`` (:mod:`naics_hnm.st.dataset_card`; the command line included).
+
+Under ``torchrun --nproc-per-node N -m naics_hnm.mine ...`` the ranks mine together
+(:mod:`naics_hnm.st.distributed_mining`): each embeds its slice of the distinct texts, indexes its
+slice of the corpus and scores its slice of the cross-encoder pairs; rank 0 writes the output and
+the card, equal to one process's.
 
 Bad input ends with one line on stderr and exit status 2; the output file is written to a
 temporary file and moved into place, so it is either complete or untouched.
@@ -19,6 +27,7 @@ import csv
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -44,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     io = p.add_argument_group("files")
     io.add_argument("--dataset", required=True, type=Path, help="(anchor, positive) pairs: .jsonl, .csv or .parquet")
     io.add_argument("--model", required=True, help="SentenceTransformer folder (or name, when the hub is reachable)")
+    io.add_argument("--cross-encoder", help="CrossEncoder folder (or name) that rescores candidates and positives")
     io.add_argument("--output", required=True, type=Path, help="where to write: .jsonl, .csv or .parquet")
     io.add_argument("--corpus", type=Path, help="extra candidate texts: .txt (one per line), .jsonl, .csv or .parquet")
     io.add_argument("--corpus-column", help="the text column of a tabular --corpus (default: 'text' or the first)")
@@ -84,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        launcher = PROG.split()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            launcher = ["torchrun", "--nproc-per-node", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]),
+                        *launcher[1:]]
+        args.command = shlex.join([*launcher, *(sys.argv[1:] if argv is None else argv)])
         return _run(args)
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -91,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
+    finally:
+        if "naics_hnm.st.distributed_mining" in sys.modules:
+            sys.modules["naics_hnm.st.distributed_mining"].leave_process_group()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -109,33 +127,52 @@ def _run(args: argparse.Namespace) -> int:
     codes = read_codes(args.codes) if args.codes else None
     search_params = _json_option(args.search_params, "--search-params") if args.search_params else None
     taxonomy = _taxonomy(args.taxonomy) if args.taxonomy else None
+    from naics_hnm.st.distributed_mining import process_group_shard
+
+    shard = process_group_shard()
+    writer = shard is None or shard.rank == 0
+    if args.model_device is None and shard is not None and shard.world_size > 1:
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per rank
+            args.model_device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     model = load_model(args.model, args.model_device)
+    cross_encoder = load_cross_encoder(args.cross_encoder, args.model_device) if args.cross_encoder else None
     from naics_hnm.st.hard_negatives import mine_with_report
 
     start = time.perf_counter()
     try:
         columns, report = mine_with_report(
-            dataset, model, anchor_column_name=args.anchor_column, positive_column_name=args.positive_column,
-            corpus=corpus, cross_encoder=None, range_min=args.range_min, range_max=args.range_max,
+            dataset, model, shard=shard, anchor_column_name=args.anchor_column, positive_column_name=args.positive_column,
+            corpus=corpus, cross_encoder=cross_encoder, range_min=args.range_min, range_max=args.range_max,
             max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
             relative_margin=args.relative_margin, num_negatives=args.num_negatives,
             sampling_strategy=args.sampling_strategy, query_prompt_name=args.query_prompt_name,
             query_prompt=args.query_prompt, corpus_prompt_name=args.corpus_prompt_name,
             corpus_prompt=args.corpus_prompt, include_positives=args.include_positives,
             output_format=args.output_format, output_scores=args.output_scores, batch_size=args.batch_size,
-            faiss_batch_size=16384, use_faiss=True, use_multi_process=False, verbose=not args.quiet,
+            faiss_batch_size=16384, use_faiss=True, use_multi_process=False, verbose=writer and not args.quiet,
             cache_folder=args.cache_folder, as_triplets=None, margin=None, seed=args.seed, taxonomy=taxonomy,
             codes=codes, order_filter=args.order_filter, index_factory=args.index_factory,
             search_params=search_params, device=args.device)
     except (ValueError, TypeError, KeyError) as exc:
         raise CliError(_one_line(exc)) from None
+    if not writer:
+        return 0
     write_table(args.output, columns)
+    from naics_hnm.st.dataset_card import write_dataset_card
+
+    try:
+        card = write_dataset_card(report.card(args.command), args.output)
+    except OSError as exc:
+        raise CliError(f"--output {str(args.output)!r}: the dataset card could not be written: "
+                       f"{exc.strerror or exc}") from None
     if not args.quiet:
-        _summary(report, args, time.perf_counter() - start)
+        _summary(report, args, time.perf_counter() - start, card)
     return 0
 
 
-def _summary(report: Any, args: argparse.Namespace, seconds: float) -> None:
+def _summary(report: Any, args: argparse.Namespace, seconds: float, card: Path) -> None:
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     print(f"mined {report.rows_out:,} {args.output_format} rows from {report.rows_in:,} input rows in "
           f"{seconds:.1f}s ({steps})")
@@ -144,11 +181,14 @@ def _summary(report: Any, args: argparse.Namespace, seconds: float) -> None:
               f"valid ranks {args.range_min}-{args.range_min + args.num_negatives - 1}"
               if args.sampling_strategy == "top" else
               f"drawn from valid ranks {args.range_min}-{report.range_max - 1} with seed {report.seed}"))
+    if report.pairs_rescored:
+        print(f"  cross-encoder {args.cross_encoder}: {report.pairs_rescored:,} distinct (anchor, text) pairs scored; "
+              "scores and rules are its scores")
     print(f"  short rows: {report.short_rows:,}" + (f" - {report.short_message()}" if report.short_anchors else
                                                     f" (every anchor has {args.num_negatives} negatives)"))
     for line in report.score_table():
         print(f"  {line}")
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output} and its dataset card {card}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -296,6 +336,19 @@ def load_model(name: str, device: str | None) -> Any:
         return SentenceTransformer(name, device=device)
     except Exception as exc:  # noqa: BLE001 - any loading failure is the user's model argument
         raise CliError(f"--model {name!r} could not be loaded as a SentenceTransformer: {_one_line(exc)}") from None
+
+
+def load_cross_encoder(name: str, device: str | None) -> Any:
+    try:
+        from sentence_transformers import CrossEncoder
+    except ImportError:
+        raise CliError("--cross-encoder needs sentence-transformers (pip install sentence-transformers)") from None
+    if not Path(name).exists() and Path(name).is_absolute():
+        raise CliError(f"--cross-encoder {name!r}: no such folder")
+    try:
+        return CrossEncoder(name, device=device)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's cross-encoder argument
+        raise CliError(f"--cross-encoder {name!r} could not be loaded as a CrossEncoder: {_one_line(exc)}") from None
 
 
 def _taxonomy(path: Path) -> Any:

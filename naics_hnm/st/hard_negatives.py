@@ -13,7 +13,12 @@ What differs (``docs/sentence_transformers.md``):
 - ``taxonomy=`` (and ``codes=``) add the tree guard: never a text of an ancestor or a descendant of
   the anchor's codes (with ``order_filter=True`` nor one as near in the tree as a positive);
 - ``index_factory=`` builds an approximate faiss index (on GPU when present) for huge corpora;
-- each distinct text is embedded once, in batches sorted by token length.
+- each distinct text is embedded once, in batches sorted by token length;
+- the output carries a dataset card (``info.description`` of a returned ``Dataset``;
+  :func:`naics_hnm.st.dataset_card.write_dataset_card` writes it as ``README.md``);
+- ``cross_encoder=`` rescores as sentence-transformers 6.3 does (its scores rank the candidates and
+  feed every score rule), each distinct (anchor, text) pair once
+  (:mod:`naics_hnm.st.cross_encoder_rescoring`).
 
 Any model with ``encode(list[str]) -> array [n, d]`` works (prompts are prepended to the texts); a
 SentenceTransformer is called through its own ``encode_query`` / ``encode_document`` with its
@@ -28,14 +33,17 @@ import math
 import os
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from naics_hnm.index.embedding_index import EmbeddingIndex
 from naics_hnm.index.ids import DEVICES
+from naics_hnm.st.cross_encoder_rescoring import check_cross_encoder, cross_encoder_window, rescore_with_cross_encoder
+from naics_hnm.st.dataset_card import PYTHON_API, card_record, render_card
+from naics_hnm.st.distributed_mining import build_index
 from naics_hnm.st.negative_search import SearchRequest, TextTree, search_negatives, text_codes
 from naics_hnm.st.text_corpus import (DOCUMENT, QUERY, TextPairs, as_output, collect_pairs, embed_pairs, empty_columns,
                                       output_columns, resolved_prompt)
@@ -92,7 +100,10 @@ def mine_hard_negatives(
     The parameters up to ``margin`` are sentence-transformers', with the same defaults and output
     (``dataset`` may also be a dict of text columns; the output is then a dict of columns).
     ``use_faiss`` is accepted and ignored (the search is exact unless ``index_factory`` asks for
-    an approximate faiss index); ``cross_encoder`` rescoring is not supported. Extras, keyword-only:
+    an approximate faiss index). ``cross_encoder`` (a ``sentence_transformers.CrossEncoder``)
+    rescores the candidates and the positives as in sentence-transformers 6.3: the margins,
+    ``max_score`` / ``min_score``, the ranking and the scores written are its scores
+    (:mod:`naics_hnm.st.cross_encoder_rescoring`). Extras, keyword-only:
 
     Args:
         seed: key of the draws of ``sampling_strategy="random"`` (None: a fresh seed, logged).
@@ -130,6 +141,20 @@ class MiningReport:
     removed: dict[str, int]
     short_removed: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
+    pairs_rescored: int = 0  # distinct (anchor, text) pairs the cross-encoder scored
+    card_record: dict[str, Any] = field(default_factory=dict)  # naics_hnm.st.dataset_card's record of the run
+
+    def counts(self) -> dict[str, Any]:
+        """What the dataset card counts."""
+        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "anchors": self.anchors,
+                "corpus_texts": self.corpus_texts, "texts_embedded": self.texts_embedded,
+                "pairs_rescored": self.pairs_rescored, "short_anchors": self.short_anchors,
+                "short_rows": self.short_rows, "dropped_rows": self.dropped_rows,
+                "removed": dict(self.removed), "removed_in_short_rows": dict(self.short_removed)}
+
+    def card(self, command: str = PYTHON_API) -> str:
+        """The dataset card (YAML front matter + Markdown), with ``command`` as the way it was run."""
+        return render_card({**self.card_record, "command": command})
 
     def score_table(self) -> list[str]:
         lines = [f"{'score':<6} {'positive':>10} {'negative':>10}"]
@@ -155,10 +180,14 @@ class MiningReport:
                 + (f"; {self.dropped_rows:,} rows are left out of the output" if self.dropped_rows else ""))
 
 
-def mine_with_report(dataset: Any, model: Any, **options: Any) -> tuple[Any, MiningReport]:
+def mine_with_report(dataset: Any, model: Any, *, shard: Any = None, **options: Any) -> tuple[Any, MiningReport]:
     """:func:`mine_hard_negatives` plus a :class:`MiningReport` (what the CLI prints).
 
     ``options`` are :func:`mine_hard_negatives`' parameters by name; omitted ones take its defaults.
+    ``shard`` (a :class:`~naics_hnm.index.sharded_search.Shard`, e.g. from
+    :func:`naics_hnm.st.distributed_mining.process_group_shard`): this process is one rank of a group
+    that mines together - each rank embeds its slice of the texts and indexes its slice of the
+    corpus, every rank returns the same result (call it on every rank with the same arguments).
     """
     defaults = {name: p.default for name, p in inspect.signature(mine_hard_negatives).parameters.items()
                 if name not in ("dataset", "model")}
@@ -176,26 +205,38 @@ def mine_with_report(dataset: Any, model: Any, **options: Any) -> tuple[Any, Min
     pairs = collect_pairs(dataset, s["anchor_column_name"], s["positive_column_name"], s["corpus"])
     empty_columns(pairs.anchor_column, pairs.positive_column, s["output_format"], s["output_scores"],
                   s["num_negatives"])  # a column clash fails before any work
-    range_max = _range_max(s, int(pairs.positives_per_anchor.max()))
+    max_positives = int(pairs.positives_per_anchor.max())
+    if s["cross_encoder"] is not None:  # sentence-transformers sizes its window by rows per anchor, repeats included
+        max_positives = max(Counter(dataset[pairs.anchor_column]).values())
+    range_max = _range_max(s, max_positives)
     tree = _text_tree(pairs, s) if s["taxonomy"] is not None else None
     corpus_vectors, queries, embedded = embed_pairs(
         model, pairs, (s["query_prompt"], s["query_prompt_name"]), (s["corpus_prompt"], s["corpus_prompt_name"]),
         batch_size=s["batch_size"], progress=s["verbose"], cache_folder=s["cache_folder"],
-        use_multi_process=s["use_multi_process"])
+        use_multi_process=s["use_multi_process"], shard=shard)
     lap("embed")
-    index = EmbeddingIndex.build(corpus_vectors, metric="cosine", device=s["device"],
-                                 index_factory=s["index_factory"], search_params=s["search_params"], seed=s["seed"])
+    index = build_index(corpus_vectors, shard, device=s["device"], index_factory=s["index_factory"],
+                        search_params=s["search_params"], seed=s["seed"])
     vectors = index.vectors.numpy() if index.device == "cpu" else corpus_vectors  # the scores faiss sees
     anchor_of = np.repeat(np.arange(len(pairs.anchors)), pairs.positives_per_anchor)
     positive_scores = np.einsum("pd,pd->p", queries[anchor_of], vectors[pairs.pos_ids]).astype(np.float32)
     lap("index")
-    result = search_negatives(SearchRequest(
+    request = SearchRequest(
         index=index, queries=queries, self_ids=pairs.self_ids, pos_offsets=pairs.pos_offsets, pos_ids=pairs.pos_ids,
         positive_scores=positive_scores, keys=pairs.text_keys(), num_negatives=s["num_negatives"],
         range_min=s["range_min"], range_max=range_max, strategy=s["sampling_strategy"], seed=s["seed"],
         include_positives=s["include_positives"], tree=tree, batch_size=s["faiss_batch_size"],
-        **{name: s[name] for name in _SCORE_OPTIONS}), progress=s["verbose"])
-    lap("search")
+        **{name: s[name] for name in _SCORE_OPTIONS})
+    rescored = 0
+    if s["cross_encoder"] is None:
+        result = search_negatives(request, progress=s["verbose"])
+        lap("search")
+    else:
+        result, positive_scores, rescored = rescore_with_cross_encoder(
+            s["cross_encoder"], pairs, request, cross_encoder_window(range_max, max_positives),
+            batch_size=s["batch_size"], progress=s["verbose"],
+            use_multi_process=s["use_multi_process"], shard=shard)
+        lap("rescore")
     rows = output_columns(pairs, result.ids, result.scores, positive_scores, s["output_format"], s["output_scores"],
                           s["num_negatives"])
     output = as_output(rows.columns, dataset)
@@ -207,7 +248,12 @@ def mine_with_report(dataset: Any, model: Any, **options: Any) -> tuple[Any, Min
         rows_out=len(rows.columns[pairs.anchor_column]), short_anchors=int(short.sum()),
         short_rows=int(pairs.positives_per_anchor[short].sum()), dropped_rows=rows.dropped_rows,
         positive_scores=rows.positive_scores, negative_scores=rows.negative_scores,
-        removed=result.removed, short_removed=result.short_removed, seconds=seconds)
+        removed=result.removed, short_removed=result.short_removed, seconds=seconds, pairs_rescored=rescored)
+    report.card_record = card_record(
+        {**s, "range_max": range_max}, report.counts(), model=model, cross_encoder=s["cross_encoder"],
+        taxonomy=s["taxonomy"], codes=s["codes"], corpus_size=None if s["corpus"] is None else len(s["corpus"]))
+    if hasattr(output, "info"):  # a Dataset carries its card (save_to_disk keeps it in dataset_info.json)
+        output.info.description = report.card()
     _log(report, s)
     return output, report
 
@@ -234,6 +280,7 @@ def _range_max(s: dict[str, Any], max_positives: int) -> int:
     if s["range_max"] is not None:
         return s["range_max"]
     filtered = any(s[name] is not None for name in ("absolute_margin", "relative_margin", "max_score"))
+    filtered |= s["cross_encoder"] is not None and s["min_score"] is not None  # as sentence-transformers 6.3
     return s["range_min"] + s["num_negatives"] * (10 if filtered else 1) + max_positives
 
 
@@ -256,9 +303,8 @@ def _validate(model: Any, o: dict[str, Any]) -> dict[str, Any]:
     if not callable(getattr(model, "encode", None)):
         raise TypeError(f"model must have encode(list[str]) -> array [n, d] (e.g. a SentenceTransformer), "
                         f"got {type(model).__name__}")
-    if o.pop("cross_encoder") is not None:
-        raise ValueError("cross_encoder rescoring is not supported by naics_hnm.mine_hard_negatives; pass "
-                         "cross_encoder=None (sentence_transformers.util.mine_hard_negatives can rescore)")
+    if o["cross_encoder"] is not None:
+        check_cross_encoder(o["cross_encoder"])
     o.pop("use_faiss")  # no effect: the search is exact unless index_factory is given
     _deprecated(o)
     for name, allowed in (("output_format", OUTPUT_FORMATS), ("sampling_strategy", STRATEGIES), ("device", DEVICES)):

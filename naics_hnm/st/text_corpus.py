@@ -276,8 +276,12 @@ def cached_embeddings(cache_folder: str | Path | None, fingerprint: str | None, 
 
 def embed_pairs(model: Any, pairs: TextPairs, query_args: tuple[str | None, str | None],
                 document_args: tuple[str | None, str | None], *, batch_size: int, progress: bool,
-                cache_folder: str | Path | None, use_multi_process: Any) -> tuple[np.ndarray, np.ndarray, int]:
+                cache_folder: str | Path | None, use_multi_process: Any,
+                shard: Any = None) -> tuple[np.ndarray, np.ndarray, int]:
     """``(corpus vectors [T, d], query vectors [A, d], texts embedded)``, unit norm.
+
+    With a ``shard`` (a :class:`~naics_hnm.index.sharded_search.Shard` of a process group) each rank
+    embeds its slice of each list of texts and every rank receives all vectors.
 
     When queries and documents are encoded alike, the corpus and the anchors outside it are
     embedded in one pass and an anchor found in the corpus takes its corpus vector.
@@ -290,8 +294,16 @@ def embed_pairs(model: Any, pairs: TextPairs, query_args: tuple[str | None, str 
     try:
         def embed(texts: list[str], role: str, args: tuple[str | None, str | None]) -> np.ndarray:
             key = (resolved_prompt(model, role, *args), is_sentence_transformer(model))
-            return cached_embeddings(cache_folder, fingerprint, role, key, texts, lambda: embed_texts(
-                model, texts, role, *args, batch_size=batch_size, progress=progress, pool=pool))
+
+            def run(part: list[str]) -> np.ndarray:
+                return cached_embeddings(cache_folder, fingerprint, role, key, part, lambda: embed_texts(
+                    model, part, role, *args, batch_size=batch_size, progress=progress, pool=pool))
+
+            if shard is None:
+                return run(texts)
+            from naics_hnm.st.distributed_mining import embed_sharded
+
+            return embed_sharded(shard, texts, run)
 
         if encodes_alike(model, query_args, document_args):
             outside = pairs.self_ids < 0

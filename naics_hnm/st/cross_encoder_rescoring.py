@@ -1,0 +1,275 @@
+"""Cross-encoder rescoring of mined candidates, with sentence-transformers 6.3's semantics.
+
+sentence-transformers' ``mine_hard_negatives(..., cross_encoder=ce)`` takes a window of the
+bi-encoder's ``range_max + max_positives + 1`` nearest corpus texts per anchor, has the
+cross-encoder score every (anchor, candidate) pair of it and every (anchor, positive) pair, and
+then applies everything else to the cross-encoder's scores: the anchor's own text and its positives
+are removed, the margins are taken against the least *cross-encoder* score of the anchor's
+positives, ``max_score`` / ``min_score`` compare cross-encoder scores, the window is ranked by them,
+``range_min`` / ``range_max`` are ranks in that order, and the scores written are theirs.
+
+:func:`rescore_negatives` does the same on the same window, so where that window holds enough
+valid candidates the output is equal. What differs:
+
+- each distinct (anchor, text) pair is scored once, in batches sorted by token length across all
+  anchors (one ``predict`` call per batch, a progress bar); texts that are excluded anyway (the
+  anchor's own text, its positives, tree relatives) are never scored as candidates;
+- a row whose window leaves fewer than ``range_min + num_negatives`` valid candidates is not short:
+  its window grows (2x) and only the new pairs are scored, until the row is full or the corpus is
+  exhausted;
+- the tree guard (``taxonomy=``) and the counter-based random draws apply as without a cross-encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from naics_hnm.st.negative_search import (
+    REASONS,
+    SearchRequest,
+    SearchResult,
+    _is_positive,
+    _order_limits,
+    _pick,
+    _upper_bounds,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PairTexts:
+    """The texts a cross-encoder reads: anchors (queries) and corpus texts, by id."""
+
+    anchors: list[str]
+    corpus: list[str]
+
+
+def check_cross_encoder(cross_encoder: Any) -> None:
+    """ValueError unless ``cross_encoder`` has ``predict(list[(str, str)]) -> scores`` (a CrossEncoder)."""
+    if not callable(getattr(cross_encoder, "predict", None)):
+        raise ValueError(f"cross_encoder={type(cross_encoder).__name__}: expected a model with "
+                        "predict(list of (query, document) pairs) -> scores (a sentence_transformers.CrossEncoder) "
+                        "or None")
+
+
+def cross_encoder_window(range_max: int, max_rows_per_anchor: int) -> int:
+    """sentence-transformers' window of raw bi-encoder candidates: ``range_max + max positives + 1``,
+    where it counts an anchor's positives as its rows (a repeated row counts twice)."""
+    return range_max + max_rows_per_anchor + 1
+
+
+class PairScorer:
+    """Scores (anchor id, corpus id) pairs with a cross-encoder, each distinct pair once.
+
+    Pairs are batched across anchors in descending token length (the cross-encoder's tokenizer,
+    else characters), ``batch_size`` pairs per ``predict`` call; with a multi-process ``pool`` one
+    ``predict`` call takes them all in that order and the pool splits it. With a ``shard`` (one rank
+    of a process group) each rank scores an interleaved slice of them and all ranks get every score.
+    """
+
+    def __init__(self, cross_encoder: Any, texts: PairTexts, *, batch_size: int, progress: bool,
+                 pool: Any = None, shard: Any = None) -> None:
+        check_cross_encoder(cross_encoder)
+        self.model, self.texts, self.batch_size, self.progress, self.pool, self.shard = (
+            cross_encoder, texts, batch_size, progress, pool, shard)
+        self.width = np.int64(len(texts.corpus) + 1)
+        self._keys = np.zeros(0, dtype=np.int64)      # sorted pair keys anchor * width + corpus id
+        self._scores = np.zeros(0, dtype=np.float32)
+        self._anchor_len = self._lengths(texts.anchors)
+        self._corpus_len = np.full(len(texts.corpus), -1, dtype=np.int64)
+        self.pairs_scored = 0
+        self.calls = 0
+
+    def scores(self, anchors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """float32 scores of the pairs (anchors [m], ids [m]) (ids >= 0); new pairs are scored now."""
+        keys = anchors.astype(np.int64) * self.width + ids
+        new = np.unique(keys[~self._known(keys)])
+        if new.size:
+            self._score(new)
+        at = np.searchsorted(self._keys, keys)
+        return self._scores[at]
+
+    def _known(self, keys: np.ndarray) -> np.ndarray:
+        if not self._keys.size:
+            return np.zeros(keys.shape, dtype=bool)
+        at = np.minimum(np.searchsorted(self._keys, keys), self._keys.size - 1)
+        return self._keys[at] == keys
+
+    def _lengths(self, texts: list[str]) -> np.ndarray:
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if callable(tokenizer) and texts:
+            ids = tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+            return np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(texts))
+        return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+
+    def _score(self, keys: np.ndarray) -> None:
+        anchors, ids = keys // self.width, keys % self.width
+        unknown = np.unique(ids[self._corpus_len[ids] < 0])
+        if unknown.size:
+            self._corpus_len[unknown] = self._lengths([self.texts.corpus[i] for i in unknown])
+        order = np.argsort(-(self._anchor_len[anchors] + self._corpus_len[ids]), kind="stable")
+        pairs = [(self.texts.anchors[a], self.texts.corpus[i]) for a, i in zip(anchors[order], ids[order])]
+
+        def run(positions: np.ndarray) -> np.ndarray:  # positions in the length order
+            if self.pool is not None:
+                self.calls += 1
+                return self._predict([pairs[i] for i in positions])
+            scores = np.empty(positions.size, dtype=np.float32)
+            for start in tqdm(range(0, positions.size, self.batch_size), desc="rescoring with the cross-encoder",
+                              disable=not self.progress, unit="batch"):
+                self.calls += 1
+                scores[start : start + self.batch_size] = self._predict(
+                    [pairs[i] for i in positions[start : start + self.batch_size]])
+            return scores
+
+        out = np.empty(keys.size, dtype=np.float32)
+        if self.shard is None or self.shard.world_size == 1:
+            out[order] = run(np.arange(len(pairs)))
+        else:
+            from naics_hnm.st.distributed_mining import gather_scores
+
+            out[order] = gather_scores(self.shard, len(pairs), run)
+        self.pairs_scored += keys.size
+        merged = np.concatenate([self._keys, keys])
+        at = np.argsort(merged, kind="stable")
+        self._keys, self._scores = merged[at], np.concatenate([self._scores, out])[at]
+
+    def _predict(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        options = {"batch_size": self.batch_size, "convert_to_numpy": True, "show_progress_bar": False}
+        if self.pool is not None:
+            options["pool"] = self.pool
+        value = self.model.predict(pairs, **options)
+        if hasattr(value, "detach"):
+            value = value.detach().float().cpu().numpy()
+        scores = np.asarray(value, dtype=np.float32)
+        if scores.shape != (len(pairs),):
+            raise ValueError(f"cross_encoder.predict returned shape {scores.shape} for {len(pairs)} pairs; expected "
+                             f"one score per pair ({len(pairs)},): a cross-encoder with num_labels=1")
+        if not np.isfinite(scores).all():
+            bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+            raise ValueError(f"cross_encoder.predict scored the pair {pairs[bad]!r} as {scores[bad]}; expected "
+                             "finite scores")
+        return scores
+
+
+@dataclass
+class Rescored:
+    """The search result on cross-encoder scores, the positives' cross-encoder scores, pairs scored."""
+
+    result: SearchResult
+    positive_scores: np.ndarray    # float32 [P]
+    pairs_scored: int
+
+
+def rescore_negatives(request: SearchRequest, scorer: PairScorer, window: int, progress: bool = False) -> Rescored:
+    """Negatives ranked by the cross-encoder, among the bi-encoder's ``window`` nearest texts per anchor.
+
+    ``request`` is the bi-encoder's search request; its ``positive_scores`` are replaced by the
+    cross-encoder's, and so are the scores every rule and the ranking use.
+    """
+    n_anchors = request.queries.shape[0]
+    anchor_of = np.repeat(np.arange(n_anchors), np.diff(request.pos_offsets))
+    positive_scores = scorer.scores(anchor_of, request.pos_ids)
+    r = replace(request, positive_scores=positive_scores)
+    bounds = _upper_bounds(r)
+    order_limit = _order_limits(r) if r.tree is not None and r.tree.order_filter else None
+    need = r.range_min + r.num_negatives
+    ntotal = r.index.ntotal
+    out = SearchResult(np.full((n_anchors, r.num_negatives), -1, dtype=np.int64),
+                       np.full((n_anchors, r.num_negatives), -np.inf, dtype=np.float32),
+                       np.zeros(n_anchors, dtype=np.int64), dict.fromkeys(REASONS, 0), dict.fromkeys(REASONS, 0))
+    pending, depth = np.arange(n_anchors), min(window, ntotal)
+    with tqdm(total=n_anchors, desc="ranking negatives by the cross-encoder", disable=not progress,
+              unit="anchor") as bar:
+        while pending.size:
+            deeper = []
+            for start in range(0, pending.size, r.batch_size):
+                rows = pending[start : start + r.batch_size]
+                _, ids = r.index.search(r.queries[rows], depth)
+                ids = np.asarray(ids, dtype=np.int64)
+                done = _settle(r, scorer, rows, ids, depth >= ntotal, need, bounds, order_limit, out, depth)
+                bar.update(int(done.sum()))
+                deeper.append(rows[~done])
+            pending = np.concatenate(deeper)
+            depth = min(2 * depth, ntotal)
+    return Rescored(out, positive_scores, scorer.pairs_scored)
+
+
+def _settle(r: SearchRequest, scorer: PairScorer, rows: np.ndarray, ids: np.ndarray, exhausted: bool, need: int,
+            bounds: dict[str, np.ndarray], order_limit: np.ndarray | None, out: SearchResult,
+            depth: int) -> np.ndarray:
+    """Exclude, score the survivors with the cross-encoder, apply the score rules to its scores, pick."""
+    keep = ids >= 0
+    removed: dict[str, np.ndarray] = {}
+
+    def drop(reason: str, mask: np.ndarray) -> None:
+        nonlocal keep
+        removed[reason] = removed.get(reason, 0) + (keep & mask).sum(axis=1)
+        keep &= ~mask
+
+    protected = _is_positive(r, rows, ids) if r.include_positives else None
+    unless = True if protected is None else ~protected
+    drop("self", (ids == r.self_ids[rows][:, None]) & (ids >= 0) & unless)
+    if not r.include_positives:
+        drop("positive", _is_positive(r, rows, ids))
+    if r.tree is not None:
+        related, lca = r.tree.relations(rows, r.tree.corpus_codes[np.maximum(ids, 0)])
+        drop("related", related & unless)
+        if order_limit is not None:
+            limit = order_limit[rows][:, None]
+            drop("order", (limit >= 0) & (lca >= limit) & unless)
+    scores = np.full(ids.shape, -np.inf, dtype=np.float32)
+    at = np.nonzero(keep)
+    scores[at] = scorer.scores(rows[at[0]], ids[at])
+    for reason in ("absolute_margin", "relative_margin", "max_score"):
+        if reason in bounds:
+            drop(reason, scores > bounds[reason][rows][:, None])
+    if r.min_score is not None:
+        drop("min_score", scores < r.min_score)
+    scores[~keep] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")  # cross-encoder order; ties keep the bi-encoder's
+    scores, ids, keep = (np.take_along_axis(x, order, axis=1) for x in (scores, ids, keep))
+    done = (keep.sum(axis=1) >= need) | exhausted
+    settled = rows[done]
+    if settled.size:
+        picked = _pick(r, settled, scores[done], ids[done], keep[done])
+        out.ids[settled], out.scores[settled] = picked
+        out.searched[settled] = depth
+        short = (picked[0] >= 0).sum(axis=1) < r.num_negatives
+        for reason, counts in removed.items():
+            counts = np.broadcast_to(counts, done.shape)[done]
+            out.removed[reason] += int(counts.sum())
+            out.short_removed[reason] += int(counts[short].sum())
+    return done
+
+
+def rescore_with_cross_encoder(cross_encoder: Any, pairs: Any, request: SearchRequest, window: int, *,
+                               batch_size: int, progress: bool,
+                               use_multi_process: Any = False, shard: Any = None) -> tuple[SearchResult, np.ndarray, int]:
+    """The hook of :func:`naics_hnm.mine_hard_negatives`: ``(result, positive scores, pairs scored)``.
+
+    ``pairs`` is the :class:`~naics_hnm.st.text_corpus.TextPairs` of the run; ``window`` the raw
+    candidates per anchor (:func:`cross_encoder_window`). With
+    ``use_multi_process`` (True, or a list of devices) the cross-encoder predicts through its own
+    multi-process pool, as in sentence-transformers.
+    """
+    pool = None
+    if use_multi_process and callable(getattr(cross_encoder, "start_multi_process_pool", None)):
+        pool = cross_encoder.start_multi_process_pool(
+            target_devices=None if use_multi_process is True else list(use_multi_process))
+    try:
+        scorer = PairScorer(cross_encoder, PairTexts(pairs.anchors, pairs.corpus), batch_size=batch_size,
+                            progress=progress, pool=pool, shard=shard)
+        rescored = rescore_negatives(request, scorer, window, progress=progress)
+    finally:
+        if pool is not None:
+            cross_encoder.stop_multi_process_pool(pool)
+    logger.info("the cross-encoder scored %s distinct (anchor, text) pairs in %s calls", f"{scorer.pairs_scored:,}",
+                f"{scorer.calls:,}")
+    return rescored.result, rescored.positive_scores, rescored.pairs_scored
