@@ -146,6 +146,11 @@ class NAICSDataModule(pl.LightningDataModule):
         order = np.random.default_rng(self.cfg.seed).permutation(len(pairs))
         n_val = int(round(self.val_fraction * len(pairs)))
         val_pairs, train_pairs = pairs[np.sort(order[:n_val])], pairs[np.sort(order[n_val:])]
+        if len(train_pairs) == 0:
+            raise ValueError(f"{taxonomy}: no training pairs ({len(pairs)} (code, positive) pairs of relations "
+                             f"{list(self.cfg.positive_relations)} outside the {int((~allowed).sum())} excluded codes, "
+                             f"{n_val} of them for validation); expected a tree with at least two levels and codes "
+                             "left to train on")
         self.train_dataset = Phase1MapDataset(self.cfg, self.sampling_cfg, self.token_cache,
                                               self.phase1_end_epoch, taxonomy=taxonomy, pairs=train_pairs)
         self.train_dataset.set_epoch(self._epoch)

@@ -280,3 +280,12 @@ def test_trees_sharing_a_file_stem_and_titles_but_not_codes_share_a_cache_dir(tm
     b.setup()
     assert a.token_cache.codes == a._taxonomy().codes and b.token_cache.codes == b._taxonomy().codes
     assert a.cache_path != b.cache_path
+
+
+def test_a_tree_without_training_pairs_says_so(tmp_path):
+    path = tmp_path / "flat.csv"
+    path.write_text("code,title,parent\nA,Apples,\nB,Bananas,\nC,Cherries,\n")
+    dm = NAICSDataModule(taxonomy=path, cache_dir=tmp_path / "cache", batch_size=2, val_fraction=0.0)
+    dm.prepare_data()
+    with pytest.raises(ValueError, match=r"no training pairs \(0 \(code, positive\) pairs"):
+        dm.setup()
