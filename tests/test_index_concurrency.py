@@ -123,3 +123,63 @@ def test_lock_file_removed_by_its_holder_is_not_shared(tmp_path):
     with exclusive_lock(target) as kept:
         pass
     assert kept.exists() and kept.name == "t.lock"
+
+
+# Embeddings file writer: argv[2] writer, saves ROUNDS files at start + round * interval (epoch = 1000 * writer + round).
+EMB_WRITER = """
+import json, sys, time
+import numpy as np
+from naics_hnm.embeddings_file import save_embeddings
+path, writer, start, rounds, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+codes = [f"c{i}" for i in range(20000)]
+for r in range(rounds):
+    x = np.full((20000, 16), float(1000 * writer + r), np.float32)
+    time.sleep(max(0.0, start + r * interval - time.time()))
+    try:
+        save_embeddings(path, x, codes, epoch=1000 * writer + r)
+        print(json.dumps({"round": r, "ok": True}), flush=True)
+    except Exception as err:  # reported to the test, which fails on it
+        print(json.dumps({"round": r, "ok": False, "error": f"{type(err).__name__}: {err}"}), flush=True)
+"""
+
+EMB_READER = """
+import json, sys, time
+from naics_hnm.embeddings_file import load_embeddings
+path, end = sys.argv[1], float(sys.argv[2])
+loads, bad = 0, []
+while time.time() < end:
+    try:
+        f = load_embeddings(path)
+    except Exception as err:
+        bad.append(f"{type(err).__name__}: {err}")
+        continue
+    if not (f.embeddings == f.attrs["epoch"]).all():
+        bad.append(f"epoch {f.attrs['epoch']}: vectors of another save")
+    loads += 1
+print(json.dumps({"loads": loads, "bad": bad[:5], "n_bad": len(bad)}))
+"""
+
+
+def test_two_writers_and_a_reader_on_one_embeddings_file(tmp_path):
+    """One file, replaced by os.replace of a writer-named temporary: the last writer wins, readers see whole files."""
+    from naics_hnm.embeddings_file import load_embeddings, save_embeddings
+
+    path = tmp_path / "refresh_epoch0001.h5"
+    save_embeddings(path, np.zeros((20000, 16), np.float32), [f"c{i}" for i in range(20000)], epoch=0)
+    rounds, interval = 6, 0.8
+    start = time.time() + 6.0
+    writers = [subprocess.Popen([sys.executable, "-c", EMB_WRITER, str(path), str(w), str(start), str(rounds),
+                                 str(interval)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for w in (1, 2)]
+    reader = subprocess.Popen([sys.executable, "-c", EMB_READER, str(path), str(start + rounds * interval + 1.5)],
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for w in writers:
+        stdout, stderr = w.communicate(timeout=300)
+        lines = [json.loads(line) for line in stdout.splitlines()]
+        assert [line["round"] for line in lines] == list(range(rounds)) and all(line["ok"] for line in lines), (
+            lines, stderr[-2000:])
+    out, err = reader.communicate(timeout=300)
+    seen = json.loads(out.strip().splitlines()[-1]) if out.strip() else None
+    assert seen is not None and seen["n_bad"] == 0 and seen["loads"] > 0, (seen, err[-2000:])
+    assert load_embeddings(path).attrs["epoch"] % 1000 == rounds - 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
