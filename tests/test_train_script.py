@@ -215,8 +215,13 @@ def _user_error_cases(tree_csv: Path, tmp: Path) -> dict[str, tuple[list[str], s
     }
     if not torch.cuda.is_available():
         cases["accelerator gpu"] = ([*tree, "--accelerator", "gpu"], "--accelerator gpu:")
-    if os.geteuid() != 0:  # root writes into a 0o555 folder; the read-only mount of test_token_cache needs root
-        cases["read-only cache dir"] = ([*tree, "--cache-dir", str(read_only / "cache")], "--cache-dir")
+    if os.geteuid() == 0:  # root writes into a 0o555 folder: mount a read-only tmpfs there instead
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)],
+                                 capture_output=True).returncode == 0
+    else:
+        mounted = True
+    if mounted:
+        cases["read-only cache dir"] = ([*tree, "--cache-dir", str(read_only)], "--cache-dir")
     return cases
 
 
@@ -234,6 +239,14 @@ def _check_one_line(name: str, code: int, stderr: str, words: str, out: Path, tm
 def test_every_user_error_is_one_line_and_exit_2_before_any_work(tree_csv, tmp_path, capfd):
     """In-process through main() for all cases, and a few as real processes."""
     cases = _user_error_cases(tree_csv, tmp_path)
+    try:
+        _run_user_error_cases(cases, tree_csv, tmp_path, capfd)
+    finally:
+        if os.geteuid() == 0 and "read-only cache dir" in cases:
+            subprocess.run(["umount", str(tmp_path / "ro")], check=True)
+
+
+def _run_user_error_cases(cases, tree_csv, tmp_path, capfd) -> None:
     script = _script()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     children = {}
