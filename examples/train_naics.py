@@ -21,6 +21,9 @@ import json
 import logging
 import math
 import os
+import secrets
+import shutil
+import signal
 import sys
 import time
 import warnings
@@ -34,15 +37,19 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
 
 from naics_hnm import EmbeddingIndex, HardNegativeMiningCallback, NAICSDataModule, NAICSEncoder  # noqa: E402
-from naics_hnm.atomic import atomic_write_text  # noqa: E402
+from naics_hnm.atomic import atomic_write_text, pid_alive  # noqa: E402
 from naics_hnm.data.config import SamplingConfig  # noqa: E402
+from naics_hnm.data.pairs import allowed_mask, tree_pairs  # noqa: E402
+from naics_hnm.data.token_cache import default_tokenizer_path  # noqa: E402
 from naics_hnm.embeddings_file import save_embeddings  # noqa: E402
 from naics_hnm.evaluation import holdout_split  # noqa: E402
+from naics_hnm.index.index_file import check_index_path  # noqa: E402
 from naics_hnm.train.evaluation_callback import TaxonomyEvaluationCallback  # noqa: E402
-from naics_hnm.tree.taxonomy import Taxonomy, TaxonomyError  # noqa: E402
 from naics_hnm.train.report import EpochTable, plot_history, write_line  # noqa: E402
+from naics_hnm.tree.taxonomy import Taxonomy, TaxonomyError  # noqa: E402
 from naics_hnm.writable import ensure_writable_dir  # noqa: E402
 
 log = logging.getLogger("train_naics")
@@ -154,6 +161,69 @@ def read_heldout_codes(path: Path, taxonomy: Taxonomy) -> list[str]:
     return sorted(set(codes))
 
 
+def check_training_inputs(args: argparse.Namespace, taxonomy: Taxonomy, excluded: list[str]) -> None:
+    """Every user error that training would otherwise meet late (or as a traceback), as a ValueError.
+
+    Cheap: reads the model's config (not its weights), builds an empty faiss index, creates a Trainer.
+    """
+    for name, value in (("lr", args.lr), ("temperature", args.temperature)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} {value}: expected a positive number")
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout {args.dropout}: expected a number in [0, 1)")
+    for name in ("negatives_per_anchor", "pool"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an int >= 1")
+    if args.neighbours < 0:
+        raise ValueError(f"--neighbours {args.neighbours}: expected an int >= 0")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(default_tokenizer_path())
+    if args.freeze_layers > config.num_hidden_layers:
+        raise ValueError(f"--freeze-layers {args.freeze_layers}: the encoder has {config.num_hidden_layers} layers; "
+                         f"expected 0..{config.num_hidden_layers}")
+    if args.freeze_layers == config.num_hidden_layers and args.head == "none":
+        raise ValueError(f"--freeze-layers {args.freeze_layers} freezes every layer and --head none trains nothing; "
+                         "expected fewer frozen layers or --head mlp")
+    if args.index_factory is not None:
+        import faiss
+
+        try:
+            faiss.index_factory(config.hidden_size, args.index_factory)
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else "rejected"
+            raise ValueError(f"--index-factory {args.index_factory!r} is not a faiss factory string for "
+                             f"{config.hidden_size}-dimensional vectors ({reason[:200]}); expected e.g. 'IVF1024,Flat' "
+                             "or 'HNSW32'") from None
+    if args.cache_dir is not None:
+        ensure_writable_dir(args.cache_dir, "--cache-dir")
+    leaves = np.flatnonzero(taxonomy.end - taxonomy.pre == 1)
+    held = np.isin(np.arange(len(taxonomy)), [taxonomy.index(c) for c in excluded])
+    if excluded and not held[leaves].any():
+        raise ValueError(f"the {len(excluded):,} held-out codes hold no leaf: held-out evaluation ranks leaves; "
+                         "expected at least one leaf code among them")
+    if held[leaves].all():
+        raise ValueError(f"every leaf of {taxonomy.name!r} is held out ({leaves.size:,} leaves); expected some "
+                         "leaves left to train on")
+    pairs = tree_pairs(taxonomy, ("levels",), allowed_mask(taxonomy, tuple(excluded)))
+    if len(pairs) == 0:
+        raise ValueError(f"nothing to train on: taxonomy {taxonomy.name!r} ({len(taxonomy):,} codes, depth "
+                         f"{taxonomy.max_depth}) has no (code, ancestor) pair outside the held-out codes; expected a "
+                         "tree with at least two levels")
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # the Trainer's device lines belong to the run, not to this check
+    try:
+        pl.Trainer(accelerator=args.accelerator, devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False)
+    except (ValueError, RuntimeError, MisconfigurationException) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--accelerator {args.accelerator}: {reason}; expected auto, cpu or an accelerator "
+                         "present on this machine") from None
+    finally:
+        lightning_log.setLevel(level)
+
+
 def load_tree(args: argparse.Namespace) -> Taxonomy:
     if args.taxonomy is None:
         return Taxonomy.naics2022()
@@ -181,6 +251,7 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
     if args.accelerator in ("auto", "cpu") and not torch.cuda.is_available():
         torch.set_num_threads(os.cpu_count() or 1)
     args.output.mkdir(parents=True, exist_ok=True)
+    staging = new_staging_dir(args.output)
     if excluded is None:
         excluded = heldout_codes(args, taxonomy)
     write_line(f"{taxonomy.name}: {len(taxonomy):,} codes, depth {taxonomy.max_depth}, {len(excluded):,} held out; "
@@ -201,7 +272,7 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
                          in_batch_negatives=args.in_batch, cosine_schedule=True, dropout=args.dropout,
                          head=None if args.head == "none" else args.head)
     evaluation = TaxonomyEvaluationCallback(every_n_epochs=args.eval_every)
-    table = EpochTable(args.negatives, evaluation, args.output / "metrics")
+    table = EpochTable(args.negatives, evaluation, staging / "metrics")
     trainer_callbacks: list[Callback] = [evaluation, table, *(callbacks or [])]
     if args.negatives == "mined":
         trainer_callbacks.insert(0, HardNegativeMiningCallback(
@@ -215,6 +286,7 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
                          max_time={"minutes": args.max_minutes} if args.max_minutes else None,
                          enable_model_summary=False,
                          log_every_n_steps=10)
+    progress["trainer"] = trainer
     trainer.fit(model, datamodule=dm)
     stopped = None
     if trainer.current_epoch < args.epochs:  # only --max-minutes ends fit() early
@@ -227,20 +299,85 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
         table.add({"epoch": trainer.current_epoch - 1, "phase": "final", "mix": "-", "mix_hard": 0.0,
                    "mix_semi_hard": 0.0, "mix_easy": 0.0, **metrics})
     final = table.rows[-1]
-    save_embeddings(args.output / "embeddings.h5", embeddings.numpy(), taxonomy.codes,
+    save_embeddings(staging / "embeddings.h5", embeddings.numpy(), taxonomy.codes,
                     model=f"{model.model_name} fine-tuned ({args.negatives})", epoch=int(final["epoch"]))
     index = EmbeddingIndex.build(embeddings, metric="cosine", device="auto", codes=taxonomy.codes,
                                  model_fingerprint=f"train_naics {taxonomy.name} {args.negatives} seed {args.seed}",
                                  epoch=int(final["epoch"]))
-    index.save(args.index)
     summary = {"taxonomy": taxonomy.name, "codes": len(taxonomy), "heldout_codes": len(excluded),
                "negatives": args.negatives, "seed": args.seed, "settings": settings,
                "epochs": trainer.current_epoch, "stopped_early": stopped,
                "wall_seconds": time.perf_counter() - started, "final": final, "per_epoch": table.rows}
-    atomic_write_text(args.output / "metrics.json", json.dumps(summary, indent=2))
-    plot_history(table.rows, args.output / "training.png",
+    atomic_write_text(staging / "metrics.json", json.dumps(summary, indent=2))
+    plot_history(table.rows, staging / "training.png",
                  f"{taxonomy.name} ({len(taxonomy):,} codes), negatives={args.negatives}, seed={args.seed}")
+    with deferred_interrupts():
+        index.save(args.index)
+        publish(staging, args.output)
     return summary
+
+
+STAGING_PREFIX = ".run-"
+PUBLISHED = ("metrics", "embeddings.h5", "training.png", "metrics.json")
+"""What a run writes into its staging folder and publishes into --output at its end, metrics.json last."""
+progress: dict = {}
+"""The running Trainer, for the message of an interrupted run."""
+
+
+def new_staging_dir(output: Path) -> Path:
+    """A run-private folder inside ``output`` (``.run-PID-RANDOM``); those of runs no longer alive are removed."""
+    for old in output.glob(f"{STAGING_PREFIX}*"):
+        pid = old.name[len(STAGING_PREFIX):].split("-")[0]
+        if old.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    staging = output / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    progress["staging"] = staging
+    return staging
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Move the run's files from ``staging`` into ``output``, each by one rename, metrics.json last.
+
+    The previous run's ``metrics`` folder is moved aside first (into ``staging``, removed with it), so
+    ``metrics/`` only ever holds one run's epoch files.
+    """
+    for name in PUBLISHED:
+        source, target = staging / name, output / name
+        if not source.exists():
+            continue
+        if source.is_dir() and target.is_dir():
+            os.replace(target, staging / f".previous-{name}")
+        os.replace(source, target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+class RunInterrupted(BaseException):
+    """SIGINT (Ctrl-C) during the main job; a BaseException so that nothing on the way swallows it."""
+
+
+class deferred_interrupts:
+    """A block that a Ctrl-C does not cut short (publishing the results): SIGINT is ignored until it ends."""
+
+    def __enter__(self) -> None:
+        self._previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise RunInterrupted()
+
+
+def interrupted_message(output: Path) -> str:
+    """The one line of an interrupted run; its staging folder is removed."""
+    staging = progress.get("staging")
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer = progress.get("trainer")
+    where = f"during epoch {trainer.current_epoch}" if trainer is not None else "before training"
+    return f"train_naics: interrupted {where}; the previous results in {output} are untouched"
 
 
 def report(summary: dict, args: argparse.Namespace) -> None:
@@ -277,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         excluded = heldout_codes(args, taxonomy)
         choose_settings(args, taxonomy)
         ensure_writable_dir(args.index.parent, "--index folder")
+        check_index_path(args.index)
+        check_training_inputs(args, taxonomy, excluded)
     except (ValueError, TaxonomyError, OSError) as err:
         print(f"train_naics: error: {err}", file=sys.stderr)
         return 2
@@ -286,7 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     # the frozen lower layers stay in eval mode on purpose (their outputs are cached)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    report(run(args, taxonomy, excluded=excluded), args)
+    previous = signal.signal(signal.SIGINT, _raise_interrupted)
+    try:
+        summary = run(args, taxonomy, excluded=excluded)
+    except RunInterrupted:
+        print(interrupted_message(args.output), file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    report(summary, args)
     return 0
 
 

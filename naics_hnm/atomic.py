@@ -3,7 +3,8 @@
 A temporary file is named ``.{target name}.{host}.{pid}.{random}.tmp``. A writer killed before its
 ``os.replace`` leaves it behind; the next write to the same target removes it once its writer is gone
 (a process of this host that no longer runs, or any writer whose file is older than ``STALE_AFTER_S``).
-:func:`exclusive_lock` lets processes take turns at work on one target.
+:func:`exclusive_lock` lets processes take turns at work on one target (waiting for good, or up to a
+timeout that ends in an error naming the holder's pid).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ STALE_AFTER_S = 24 * 3600
 _CREATE_ATTEMPTS = 8
 
 
-def _host() -> str:
+def this_host() -> str:
+    """This machine's name as temporary and lock files carry it."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64] or "host"
 
 
@@ -37,7 +39,8 @@ def _temp_pattern(target: Path) -> re.Pattern[str]:
     )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that pid runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +57,7 @@ def _is_stale(temp: Path, match: re.Match[str], now: float) -> bool:
         return False
     if age > STALE_AFTER_S:
         return True
-    return match["host"] == _host() and not _pid_alive(int(match["pid"]))
+    return match["host"] == this_host() and not pid_alive(int(match["pid"]))
 
 
 def remove_stale_temp_files(target: str | Path) -> list[Path]:
@@ -81,9 +84,10 @@ def ensure_folder(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def _create_temp(target: Path) -> Path:
+def create_temp(target: Path) -> Path:
+    """Create an empty ``.{target name}.{host}.{pid}.{random}.tmp`` beside ``target``; return its path."""
     for _ in range(_CREATE_ATTEMPTS):
-        temp = target.with_name(f".{target.name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        temp = target.with_name(f".{target.name}.{this_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return temp
@@ -104,7 +108,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     ensure_folder(target.parent)
     remove_stale_temp_files(target)
-    temp = _create_temp(target)
+    temp = create_temp(target)
     try:
         yield temp
         os.replace(temp, target)
@@ -126,22 +130,77 @@ def atomic_write_bytes(target: str | Path, data: bytes) -> None:
             os.fsync(handle.fileno())
 
 
-@contextlib.contextmanager
-def exclusive_lock(target: str | Path) -> Iterator[None]:
-    """Hold an inter-process lock (``flock`` on ``{target}.lock``) for work on ``target``.
+class LockTimeoutError(TimeoutError):
+    """Another process held the lock on a target for longer than the caller would wait."""
 
-    The lock file stays in place; the lock ends with the block or with the process.
+
+def lock_holder(lock_path: str | Path) -> str:
+    """Who holds (or last held) a lock file: ``"pid N on HOST"``, or ``"an unknown process"``."""
+    try:
+        fields = Path(lock_path).read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError):  # gone or unreadable: say so rather than fail the error message
+        fields = []
+    if len(fields) >= 2 and fields[0].isdigit():
+        return f"pid {fields[0]} on {fields[1]}"
+    return "an unknown process"
+
+
+def _lock_until(fd: int, target: Path, lock_path: Path, timeout: float | None) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        log.info("waiting for %s, working on %s", lock_holder(lock_path), target)
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(
+                    errno.EAGAIN, f"{str(target)!r} is being written by {lock_holder(lock_path)} (lock "
+                    f"{str(lock_path)!r} held for more than {timeout:g} s); expected it to finish: try again later "
+                    "or stop that process", str(target)) from None
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: str | Path, *, timeout: float | None = None, hidden: bool = False,
+                   remove: bool = False) -> Iterator[Path]:
+    """Hold an inter-process lock (``flock`` on ``{target}.lock``) for work on ``target``; yield the lock path.
+
+    ``hidden``: the lock file is ``.{target name}.lock``. ``remove``: the holder deletes the lock
+    file before it lets go (a waiter that then finds its file unlinked opens the new one), otherwise
+    the file stays in place. The holder's pid and host are written into the file, and a waiter that
+    gives up after ``timeout`` seconds (None: it waits for good) raises :class:`LockTimeoutError`
+    naming them. The lock ends with the block or with the process.
     """
     target = Path(target)
     ensure_folder(target.parent)
-    lock_path = target.with_name(f"{target.name}.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    lock_path = target.with_name(f".{target.name}.lock" if hidden else f"{target.name}.lock")
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process working on %s", target)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+            _lock_until(fd, target, lock_path, timeout)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+            except FileNotFoundError:  # the previous holder removed it after we opened it
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {this_host()}\n".encode(), 0)
+        yield lock_path
     finally:
+        if remove:
+            lock_path.unlink(missing_ok=True)
         os.close(fd)

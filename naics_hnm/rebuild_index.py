@@ -132,6 +132,23 @@ def load_checkpoint_model(path: Path, class_spec: str) -> torch.nn.Module:
     return model
 
 
+def load_named_model(name: str | None) -> torch.nn.Module:
+    """The encoder of ``--model`` (None: the offline default); any failure to load it is one CLIError.
+
+    Weights are read with ``weights_only``: a pickled payload in the folder is refused, never run.
+    """
+    from naics_hnm.train.encoder import NAICSEncoder
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return NAICSEncoder(name)
+    except Exception as err:  # transformers and torch raise many types for a foreign or unsafe folder
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"--model {name!r} cannot be loaded as an encoder: {type(err).__name__}: {first[:300]}; "
+                       "expected a transformers model folder with safetensors or weights-only weights") from None
+
+
 def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.ndarray:
     from naics_hnm.data.token_cache import TokenCache, load_tokenizer
     from naics_hnm.embedding import embed_codes
@@ -147,9 +164,10 @@ def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.nda
 def run(args: argparse.Namespace) -> dict:
     from naics_hnm.embeddings_file import load_embeddings
     from naics_hnm.index.embedding_index import EmbeddingIndex
-    from naics_hnm.index.index_file import current_index_file, sidecar_path
+    from naics_hnm.index.index_file import check_index_path, current_index_file, sidecar_path
     from naics_hnm.tree.taxonomy import load_taxonomy
 
+    check_index_path(args.output)  # before anything is loaded or written
     t0 = time.perf_counter()
     taxonomy = load_taxonomy(args.taxonomy)
     if args.embeddings is not None:
@@ -161,9 +179,7 @@ def run(args: argparse.Namespace) -> dict:
             model = load_checkpoint_model(args.checkpoint, args.model_class)
             source, model_name = f"checkpoint {args.checkpoint}", str(args.checkpoint)
         else:
-            from naics_hnm.train.encoder import NAICSEncoder
-
-            model = NAICSEncoder(args.model)
+            model = load_named_model(args.model)
             source, model_name = f"model {model.model_name}", model.model_name
         embeddings, epoch = _embed(model, taxonomy, args), None
     if not np.isfinite(embeddings).all():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -266,3 +267,11 @@ def test_unwritable_save_dir_fails_at_setup_not_after_training(tmp_path):
     with pytest.raises(ValueError, match=r"HardNegativeMiningCallback\(save_dir\)=.*not_a_folder' is a file"):
         trainer.fit(model, datamodule=dm)
     assert model.seen == []
+
+
+def test_start_epoch_at_or_past_max_epochs_warns_once(tmp_path, caplog):
+    cb = HardNegativeMiningCallback(k=2, start_epoch=5)
+    with caplog.at_level(logging.WARNING, logger="naics_hnm"):
+        _fit(tmp_path, max_epochs=2, callbacks=[cb])
+    warned = [r for r in caplog.records if "no epoch is mined" in r.getMessage()]
+    assert len(warned) == 1 and "starts at epoch 5 but max_epochs=2" in warned[0].getMessage()

@@ -260,3 +260,32 @@ def test_seed_changes_negatives_and_order(cache_dir):
 def test_bad_constructor_arguments(kwargs, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         NAICSDataModule(cache_dir=tmp_path, **kwargs)
+
+
+def test_trees_sharing_a_file_stem_and_titles_but_not_codes_share_a_cache_dir(tmp_path):
+    """Issue 16: a/tree.csv and b/tree.csv, same titles, other codes, one cache_dir: each keeps its own cache."""
+    for folder, top in (("a", "11"), ("b", "21")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "tree.csv").write_text(
+            f"code,title\n{top},Farming\n{top}1,Crops\n{top}2,Animals\n{top}11,Grain\n{top}12,Fruit\n{top}21,Cattle\n")
+    cache = tmp_path / "cache"
+    a = NAICSDataModule(taxonomy=tmp_path / "a" / "tree.csv", cache_dir=cache, batch_size=2, val_fraction=0.0,
+                        n_negatives=1, n_candidates=2)
+    b = NAICSDataModule(taxonomy=tmp_path / "b" / "tree.csv", cache_dir=cache, batch_size=2, val_fraction=0.0,
+                        n_negatives=1, n_candidates=2)
+    assert a._taxonomy().texts == b._taxonomy().texts and a._taxonomy().name == b._taxonomy().name
+    a.prepare_data()
+    b.prepare_data()
+    a.setup()
+    b.setup()
+    assert a.token_cache.codes == a._taxonomy().codes and b.token_cache.codes == b._taxonomy().codes
+    assert a.cache_path != b.cache_path
+
+
+def test_a_tree_without_training_pairs_says_so(tmp_path):
+    path = tmp_path / "flat.csv"
+    path.write_text("code,title,parent\nA,Apples,\nB,Bananas,\nC,Cherries,\n")
+    dm = NAICSDataModule(taxonomy=path, cache_dir=tmp_path / "cache", batch_size=2, val_fraction=0.0)
+    dm.prepare_data()
+    with pytest.raises(ValueError, match=r"no training pairs \(0 \(code, positive\) pairs"):
+        dm.setup()

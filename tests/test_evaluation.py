@@ -10,7 +10,6 @@ tied cases use vectors whose dot products are exact in any summation order (entr
 unit length), so their ties are exact on every machine as well.
 """
 
-import math
 import tracemalloc
 from dataclasses import dataclass
 from functools import lru_cache

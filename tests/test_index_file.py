@@ -166,3 +166,27 @@ def test_bad_search_params_in_a_sidecar_are_an_index_file_error(tmp_path):
         sidecar_path(path).write_text(json.dumps({**meta, "search_params": params}))
         with pytest.raises(IndexFileError, match=message):
             EmbeddingIndex.load(path)
+
+
+@pytest.mark.parametrize("key, value", [("metric", "cosine2"), ("dim", "16"), ("generation", "seven"),
+                                        ("ntotal", -1), ("dim", True)])
+def test_hand_edited_sidecar_values_are_refused(tmp_path, key, value):
+    path = tmp_path / "x.faiss"
+    EmbeddingIndex.build(vectors(0, 30), device="cpu").save(path)
+    meta = json.loads(sidecar_path(path).read_text())
+    meta[key] = value
+    sidecar_path(path).write_text(json.dumps(meta))
+    with pytest.raises(IndexFileError, match=rf"has {key} {re.escape(repr(value))}, expected"):
+        EmbeddingIndex.load(path)
+
+
+def test_save_to_a_folder_or_under_a_file_writes_nothing(tmp_path):
+    index = EmbeddingIndex.build(vectors(0, 30), device="cpu")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "plain").write_text("a file")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(IndexFileError, match=r"index path '.*out' is a folder; expected a file path inside it"):
+        index.save(tmp_path / "out")
+    with pytest.raises(IndexFileError, match=r"lies under '.*plain', which is a file"):
+        index.save(tmp_path / "plain" / "x.faiss")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

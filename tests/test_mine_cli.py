@@ -198,6 +198,37 @@ def test_cli_as_a_process(model_dir, tmp_path):
     out = tmp_path / "mined.jsonl"
     proc = subprocess.run([sys.executable, "-m", "naics_hnm.mine", "--dataset", str(tmp_path / "none.jsonl"),
                            "--model", str(model_dir), "--output", str(out)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                            "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == 2 and not out.exists()
     assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
+
+
+FLAG_CASES = {
+    "unknown positive column": (["--positive-column", "answer"], "--positive-column: positive_column_name='answer'"),
+    "same columns": (["--anchor-column", "anchor", "--positive-column", "anchor"], "--anchor-column, --positive-column"),
+    "range before the model": (["--range-min", "5", "--range-max", "4"], "--range-max"),
+    "negatives before the model": (["--num-negatives", "0"], "--num-negatives: num_negatives=0"),
+    "scores before the model": (["--min-score", "0.9", "--max-score", "0.1"], "--min-score, --max-score"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_cli_errors_name_flags_and_come_before_the_model_loads(case, pairs_jsonl, tmp_path, capsys):
+    extra, words = FLAG_CASES[case]
+    no_model = tmp_path / "no_model"  # loading it would fail: these errors must come first
+    rc = main(["--dataset", str(pairs_jsonl), "--model", str(no_model), "--output", str(tmp_path / "o.jsonl"),
+               "--quiet", *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and words in lines[0] and "no_model" not in lines[0], err
+
+
+def test_cli_quiet_prints_nothing(model_dir, pairs_jsonl, tmp_path):
+    out = tmp_path / "mined.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "naics_hnm.mine", "--dataset", str(pairs_jsonl), "--model",
+                           str(model_dir), "--output", str(out), "--quiet"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
+    assert proc.stdout == "" and proc.stderr == "", (proc.stdout[-1000:], proc.stderr[-1000:])

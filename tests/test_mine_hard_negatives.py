@@ -463,3 +463,20 @@ def test_keeps_the_rows_sentence_transformers_drops(tiny_st):
     for row in want:  # where theirs is complete, both agree
         match = [r for r in got if r["query"] == row["query"] and r["answer"] == row["answer"]]
         assert match and all(match[0][f"negative_{j}"] == row[f"negative_{j}"] for j in (1, 2, 3))
+
+
+def test_columns_of_unequal_length_are_an_error_naming_both_lengths():
+    vectors = {t: np.ones(2, np.float32) for t in "abc"}
+    with pytest.raises(ValueError, match="column 'anchor' has 2 rows but column 'positive' has 1"):
+        mine_hard_negatives({"anchor": ["a", "b"], "positive": ["c"]}, TableModel(vectors), verbose=False)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_finite_embeddings_of_extreme_size_mine_as_unscaled_ones(scale):
+    data, corpus, vectors = random_world(seed=3)
+    want = mined_negatives(data, corpus, vectors)
+    scaled = {t: (v.astype(np.float64) * scale).astype(np.float32) for t, v in vectors.items()}
+    got = mined_negatives(data, corpus, scaled)
+    assert {a: [n for n, _ in rows] for a, rows in got.items()} == {a: [n for n, _ in rows] for a, rows in want.items()}
+    for a, rows in got.items():
+        np.testing.assert_allclose([s for _, s in rows], [s for _, s in want[a]], atol=1e-6)

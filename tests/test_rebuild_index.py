@@ -216,3 +216,38 @@ def test_checkpoint_pointing_at_a_malicious_model_folder_is_one_line_and_never_r
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().count("\n") == 0 and "evil.ckpt" in result.stderr
     assert not marker.exists()
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+def test_model_folder_with_a_pickled_payload_is_one_line_and_never_runs_it(tmp_path):
+    import json
+    import pickle
+
+    folder = tmp_path / "evil_model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**TINY_BERT, "model_type": "bert"}))
+    marker = tmp_path / "payload_ran"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    result = _run_cli("--model", str(folder), "--output", str(tmp_path / "x.faiss"), cwd=tmp_path)
+    line = _one_line_error(result)
+    assert "evil_model" in line and "--model" in line
+    assert not marker.exists() and not list(tmp_path.glob("x.faiss*"))
+
+
+def test_output_an_existing_folder_or_under_a_file_writes_nothing(tmp_path, embeddings_file):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "plain").write_text("a file")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    line = _one_line_error(_run_cli("--embeddings", str(embeddings_file[0]), "--output", str(tmp_path / "out"),
+                                    cwd=tmp_path))
+    assert "is a folder" in line and "out" in line
+    line = _one_line_error(_run_cli("--embeddings", str(embeddings_file[0]), "--output",
+                                    str(tmp_path / "plain" / "x.faiss"), cwd=tmp_path))
+    assert "which is a file" in line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

@@ -217,3 +217,12 @@ def test_csv_missing_file(tmp_path):
         Taxonomy.from_csv(tmp_path / "nope.csv")
     with pytest.raises(TypeError, match="taxonomy=3"):
         load_taxonomy(3)
+
+
+def test_csv_short_rows_keep_the_parent_column(tmp_path):
+    """The issue's p.csv: the first row omits its empty parent field; the column still decides the tree."""
+    path = tmp_path / "p.csv"
+    path.write_text("code,title,parent\n11,A\n111,B,\n1111,C,11\n")
+    tx = Taxonomy.from_csv(path)
+    parent_of = {code: (tx.codes[p] if p >= 0 else "") for code, p in zip(tx.codes, tx.parent.tolist())}
+    assert parent_of == {"11": "", "111": "", "1111": "11"}

@@ -193,7 +193,7 @@ def test_only_stale_temp_files_of_the_target_are_removed(tmp_path):
         "dead_writer": f".data.json.{host}.{_dead_pid()}.0123abcd.tmp",
         "live_writer": f".data.json.{host}.{os.getpid()}.0123abcd.tmp",
         "other_host_recent": f".data.json.elsewhere.{_dead_pid()}.0123abcd.tmp",
-        "other_host_old": f".data.json.elsewhere.1.89abcdef.tmp",
+        "other_host_old": ".data.json.elsewhere.1.89abcdef.tmp",
         "earlier_version_old": ".data.json.k3_x9a0q.tmp",
         "earlier_version_recent": ".data.json.zzzzzzzz.tmp",
         "other_target": f".other.json.{host}.{_dead_pid()}.0123abcd.tmp",

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -179,3 +183,115 @@ def test_bad_heldout_file_is_one_line_and_exit_2(tree_csv, tmp_path, lines, mess
     assert message in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "embeddings.h5").exists()
+
+
+def _user_error_cases(tree_csv: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (arguments, words the one error line must hold); each fails before the model is loaded."""
+    taxonomy = Taxonomy.from_csv(tree_csv)
+    leaves = taxonomy.end - taxonomy.pre == 1
+    lists = {"all": taxonomy.codes, "leaves": [c for c, leaf in zip(taxonomy.codes, leaves) if leaf],
+             "internal": [c for c, leaf in zip(taxonomy.codes, leaves) if not leaf]}
+    for name, codes in lists.items():
+        (tmp / f"{name}.txt").write_text("\n".join(codes) + "\n")
+    (tmp / "one.csv").write_text("code,title\n11,Farming\n")
+    (tmp / "flat.csv").write_text("code,title,parent\nA,Apples,\nB,Bananas,\nC,Cherries,\nD,Dates,\n")
+    (tmp / "index_folder").mkdir()
+    read_only = tmp / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    tree = ["--taxonomy", str(tree_csv)]
+    cases = {
+        "every code held out": ([*tree, "--heldout-codes", str(tmp / "all.txt")], "every leaf"),
+        "every leaf held out": ([*tree, "--heldout-codes", str(tmp / "leaves.txt")], "every leaf"),
+        "only internal codes held out": ([*tree, "--heldout-codes", str(tmp / "internal.txt")], "hold no leaf"),
+        "one code": (["--taxonomy", str(tmp / "one.csv"), "--heldout-fraction", "0"], "nothing to train on"),
+        "flat tree": (["--taxonomy", str(tmp / "flat.csv"), "--heldout-fraction", "0"], "nothing to train on"),
+        "lr": ([*tree, "--lr", "-1"], "--lr -1.0: expected a positive number"),
+        "temperature": ([*tree, "--temperature", "0"], "--temperature 0.0: expected a positive number"),
+        "freeze layers": ([*tree, "--freeze-layers", "99"], "--freeze-layers 99: the encoder has 6 layers"),
+        "negatives": ([*tree, "--negatives-per-anchor", "0"], "--negatives-per-anchor 0: expected an int >= 1"),
+        "index factory": ([*tree, "--index-factory", "Garbage"], "--index-factory 'Garbage' is not a faiss"),
+        "index folder": ([*tree, "--index", str(tmp / "index_folder")], "is a folder"),
+    }
+    if not torch.cuda.is_available():
+        cases["accelerator gpu"] = ([*tree, "--accelerator", "gpu"], "--accelerator gpu:")
+    if os.geteuid() == 0:  # root writes into a 0o555 folder: mount a read-only tmpfs there instead
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)],
+                                 capture_output=True).returncode == 0
+    else:
+        mounted = True
+    if mounted:
+        cases["read-only cache dir"] = ([*tree, "--cache-dir", str(read_only)], "--cache-dir")
+    return cases
+
+
+SUBPROCESS_CASES = ("every leaf held out", "index factory", "accelerator gpu")
+
+
+def _check_one_line(name: str, code: int, stderr: str, words: str, out: Path, tmp_path: Path) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, (name, code, stderr[-3000:])
+    assert len(lines) == 1 and "Traceback" not in stderr, (name, stderr[-3000:])
+    assert lines[0].startswith("train_naics: error: ") and words in lines[0], (name, lines[0])
+    assert not list(out.rglob("*.h5")) and not list(tmp_path.glob("cache*/tokens_*")), name
+
+
+def test_every_user_error_is_one_line_and_exit_2_before_any_work(tree_csv, tmp_path, capfd):
+    """In-process through main() for all cases, and a few as real processes."""
+    cases = _user_error_cases(tree_csv, tmp_path)
+    try:
+        _run_user_error_cases(cases, tree_csv, tmp_path, capfd)
+    finally:
+        if os.geteuid() == 0 and "read-only cache dir" in cases:
+            subprocess.run(["umount", str(tmp_path / "ro")], check=True)
+
+
+def _run_user_error_cases(cases, tree_csv, tmp_path, capfd) -> None:
+    script = _script()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    children = {}
+    for i, (name, (args, _)) in enumerate(cases.items()):
+        argv = ["--output", str(tmp_path / f"out{i}"), "--cache-dir", str(tmp_path / f"cache{i}"), *args]
+        if name in SUBPROCESS_CASES:
+            children[name] = (tmp_path / f"out{i}", subprocess.Popen(
+                [sys.executable, str(SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                cwd=tmp_path, env=env))
+    for i, (name, (args, words)) in enumerate(cases.items()):
+        code = script.main(["--output", str(tmp_path / f"out{i}"), "--cache-dir", str(tmp_path / f"cache{i}"), *args])
+        _check_one_line(name, code, capfd.readouterr().err, words, tmp_path / f"out{i}", tmp_path)
+    for name, (out, child) in children.items():
+        _, stderr = child.communicate(timeout=300)
+        _check_one_line(name, child.returncode, stderr, cases[name][1], out, tmp_path)
+
+
+def test_ctrl_c_during_training_is_one_line_exit_130_and_leaves_the_previous_results(tree_csv, tmp_path):
+    out = tmp_path / "run"
+    (out / "metrics").mkdir(parents=True)
+    previous = {"metrics.json": b'{"previous": true}', "metrics/epoch_000.json": b"previous epoch 0",
+                "metrics/epoch_001.json": b"previous epoch 1", "embeddings.h5": b"previous", "training.png": b"png"}
+    for name, data in previous.items():
+        (out / name).write_bytes(data)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    child = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--output", str(out), "--taxonomy", str(tree_csv), "--epochs", "200",
+         "--phase1-end-epoch", "150", "--samples-per-epoch", "32", "--batch-size", "16",
+         "--index", str(tmp_path / "index.faiss"), "--cache-dir", str(tmp_path / "cache")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    try:
+        deadline = time.time() + 400
+        while not list(out.glob(".run-*/metrics/epoch_000.json")):  # the first epoch is done
+            assert child.poll() is None and time.time() < deadline, child.communicate()[1][-3000:]
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr[-3000:]  # the run's own progress lines come before
+    assert re.fullmatch(rf"train_naics: interrupted during epoch \d+; the previous results in {re.escape(str(out))} "
+                        "are untouched", lines[-1]), lines[-3:]
+    assert {name: (out / name).read_bytes() for name in previous} == previous
+    assert sorted(p.name for p in (out / "metrics").iterdir()) == ["epoch_000.json", "epoch_001.json"]
+    assert not list(out.glob(".run-*")) and not (tmp_path / "index.faiss.json").exists()

@@ -31,8 +31,8 @@ from naics_hnm.fingerprint import codes_fingerprint
 from naics_hnm.index.approximate import SearchTraits, apply_search_params, build_faiss_index
 from naics_hnm.index.ids import (DEVICES, METRICS, as_id_tensor, check_id_range, check_k, duplicate_mask, like_input,
                                  select_topk, worst_score)
-from naics_hnm.index.index_file import (IndexFileError, faiss_metric, read_index_file, read_sidecar, read_vectors_file,
-                                        sidecar_path, write_index_files)
+from naics_hnm.index.index_file import (IndexFileError, faiss_metric, read_index_file, read_index_set,
+                                        read_vectors_file, sidecar_path, write_index_files)
 from naics_hnm.index.knn import as_float_matrix, normalise_rows, rescore_topk, search_in_batches, torch_knn
 
 logger = logging.getLogger(__name__)
@@ -353,6 +353,19 @@ class EmbeddingIndex:
         logger.info("saved %r to %s (+ %s)", self, path, sidecar_path(path).name)
         return path
 
+    @staticmethod
+    def _read_set(path: Path, meta: dict[str, Any], expected_codes: Sequence[str] | None,
+                  expected_dim: int | None) -> tuple[faiss.Index, np.ndarray, dict[str, Any], dict[str, int]]:
+        """The faiss index, vectors and search parameters of the set ``meta`` describes, all checked."""
+        _check_expected(path, meta, expected_codes, expected_dim)
+        index = read_index_file(path, meta)
+        vectors = _storage_view(index) if isinstance(index, faiss.IndexFlat) else read_vectors_file(path, meta)
+        try:
+            params = SearchTraits.of(index).check(meta["search_params"], meta["index_type"])
+        except (TypeError, ValueError) as exc:
+            raise IndexFileError(f"index sidecar {str(sidecar_path(path))!r}: {exc}") from exc
+        return index, vectors, meta, params
+
     def _metadata(self) -> dict[str, Any]:
         return {
             "metric": self._metric,
@@ -385,28 +398,27 @@ class EmbeddingIndex:
         """
         path = Path(path)
         resolved, reason = _resolve_device(device)
-        meta = read_sidecar(path)
-        if expected_dim is not None and int(expected_dim) != meta["dim"]:
-            raise IndexFileError(f"index {str(path)!r} has dim {meta['dim']}, expected dim {expected_dim}")
-        if expected_codes is not None:
-            codes = getattr(expected_codes, "codes", expected_codes)
-            want = codes_fingerprint(list(codes))
-            if meta["codes_fingerprint"] != want:
-                raise IndexFileError(
-                    f"index {str(path)!r} was built for code list fingerprint {meta['codes_fingerprint']}, "
-                    f"expected {want} (the given {len(codes)} codes); rebuild the index"
-                )
-        index = read_index_file(path, meta)
-        vectors = _storage_view(index) if isinstance(index, faiss.IndexFlat) else read_vectors_file(path, meta)
-        try:
-            params = SearchTraits.of(index).check(meta["search_params"], meta["index_type"])
-        except (TypeError, ValueError) as exc:
-            raise IndexFileError(f"index sidecar {str(sidecar_path(path))!r}: {exc}") from exc
+        index, vectors, meta, params = read_index_set(path, lambda meta: cls._read_set(path, meta, expected_codes,
+                                                                                        expected_dim))
         return cls(
             index, vectors, meta["metric"], resolved, index_type=meta["index_type"], search_params=params,
             codes_fingerprint=meta["codes_fingerprint"], model_fingerprint=meta["model_fingerprint"],
             epoch=meta["epoch"], reason=reason,
         )
+
+
+def _check_expected(path: Path, meta: dict[str, Any], expected_codes: Sequence[str] | None,
+                    expected_dim: int | None) -> None:
+    if expected_dim is not None and int(expected_dim) != meta["dim"]:
+        raise IndexFileError(f"index {str(path)!r} has dim {meta['dim']}, expected dim {expected_dim}")
+    if expected_codes is not None:
+        codes = getattr(expected_codes, "codes", expected_codes)
+        want = codes_fingerprint(list(codes))
+        if meta["codes_fingerprint"] != want:
+            raise IndexFileError(
+                f"index {str(path)!r} was built for code list fingerprint {meta['codes_fingerprint']}, "
+                f"expected {want} (the given {len(codes)} codes); rebuild the index"
+            )
 
 
 def knn_rows(index: EmbeddingIndex, row_ids: Any, k: int, batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:

@@ -21,8 +21,13 @@ together, so a kill between the sidecar's rename and this one leaves ``path`` on
 behind, never a load that mixes two sets; the next save puts it right. Format 1 (index at
 ``path``, vectors at ``path + ".vectors.npy"``) is still read, and replaced by the first save.
 
-One writer per path at a time. Two concurrent saves of one path can pick the same generation; the
-checksums then make a load fail loudly rather than mix the two.
+One writer per path at a time: a save holds ``flock`` on ``.x.faiss.lock`` beside the target (the
+holder's pid written in it) from choosing its generation to the end of its clean-up, and removes it
+before letting go. A second process saving the same path waits for it (up to
+:data:`LOCK_TIMEOUT_S`, then an error naming the path and the holder's pid), so concurrent saves
+commit one after the other and the last one wins. Clean-up only deletes generations older than the
+committed one and temporaries of writers that no longer run. A load that finds the files of the
+sidecar it read already replaced by a newer save reads the new sidecar again.
 """
 
 from __future__ import annotations
@@ -32,19 +37,22 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import time
 from pathlib import Path, PurePath
 from typing import Any, Callable
 
 import faiss
 import numpy as np
 
+from naics_hnm.atomic import STALE_AFTER_S, create_temp, ensure_folder, exclusive_lock, pid_alive, this_host
 from naics_hnm.index.ids import METRICS
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 REQUIRED_KEYS = ("format_version", "metric", "dim", "ntotal", "index_type", "codes_fingerprint",
                  "model_fingerprint", "epoch", "index_sha256")
+LOCK_TIMEOUT_S = 600.0
+"""How long a save waits for another process saving the same path before it gives up."""
 
 
 class IndexFileError(ValueError):
@@ -83,15 +91,41 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_index_files(path: str | Path, index: faiss.Index, vectors: np.ndarray | None,
-                      meta: dict[str, Any]) -> dict[str, Any]:
+                      meta: dict[str, Any], lock_timeout: float | None = None) -> dict[str, Any]:
     """Write a new generation of the set named ``path`` and switch to it; return the sidecar.
 
     ``index`` must be a CPU index; ``vectors`` (or None) are stored beside it. On any error
     before the sidecar's rename, this generation's files are removed and the previous set is
-    untouched; a kill at any point leaves either the previous or the new set loadable.
+    untouched; a kill at any point leaves either the previous or the new set loadable. Runs under
+    the path's lock (see the module docstring); ``lock_timeout`` overrides :data:`LOCK_TIMEOUT_S`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_index_path(path)
+    ensure_folder(path.parent)
+    with exclusive_lock(path, timeout=LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout,
+                        hidden=True, remove=True):
+        return _write_generation(path, index, vectors, meta)
+
+
+def check_index_path(path: str | Path) -> Path:
+    """Refuse, before anything is written, an index path that names a folder or lies under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise IndexFileError(f"index path {str(path)!r} is a folder; expected a file path inside it, "
+                             f"such as {str(path / 'index.faiss')!r}")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise IndexFileError(f"index path {str(path)!r} lies under {str(blocker)!r}, which is a file; "
+                             "expected a folder there")
+    if sidecar_path(path).is_dir():
+        raise IndexFileError(f"index sidecar path {str(sidecar_path(path))!r} is a folder; expected a file or "
+                             "nothing there")
+    return path
+
+
+def _write_generation(path: Path, index: faiss.Index, vectors: np.ndarray | None,
+                      meta: dict[str, Any]) -> dict[str, Any]:
+    """The body of :func:`write_index_files`, run under the path's lock."""
     previous = _previous_sidecar(path)
     generation = _next_generation(path, previous)
     index_file, vectors_file = generation_paths(path, generation)
@@ -113,7 +147,7 @@ def write_index_files(path: str | Path, index: faiss.Index, vectors: np.ndarray 
         raise
     _fsync_dir(path.parent)
     _publish(path, index_file)
-    _remove_stale(path, keep={index_file.name, vectors_file.name})
+    _remove_stale(path, generation)
     return sidecar
 
 
@@ -139,6 +173,13 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     if meta["metric"] not in METRICS:
         raise IndexFileError(f"index sidecar {str(meta_path)!r} has metric {meta['metric']!r}, "
                              f"expected one of {METRICS}")
+    for key, least in (("dim", 1), ("ntotal", 0)) + ((("generation", 1),) if meta["format_version"] == 2 else ()):
+        value = meta[key]
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise IndexFileError(f"index sidecar {str(meta_path)!r} has {key} {value!r}, expected an integer >= {least}")
+    if not isinstance(meta["index_sha256"], str):
+        raise IndexFileError(f"index sidecar {str(meta_path)!r} has index_sha256 {meta['index_sha256']!r}, "
+                             "expected a hex string")
     if meta["format_version"] == 1:
         meta = {**meta, "index_file": path.name, "vectors_file": meta.get("vectors_file") or vectors_path(path).name}
     for key in ("index_file", "vectors_file"):
@@ -148,6 +189,25 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         raise IndexFileError(f"index sidecar {str(meta_path)!r} has search_params {params!r}, "
                              "expected an object of integer values")
     return meta
+
+
+READ_ATTEMPTS = 5
+
+
+def read_index_set(path: str | Path, read: Callable[[dict[str, Any]], Any]) -> Any:
+    """``read(meta)`` with the validated sidecar of ``path``; again with the new sidecar when a save
+    committed in between and removed the files ``meta`` names (loads take no lock)."""
+    meta = read_sidecar(path)
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return read(meta)
+        except (IndexFileError, OSError):
+            newer = read_sidecar(path)
+            same = all(newer.get(key) == meta.get(key) for key in ("generation", "index_sha256"))
+            if attempt + 1 == READ_ATTEMPTS or same:
+                raise
+            meta = newer
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def current_index_file(path: str | Path) -> Path:
@@ -218,17 +278,12 @@ def _write_durably(target: Path, write: Callable[[Path], None]) -> str:
     The rename is the last step: if anything raises, the temporary is removed and ``target`` is
     as it was.
     """
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = create_temp(target)
     try:
         write(tmp)
         with tmp.open("rb+") as handle:
             os.fsync(handle.fileno())
         digest = sha256_file(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -238,9 +293,7 @@ def _write_durably(target: Path, write: Callable[[Path], None]) -> str:
 
 def _publish(path: Path, index_file: Path) -> None:
     """Put the committed index file at ``path`` too: a hard link, else a copy, renamed into place."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = create_temp(path)
     tmp.unlink()
     try:
         try:
@@ -274,16 +327,21 @@ def _previous_sidecar(path: Path) -> dict[str, Any] | None:
 
 
 def _own_files(path: Path) -> tuple[re.Pattern, re.Pattern]:
-    """Patterns of this set's generation files (group 1 = generation) and of our temporaries."""
+    """Patterns of this set's generation files (group 1 = generation) and of our temporaries.
+
+    Temporaries are ``.{file}.{host}.{pid}.{random}.tmp`` (:func:`naics_hnm.atomic.create_temp`);
+    earlier versions wrote mkstemp names (8 random characters, no writer named).
+    """
     name = re.escape(path.name)
     generation = re.compile(rf"{name}\.g(\d+)\.(?:index|vectors\.npy)")
-    payload = r"(?:g\d+\.index\.|g\d+\.vectors\.npy\.|json\.|vectors\.npy\.)?"  # mkstemp adds 8 characters
-    temporary = re.compile(rf"\.{name}\.{payload}[a-z0-9_]{{8}}\.tmp")
+    payload = r"(?:g\d+\.index\.|g\d+\.vectors\.npy\.|json\.|vectors\.npy\.)?"
+    temporary = re.compile(rf"\.{name}\.{payload}(?:(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{{8}}"
+                           rf"|[a-z0-9_]{{8}})\.tmp")
     return generation, temporary
 
 
 def _next_generation(path: Path, previous: dict[str, Any] | None) -> int:
-    """One more than any generation on disk or in the previous sidecar."""
+    """One more than any generation on disk or in the previous sidecar (chosen under the lock)."""
     generation, _ = _own_files(path)
     seen = [int(m.group(1)) for p in path.parent.iterdir() if (m := generation.fullmatch(p.name))]
     last = previous.get("generation") if previous else None
@@ -292,11 +350,30 @@ def _next_generation(path: Path, previous: dict[str, Any] | None) -> int:
     return max(seen, default=0) + 1
 
 
-def _remove_stale(path: Path, keep: set[str]) -> None:
-    """Delete the older generations, format 1 files and our temporaries of the set ``path``."""
+def _writer_gone(file: Path, match: re.Match) -> bool:
+    """Whether the writer of a temporary no longer runs (or it is older than STALE_AFTER_S).
+
+    mkstemp names of earlier versions carry no writer: every writer of this version holds the lock
+    that the caller holds, so they are left over from a killed one.
+    """
+    if match["pid"] is None or match["host"] == this_host() and not pid_alive(int(match["pid"])):
+        return True
+    try:
+        return time.time() - file.stat().st_mtime > STALE_AFTER_S
+    except FileNotFoundError:
+        return False
+
+
+def _remove_stale(path: Path, committed: int) -> None:
+    """Delete the set's generations older than ``committed``, format 1 files and dead writers' temporaries."""
     generation, temporary = _own_files(path)
     for file in path.parent.iterdir():
-        own = generation.fullmatch(file.name) or temporary.fullmatch(file.name)
-        if own and file.name not in keep and file.is_file():
+        if (m := generation.fullmatch(file.name)) is not None:
+            stale = int(m.group(1)) < committed
+        elif (m := temporary.fullmatch(file.name)) is not None:
+            stale = _writer_gone(file, m)
+        else:
+            continue
+        if stale and file.is_file():
             file.unlink(missing_ok=True)
     vectors_path(path).unlink(missing_ok=True)

@@ -27,6 +27,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -136,27 +137,35 @@ def _run(args: argparse.Namespace) -> int:
 
         if torch.cuda.is_available():  # one GPU per rank
             args.model_device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    model = load_model(args.model, args.model_device)
-    cross_encoder = load_cross_encoder(args.cross_encoder, args.model_device) if args.cross_encoder else None
-    from naics_hnm.st.hard_negatives import mine_with_report
+    from naics_hnm.st.hard_negatives import check_options, mine_with_report
+    from naics_hnm.st.text_corpus import resolve_columns
 
+    options = dict(
+        anchor_column_name=args.anchor_column, positive_column_name=args.positive_column,
+        corpus=corpus, cross_encoder=None, range_min=args.range_min, range_max=args.range_max,
+        max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
+        relative_margin=args.relative_margin, num_negatives=args.num_negatives,
+        sampling_strategy=args.sampling_strategy, query_prompt_name=args.query_prompt_name,
+        query_prompt=args.query_prompt, corpus_prompt_name=args.corpus_prompt_name,
+        corpus_prompt=args.corpus_prompt, include_positives=args.include_positives,
+        output_format=args.output_format, output_scores=args.output_scores, batch_size=args.batch_size,
+        faiss_batch_size=16384, use_faiss=True, use_multi_process=False, verbose=writer and not args.quiet,
+        cache_folder=args.cache_folder, as_triplets=None, margin=None, seed=args.seed, taxonomy=taxonomy,
+        codes=codes, order_filter=args.order_filter, index_factory=args.index_factory,
+        search_params=search_params, device=args.device)
+    try:
+        check_options(**options)  # numbers and names before any model loads
+        resolve_columns(dataset, args.anchor_column, args.positive_column)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CliError(_flag_message(exc)) from None
+    model = load_model(args.model, args.model_device, args.quiet)
+    if args.cross_encoder:
+        options["cross_encoder"] = load_cross_encoder(args.cross_encoder, args.model_device)
     start = time.perf_counter()
     try:
-        columns, report = mine_with_report(
-            dataset, model, shard=shard, anchor_column_name=args.anchor_column, positive_column_name=args.positive_column,
-            corpus=corpus, cross_encoder=cross_encoder, range_min=args.range_min, range_max=args.range_max,
-            max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
-            relative_margin=args.relative_margin, num_negatives=args.num_negatives,
-            sampling_strategy=args.sampling_strategy, query_prompt_name=args.query_prompt_name,
-            query_prompt=args.query_prompt, corpus_prompt_name=args.corpus_prompt_name,
-            corpus_prompt=args.corpus_prompt, include_positives=args.include_positives,
-            output_format=args.output_format, output_scores=args.output_scores, batch_size=args.batch_size,
-            faiss_batch_size=16384, use_faiss=True, use_multi_process=False, verbose=writer and not args.quiet,
-            cache_folder=args.cache_folder, as_triplets=None, margin=None, seed=args.seed, taxonomy=taxonomy,
-            codes=codes, order_filter=args.order_filter, index_factory=args.index_factory,
-            search_params=search_params, device=args.device)
+        columns, report = mine_with_report(dataset, model, shard=shard, **options)
     except (ValueError, TypeError, KeyError) as exc:
-        raise CliError(_one_line(exc)) from None
+        raise CliError(_flag_message(exc)) from None
     if not writer:
         return 0
     write_table(args.output, columns)
@@ -189,6 +198,26 @@ def _summary(report: Any, args: argparse.Namespace, seconds: float, card: Path) 
     for line in report.score_table():
         print(f"  {line}")
     print(f"wrote {args.output} and its dataset card {card}")
+
+
+FLAGS = {"anchor_column_name": "--anchor-column", "positive_column_name": "--positive-column",
+         "verbose": "--quiet", "corpus": "--corpus"}
+"""mine_hard_negatives parameters whose flag is not the parameter name with dashes."""
+PARAMETERS = ("anchor_column_name", "positive_column_name", "corpus", "range_min", "range_max", "max_score",
+              "min_score", "absolute_margin", "relative_margin", "num_negatives", "sampling_strategy",
+              "query_prompt_name", "query_prompt", "corpus_prompt_name", "corpus_prompt", "include_positives",
+              "output_format", "output_scores", "batch_size", "cache_folder", "seed", "taxonomy", "codes",
+              "order_filter", "index_factory", "search_params", "device")
+"""The parameters the CLI sets from a flag of its own."""
+
+
+def _flag_message(exc: BaseException) -> str:
+    """The error in one line, led by the flags of the parameters it names (``num_negatives=0`` -> --num-negatives)."""
+    text = _one_line(exc)
+    named = re.findall(r"\b([a-z]+_[a-z_]+|[a-z]+(?==))", text)  # snake_case names, or any name before '='
+    named = [name for name in named if name in PARAMETERS]
+    flags = list(dict.fromkeys(FLAGS.get(name, "--" + name.replace("_", "-")) for name in named))
+    return f"{', '.join(flags)}: {text}" if flags else text
 
 
 def _one_line(exc: BaseException) -> str:
@@ -325,7 +354,12 @@ def write_table(path: Path, columns: dict[str, list]) -> None:
         raise CliError(f"--output {str(path)!r}: {exc.strerror or exc}") from None
 
 
-def load_model(name: str, device: str | None) -> Any:
+def load_model(name: str, device: str | None, quiet: bool = False) -> Any:
+    if quiet:  # no loading bars or notes from transformers either
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:

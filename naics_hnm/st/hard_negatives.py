@@ -189,8 +189,7 @@ def mine_with_report(dataset: Any, model: Any, *, shard: Any = None, **options: 
     that mines together - each rank embeds its slice of the texts and indexes its slice of the
     corpus, every rank returns the same result (call it on every rank with the same arguments).
     """
-    defaults = {name: p.default for name, p in inspect.signature(mine_hard_negatives).parameters.items()
-                if name not in ("dataset", "model")}
+    defaults = _defaults()
     unknown = sorted(options.keys() - defaults.keys())
     if unknown:
         raise TypeError(f"unexpected option(s) {unknown}; expected parameters of mine_hard_negatives")
@@ -298,11 +297,42 @@ def _text_tree(pairs: TextPairs, s: dict[str, Any]) -> TextTree:
 # ---------------------------------------------------------------------------------------------- validation
 
 
+def check_options(**options: Any) -> None:
+    """Check :func:`mine_hard_negatives`' options that need no model (omitted ones take its defaults).
+
+    For callers that should refuse bad settings before loading a model (the mining CLI);
+    ValueError / TypeError naming the option by its parameter name.
+    """
+    _check_values({**_defaults(), **options})
+
+
+def _defaults() -> dict[str, Any]:
+    return {name: p.default for name, p in inspect.signature(mine_hard_negatives).parameters.items()
+            if name not in ("dataset", "model")}
+
+
 def _validate(model: Any, o: dict[str, Any]) -> dict[str, Any]:
     """Checked options (ValueError / TypeError naming the value and the expected form)."""
     if not callable(getattr(model, "encode", None)):
         raise TypeError(f"model must have encode(list[str]) -> array [n, d] (e.g. a SentenceTransformer), "
                         f"got {type(model).__name__}")
+    _check_values(o)
+    _check_multi_process(model, o["use_multi_process"])
+    resolved_prompt(model, QUERY, o["query_prompt"], o["query_prompt_name"])  # unknown prompt names fail now
+    resolved_prompt(model, DOCUMENT, o["corpus_prompt"], o["corpus_prompt_name"])
+    if o["include_positives"]:
+        if (o["range_min"] or o["range_max"] is not None or o["sampling_strategy"] != "top"
+                or any(o[name] is not None for name in _SCORE_OPTIONS)):
+            logger.warning("include_positives=True with range, score or margin settings or random sampling: "
+                           "positives may still be left out of the candidates")
+        if o["output_format"] != "n-tuple":
+            logger.warning('include_positives=True: output_format set to "n-tuple" to keep the ranking order')
+            o["output_format"] = "n-tuple"
+    return o
+
+
+def _check_values(o: dict[str, Any]) -> None:
+    """The model-free checks of :func:`_validate`; pops the options that only sentence-transformers uses."""
     if o["cross_encoder"] is not None:
         check_cross_encoder(o["cross_encoder"])
     o.pop("use_faiss")  # no effect: the search is exact unless index_factory is given
@@ -335,19 +365,7 @@ def _validate(model: Any, o: dict[str, Any]) -> dict[str, Any]:
     if o["search_params"] is not None and not isinstance(o["search_params"], Mapping):
         raise TypeError(f"search_params={o['search_params']!r}: expected a dict such as {{'nprobe': 64}} or None")
     _check_seed(o)
-    _check_multi_process(model, o["use_multi_process"])
     _check_tree(o)
-    resolved_prompt(model, QUERY, o["query_prompt"], o["query_prompt_name"])  # unknown prompt names fail now
-    resolved_prompt(model, DOCUMENT, o["corpus_prompt"], o["corpus_prompt_name"])
-    if o["include_positives"]:
-        if (o["range_min"] or o["range_max"] is not None or o["sampling_strategy"] != "top"
-                or any(o[name] is not None for name in _SCORE_OPTIONS)):
-            logger.warning("include_positives=True with range, score or margin settings or random sampling: "
-                           "positives may still be left out of the candidates")
-        if o["output_format"] != "n-tuple":
-            logger.warning('include_positives=True: output_format set to "n-tuple" to keep the ranking order')
-            o["output_format"] = "n-tuple"
-    return o
 
 
 def _deprecated(o: dict[str, Any]) -> None:

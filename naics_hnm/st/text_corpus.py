@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from naics_hnm.atomic import atomic_path
+from naics_hnm.index.knn import normalise_rows
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ def collect_pairs(dataset: Any, anchor_column: str | None, positive_column: str 
     anchor_column, positive_column = resolve_columns(dataset, anchor_column, positive_column)
     anchor_rows = _text_column(dataset, anchor_column)
     positive_rows = _text_column(dataset, positive_column)
+    if len(anchor_rows) != len(positive_rows):
+        raise ValueError(f"column {anchor_column!r} has {len(anchor_rows)} rows but column {positive_column!r} has "
+                         f"{len(positive_rows)}; expected columns of equal length, one (anchor, positive) pair a row")
     if not anchor_rows:
         raise ValueError("the dataset is empty; expected at least one (anchor, positive) row")
     if corpus is not None:
@@ -220,14 +224,20 @@ def embed_texts(model: Any, texts: list[str], role: str, prompt: str | None, pro
 
 
 def _normalised(x: np.ndarray, texts: list[str]) -> np.ndarray:
-    bad = ~np.isfinite(x).all(axis=1)
-    norms = np.linalg.norm(x, axis=1)
-    bad |= norms == 0
+    """Unit rows; rows whose norm over- or underflows float32 (finite entries near 1e20 or 1e-20) are
+    scaled by their largest entry first, as the index does (:func:`naics_hnm.index.knn.normalise_rows`)."""
+    bad = ~np.isfinite(x).all(axis=1) | ~(x != 0).any(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise ValueError(f"the model embedded {texts[row]!r} as a zero or non-finite vector "
                          f"({int(bad.sum())} such texts); expected finite non-zero embeddings")
-    return np.ascontiguousarray(x / norms[:, None], dtype=np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.linalg.norm(x, axis=1)
+    extreme = ~np.isfinite(norms) | (norms < np.finfo(np.float32).tiny)
+    out = x / norms[:, None]
+    if extreme.any():
+        out[extreme] = normalise_rows(x[extreme], "embeddings")
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def model_fingerprint(model: Any) -> str | None:

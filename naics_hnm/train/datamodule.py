@@ -105,8 +105,15 @@ class NAICSDataModule(pl.LightningDataModule):
 
     @property
     def cache_path(self) -> Path:
-        """The token cache file: its name carries the content fingerprint (texts, tokenizer, max_length)."""
-        return token_cache_path(self.cache_dir, self._taxonomy().name, self._fingerprint())
+        """The token cache file: its name carries the code list and the content fingerprint (texts, tokenizer,
+        max_length)."""
+        return token_cache_path(self.cache_dir, self._cache_name(), self._fingerprint())
+
+    def _cache_name(self) -> str:
+        """The taxonomy's name and its code list's fingerprint: trees that share a name and texts but not
+        codes (``a/tree.csv``, ``b/tree.csv``) get files of their own in a shared ``cache_dir``."""
+        taxonomy = self._taxonomy()
+        return f"{taxonomy.name}_{taxonomy.fingerprint[:8]}"
 
     def _fingerprint(self) -> str:
         if self._content_fingerprint is None:
@@ -125,7 +132,7 @@ class NAICSDataModule(pl.LightningDataModule):
         tokenizer or set of texts is another file. A corrupt or stale file is rebuilt.
         """
         taxonomy = self._taxonomy()
-        ensure_token_cache(self.cache_dir, taxonomy.name, taxonomy.codes, taxonomy.texts, self._tokenizer(),
+        ensure_token_cache(self.cache_dir, self._cache_name(), taxonomy.codes, taxonomy.texts, self._tokenizer(),
                            self.max_length, tokenizer_name=self.tokenizer_name or "all-MiniLM-L6-v2 (offline)")
 
     def setup(self, stage: str | None = None) -> None:
@@ -139,6 +146,11 @@ class NAICSDataModule(pl.LightningDataModule):
         order = np.random.default_rng(self.cfg.seed).permutation(len(pairs))
         n_val = int(round(self.val_fraction * len(pairs)))
         val_pairs, train_pairs = pairs[np.sort(order[:n_val])], pairs[np.sort(order[n_val:])]
+        if len(train_pairs) == 0:
+            raise ValueError(f"{taxonomy}: no training pairs ({len(pairs)} (code, positive) pairs of relations "
+                             f"{list(self.cfg.positive_relations)} outside the {int((~allowed).sum())} excluded codes, "
+                             f"{n_val} of them for validation); expected a tree with at least two levels and codes "
+                             "left to train on")
         self.train_dataset = Phase1MapDataset(self.cfg, self.sampling_cfg, self.token_cache,
                                               self.phase1_end_epoch, taxonomy=taxonomy, pairs=train_pairs)
         self.train_dataset.set_epoch(self._epoch)

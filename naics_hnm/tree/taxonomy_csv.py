@@ -28,7 +28,11 @@ def _decode(path: Path) -> str:
 
 
 def read_taxonomy_csv(path: Path) -> tuple[list[dict[str, str]], list[int]]:
-    """Rows as dicts keyed by the (stripped) header, and the file line number of each row."""
+    """Rows as dicts keyed by the (stripped) header, and the file line number of each row.
+
+    Every row has every column of the header: a row with fewer fields has empty trailing fields, so
+    the header alone decides whether the tree comes from a ``parent`` column or from prefixes.
+    """
     if not path.exists():
         raise TaxonomyError(f"taxonomy CSV {str(path)!r} does not exist")
     if not path.is_file():
@@ -52,7 +56,7 @@ def read_taxonomy_csv(path: Path) -> tuple[list[dict[str, str]], list[int]]:
         if len(row) > len(header):
             raise TaxonomyError(f"taxonomy CSV {str(path)!r} line {line}: {len(row)} fields, more fields than the "
                                    f"header's {len(header)}")
-        records.append(dict(zip(header, row)))
+        records.append(dict(zip(header, row + [""] * (len(header) - len(row)))))  # short row: empty trailing fields
         lines.append(line)
     if not records:
         raise TaxonomyError(f"taxonomy CSV {str(path)!r} has a header but no rows")
