@@ -77,8 +77,9 @@ def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *,
         while len(rows):
             scores, ids = search(anchor_ids[rows], depth)
             report.searches += 1
-            keep, _ = guard_tensors(torch.from_numpy(anchor_ids[rows]), torch.from_numpy(ids), tree=guard)
-            top_s, top_i, kept = _first_kept(scores, ids, keep.numpy(), m, index.metric)
+            keep = guard.keep_mask(anchor_ids[rows], ids) if guard is not None else \
+                guard_tensors(torch.from_numpy(anchor_ids[rows]), torch.from_numpy(ids))[0].numpy()
+            top_s, top_i, kept = _first_kept(scores, ids, keep, m, index.metric)
             done = (kept >= m) | (depth >= limit)
             out_scores[rows[done]], out_ids[rows[done]] = top_s[done], top_i[done]
             report.short_rows += int((kept[done] < min(m, n - 1)).sum())

@@ -9,6 +9,11 @@ neighbour lists, guarded in-batch negatives and the evaluation all ask this obje
 Relations come from per-code arrays (DFS numbers and ancestor paths, O(N x depth)), for ids given
 as numpy arrays (computed with numpy) or torch tensors (computed on the tensors' device, where
 copies of the per-code arrays are cached). Nothing is N x N.
+
+Per candidate the rule needs its DFS numbers, whether it is allowed and its ancestor path. They are
+packed into ONE int32 row per code (:data:`PACKED_COLUMNS`, then the path), so that a block of
+candidates costs one gather of contiguous rows - one cache line per candidate on a large tree -
+instead of one scattered read per array (a 1M-code tree's arrays do not fit in cache).
 """
 
 from __future__ import annotations
@@ -20,6 +25,34 @@ import numpy as np
 import torch
 
 from naics_hnm.tree.taxonomy import Taxonomy
+
+PRE, END, ALLOWED = 0, 1, 2
+PACKED_COLUMNS = 3
+"""Columns of a packed per-code row: DFS pre number, DFS end number, allowed (0/1); the ancestor
+path (depths 1..D, -1 past the code's depth) follows."""
+
+
+def pack_rows(taxonomy: Taxonomy, allowed: np.ndarray | None) -> np.ndarray:
+    """int32 [N, 3 + D]: per code (pre, end, allowed, ancestor path at depths 1..D), C-contiguous."""
+    path = taxonomy.ancestor_path[:, 1:]
+    packed = np.empty((len(taxonomy), PACKED_COLUMNS + path.shape[1]), dtype=np.int32)
+    packed[:, PRE] = taxonomy.pre
+    packed[:, END] = taxonomy.end
+    packed[:, ALLOWED] = 1 if allowed is None else allowed
+    packed[:, PACKED_COLUMNS:] = path
+    return packed
+
+
+def _related_rows(a: Any, c: Any) -> Any:
+    """a == c or one an ancestor of the other, from packed rows (broadcast over leading dims)."""
+    pa, pc = a[..., PRE], c[..., PRE]
+    return ((pa <= pc) & (pc < a[..., END])) | ((pc <= pa) & (pa < c[..., END]))
+
+
+def _lca_rows(a: Any, c: Any) -> Any:
+    """Depth of the lowest common ancestor, from packed rows (broadcast over leading dims)."""
+    pa, pc = a[..., PACKED_COLUMNS:], c[..., PACKED_COLUMNS:]
+    return ((pa == pc) & (pa >= 0)).sum(-1)
 
 
 @dataclass
@@ -66,7 +99,7 @@ class TreeGuard:
         self.taxonomy = taxonomy
         self.allowed = allowed
         self._numpy = {"path": taxonomy.ancestor_path[:, 1:], "pre": taxonomy.pre, "end": taxonomy.end,
-                       "allowed": allowed}
+                       "allowed": allowed, "packed": pack_rows(taxonomy, allowed)}
         self._on_device: dict[torch.device, dict[str, torch.Tensor | None]] = {}
 
     def __len__(self) -> int:
@@ -98,6 +131,25 @@ class TreeGuard:
         pre, end = arr["pre"], arr["end"]
         pa, pc = pre[a], pre[c]
         return ((pa <= pc) & (pc < end[a])) | ((pc <= pa) & (pa < end[c]))
+
+    def rows(self, ids: Any) -> Any:
+        """Packed per-code rows (see :func:`pack_rows`) of valid ids, shape ``ids.shape + (3 + D,)``."""
+        packed = self._arrays(ids)["packed"]
+        return packed[ids]
+
+    def keep_mask(self, anchors: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """bool [B, C] for numpy ids (-1 pads): valid, not the anchor, not related, allowed.
+
+        The same as ``guard_tensors(anchors, candidates, tree=self)[0]`` (no positive, no order
+        filter, no stats), computed with numpy on one gather of packed rows per candidate.
+        """
+        valid = candidates >= 0
+        cand = self.rows(np.where(valid, candidates, 0))
+        anc = self.rows(np.asarray(anchors))[:, None, :]
+        keep = valid & (candidates != np.asarray(anchors)[:, None]) & ~_related_rows(anc, cand)
+        if self.allowed is not None:
+            keep &= cand[..., ALLOWED] != 0
+        return keep
 
     def is_allowed(self, c: Any) -> Any:
         """bool per id: inside the ``allowed`` mask (all True without one)."""
@@ -132,12 +184,13 @@ def guard_tensors(anchors: torch.Tensor, candidates: torch.Tensor, positives: to
         has_pos = (positives >= 0).unsqueeze(1)
         rules.append(("removed_positive", (candidates == positives.unsqueeze(1)) & has_pos))
     if tree is not None:
-        rules.append(("removed_related", tree.related(rows, safe)))
+        cand, anc = tree.rows(safe), tree.rows(anchors).unsqueeze(1)  # one packed-row gather per candidate
+        rules.append(("removed_related", _related_rows(anc, cand)))
         if tree.allowed is not None:
-            rules.append(("removed_disallowed", ~tree.is_allowed(safe)))
+            rules.append(("removed_disallowed", cand[..., ALLOWED] == 0))
         if order_filter:
-            pos_depth = tree.lca_depth(anchors, positives.clamp(min=0)).unsqueeze(1)
-            rules.append(("removed_order", (tree.lca_depth(rows, safe) >= pos_depth) & has_pos))
+            pos_depth = _lca_rows(anc[:, 0], tree.rows(positives.clamp(min=0))).unsqueeze(1)
+            rules.append(("removed_order", (_lca_rows(anc, cand) >= pos_depth) & has_pos))
     if exclude is not None:
         rules.append(("removed_exclude", exclude))
     stats = GuardStats(candidates=int(valid.sum()))
