@@ -100,6 +100,8 @@ class TreeGuard:
         self.allowed = allowed
         self._numpy = {"path": taxonomy.ancestor_path[:, 1:], "pre": taxonomy.pre, "end": taxonomy.end,
                        "allowed": allowed, "packed": pack_rows(taxonomy, allowed)}
+        # the DFS span of each code as one int64 (pre in the low, end in the high 32 bits): keep_mask's one gather
+        self._span = taxonomy.pre.astype(np.int64) | (taxonomy.end.astype(np.int64) << 32)
         self._on_device: dict[torch.device, dict[str, torch.Tensor | None]] = {}
 
     def __len__(self) -> int:
@@ -141,14 +143,18 @@ class TreeGuard:
         """bool [B, C] for numpy ids (-1 pads): valid, not the anchor, not related, allowed.
 
         The same as ``guard_tensors(anchors, candidates, tree=self)[0]`` (no positive, no order
-        filter, no stats), computed with numpy on one gather of packed rows per candidate.
+        filter, no stats), computed with numpy on one int64 gather (the DFS span) per candidate.
         """
+        anchors = np.asarray(anchors)[:, None]
         valid = candidates >= 0
-        cand = self.rows(np.where(valid, candidates, 0))
-        anc = self.rows(np.asarray(anchors))[:, None, :]
-        keep = valid & (candidates != np.asarray(anchors)[:, None]) & ~_related_rows(anc, cand)
+        safe = np.where(valid, candidates, 0)
+        span_a, span_c = self._span[anchors], self._span[safe]
+        pre_a, end_a = span_a & 0xFFFFFFFF, span_a >> 32
+        pre_c, end_c = span_c & 0xFFFFFFFF, span_c >> 32
+        related = ((pre_a <= pre_c) & (pre_c < end_a)) | ((pre_c <= pre_a) & (pre_a < end_c))
+        keep = valid & (candidates != anchors) & ~related
         if self.allowed is not None:
-            keep &= cand[..., ALLOWED] != 0
+            keep &= self.allowed[safe]
         return keep
 
     def is_allowed(self, c: Any) -> Any:
