@@ -51,6 +51,7 @@ from naics_hnm.index.index_file import (  # noqa: F401  (re-exported)
 )
 from naics_hnm.index.knn import as_float_matrix, normalise_rows, rescore_topk, search_in_batches, torch_knn
 from naics_hnm.fingerprint import codes_fingerprint
+from naics_hnm.hugepages import on_hugepages
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,9 @@ class EmbeddingIndex:
             index.add(x)
         else:
             index = build_faiss_index(x, faiss_metric(metric), index_factory, int(seed))
-        vectors = _storage_view(index) if isinstance(index, faiss.IndexFlat) else x
+        # an approximate index keeps its own float32 copy for exact ranking: on huge pages, as ranking
+        # gathers its rows at random (see naics_hnm.hugepages); x itself is dropped after the build
+        vectors = _storage_view(index) if isinstance(index, faiss.IndexFlat) else on_hugepages(x)
         return cls(
             index, vectors, metric, resolved, index_type=index_factory or "Flat", search_params=search_params,
             codes_fingerprint=fingerprint, model_fingerprint=model_fingerprint,

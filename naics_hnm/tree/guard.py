@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from naics_hnm.hugepages import hugepage_empty
 from naics_hnm.tree.taxonomy import Taxonomy
 
 PRE, END, ALLOWED = 0, 1, 2
@@ -35,7 +36,7 @@ path (depths 1..D, -1 past the code's depth) follows."""
 def pack_rows(taxonomy: Taxonomy, allowed: np.ndarray | None) -> np.ndarray:
     """int32 [N, 3 + D]: per code (pre, end, allowed, ancestor path at depths 1..D), C-contiguous."""
     path = taxonomy.ancestor_path[:, 1:]
-    packed = np.empty((len(taxonomy), PACKED_COLUMNS + path.shape[1]), dtype=np.int32)
+    packed = hugepage_empty((len(taxonomy), PACKED_COLUMNS + path.shape[1]), np.int32)
     packed[:, PRE] = taxonomy.pre
     packed[:, END] = taxonomy.end
     packed[:, ALLOWED] = 1 if allowed is None else allowed
@@ -101,7 +102,8 @@ class TreeGuard:
         self._numpy = {"path": taxonomy.ancestor_path[:, 1:], "pre": taxonomy.pre, "end": taxonomy.end,
                        "allowed": allowed, "packed": pack_rows(taxonomy, allowed)}
         # the DFS span of each code as one int64 (pre in the low, end in the high 32 bits): keep_mask's one gather
-        self._span = taxonomy.pre.astype(np.int64) | (taxonomy.end.astype(np.int64) << 32)
+        self._span = hugepage_empty((n,), np.int64)
+        np.bitwise_or(taxonomy.pre.astype(np.int64), taxonomy.end.astype(np.int64) << 32, out=self._span)
         self._on_device: dict[torch.device, dict[str, torch.Tensor | None]] = {}
 
     def __len__(self) -> int:
@@ -137,6 +139,8 @@ class TreeGuard:
     def rows(self, ids: Any) -> Any:
         """Packed per-code rows (see :func:`pack_rows`) of valid ids, shape ``ids.shape + (3 + D,)``."""
         packed = self._arrays(ids)["packed"]
+        if isinstance(ids, torch.Tensor):  # index_select copies whole rows; packed[ids] gathers element by element
+            return torch.index_select(packed, 0, ids.reshape(-1)).reshape(*ids.shape, packed.shape[1])
         return packed[ids]
 
     def keep_mask(self, anchors: np.ndarray, candidates: np.ndarray) -> np.ndarray:
