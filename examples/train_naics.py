@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -46,6 +45,7 @@ from naics_hnm.data.pairs import allowed_mask, tree_pairs  # noqa: E402
 from naics_hnm.data.token_cache import default_tokenizer_path  # noqa: E402
 from naics_hnm.embeddings_file import save_embeddings  # noqa: E402
 from naics_hnm.evaluation import holdout_split  # noqa: E402
+from naics_hnm.index.auto import EXACT_MAX_CODES, choose_index  # noqa: E402
 from naics_hnm.index.index_file import check_index_path  # noqa: E402
 from naics_hnm.train.evaluation_callback import TaxonomyEvaluationCallback  # noqa: E402
 from naics_hnm.train.report import EpochTable, plot_history, write_line  # noqa: E402
@@ -57,8 +57,8 @@ MODES = ("random", "curriculum", "mined")
 LARGE_TREE = 20_000
 """Codes above which the encoder is frozen whole and only a head trains (the fine-tuned top layers
 would need hours per pass over the tree on a 2-core CPU)."""
-APPROXIMATE_INDEX = 50_000
-"""Codes above which the mining index is IVF (the exact neighbour lists are all-pairs work)."""
+APPROXIMATE_INDEX = EXACT_MAX_CODES
+"""Codes above which the mining index is IVF (the library's rule: :func:`naics_hnm.index.auto.choose_index`)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="also use guarded in-batch negatives (default on)")
     p.add_argument("--index-factory", default=None,
-                   help="faiss factory string for the mining index; auto: exact up to 50,000 codes, "
-                        "IVF<4 sqrt(N)>,Flat above")
+                   help="faiss factory string for the mining index ('Flat': exact); auto: the library's rule, "
+                        "exact up to 20,000 codes, IVF<4 sqrt(N), at most 2048>,Flat above")
     p.add_argument("--nprobe", type=int, default=None,
                    help="IVF lists searched per query; auto: 32 for the auto IVF index, else faiss-side defaults")
     p.add_argument("--eval-every", type=int, default=1,
@@ -130,8 +130,7 @@ def choose_settings(args: argparse.Namespace, taxonomy: Taxonomy) -> dict:
     if args.samples_per_epoch is None and large:
         args.samples_per_epoch = 100_000
     if args.index_factory is None and n > APPROXIMATE_INDEX:
-        nlist = 2 ** int(round(math.log2(4 * math.sqrt(n))))
-        args.index_factory = f"IVF{nlist},Flat"
+        args.index_factory = choose_index(n).index_factory
         if args.nprobe is None:
             args.nprobe = 32
     if args.index is None:

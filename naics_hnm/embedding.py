@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from naics_hnm.data.token_cache import TokenCache
+from naics_hnm.precision import embedding_autocast
 
 EmbedFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -36,13 +37,15 @@ def length_order(token_cache: TokenCache, ids: torch.Tensor) -> torch.Tensor:
 def embed_codes(embed_fn: EmbedFn, token_cache: TokenCache, ids: torch.Tensor | None = None, *,
                 batch_size: int = 512, device: torch.device | str = "cpu", module: torch.nn.Module | None = None,
                 progress: bool = False, desc: str = "embedding codes",
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                dtype: torch.dtype = torch.float32, bf16: bool | None = None) -> torch.Tensor:
     """CPU [len(ids), d] embeddings of ``ids`` (default: every code), in the order of ``ids``.
 
     Each distinct token sequence is embedded once, longest first, in batches of ``batch_size``;
     every batch is written straight into one preallocated ``dtype`` array (float16 halves it), so
     peak memory is that array plus one batch. ``module`` (usually the LightningModule) is put in
-    eval mode while embedding and restored after.
+    eval mode while embedding and restored after. On a CPU with native bf16 the forward passes run
+    under bf16 autocast (``bf16=False`` or ``NAICS_HNM_BF16=0`` opts out; see
+    :mod:`naics_hnm.precision`); the output is ``dtype`` either way.
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
@@ -57,7 +60,7 @@ def embed_codes(embed_fn: EmbedFn, token_cache: TokenCache, ids: torch.Tensor | 
     bounds = torch.searchsorted(slot[by_slot], torch.arange(len(distinct) + 1))
     perm = length_order(token_cache, distinct)
     out: torch.Tensor | None = None
-    with eval_mode(module):
+    with eval_mode(module), embedding_autocast(device, bf16):
         for start in tqdm(range(0, len(distinct), batch_size), desc=desc, disable=not progress, leave=False):
             rows = perm[start : start + batch_size]
             tokens = {k: v.to(device) for k, v in token_cache.gather(distinct[rows]).items()}

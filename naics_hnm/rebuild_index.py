@@ -3,9 +3,10 @@
 With no arguments it embeds NAICS 2022 with the offline pretrained all-MiniLM-L6-v2 and writes
 ``indexes/naics2022_minilm.faiss`` (+ ``.json`` sidecar). ``--checkpoint`` embeds with a Lightning
 checkpoint of :class:`naics_hnm.train.encoder.NAICSEncoder` (or of your module via ``--model-class``);
-``--embeddings`` indexes an HDF5 embeddings file as is. ``--index-factory`` builds an approximate
-faiss index instead of the exact flat one, with ``--search-params`` overriding its measured
-defaults (see :mod:`naics_hnm.index.approximate`). Bad input ends with one line on stderr and
+``--embeddings`` indexes an HDF5 embeddings file as is. Without ``--index-factory`` the index is
+chosen from the number of codes (exact while cheap, a recall-calibrated IVF above; see
+:mod:`naics_hnm.index.auto`); ``--index-factory`` names one (``Flat`` forces exact), with
+``--search-params`` overriding its measured defaults (see :mod:`naics_hnm.index.approximate`). Bad input ends with one line on stderr and
 a non-zero exit status; the previous index is left untouched.
 """
 
@@ -57,8 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="index and embedding device; auto = GPU when torch and faiss see one (default)")
     parser.add_argument("--index-factory", metavar="STR",
-                        help="faiss factory string for an approximate index, e.g. 'IVF256,Flat', 'HNSW32', "
-                             "'IVF256,PQ32' (default: exact flat index)")
+                        help="faiss factory string, e.g. 'Flat' (exact), 'IVF256,Flat', 'HNSW32', 'IVF256,PQ32' "
+                             "(default: chosen from the number of codes: exact up to 20,000, a recall-calibrated "
+                             "IVF above; logged)")
     parser.add_argument("--search-params", metavar="KEY=INT[,KEY=INT]", type=_search_params,
                         help="search parameters of the approximate index: nprobe (IVF), efSearch (HNSW), "
                              "k_factor (exact re-scoring of k * k_factor candidates); default: measured defaults")
@@ -77,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--model {args.model!r}: no such folder; expected a local model folder "
                          "(config.json + weights) or a model id")
     if args.search_params and not args.index_factory:
-        parser.error("--search-params needs --index-factory: the default flat index is exact and takes none")
+        parser.error("--search-params needs --index-factory: the automatic index calibrates its own")
     return args
 
 
@@ -162,6 +164,7 @@ def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.nda
 
 
 def run(args: argparse.Namespace) -> dict:
+    from naics_hnm.index.auto import build_index, choose_index
     from naics_hnm.embeddings_file import load_embeddings
     from naics_hnm.index.embedding_index import EmbeddingIndex
     from naics_hnm.index.index_file import check_index_path, current_index_file, sidecar_path
@@ -186,9 +189,10 @@ def run(args: argparse.Namespace) -> dict:
         bad = int(np.flatnonzero(~np.isfinite(embeddings).all(axis=1))[0])
         raise CLIError(f"embeddings from {source} contain NaN/inf (first at row {bad}, code {taxonomy.codes[bad]!r})")
     t1 = time.perf_counter()
-    index = EmbeddingIndex.build(embeddings, metric=args.metric, device=args.device, codes=taxonomy.codes,
-                                 index_factory=args.index_factory, search_params=args.search_params,
-                                 model_fingerprint=model_name, epoch=None if epoch in (None, -1) else int(epoch))
+    index, _ = build_index(embeddings, choose_index(len(embeddings), args.index_factory),
+                           search_params=args.search_params, metric=args.metric, device=args.device,
+                           codes=taxonomy.codes, model_fingerprint=model_name,
+                           epoch=None if epoch in (None, -1) else int(epoch))
     index.save(args.output)
     t2 = time.perf_counter()
     return {"n": index.ntotal, "dim": index.dim, "device": index.device, "metric": args.metric,

@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "naics_hnm"
 # Unit (a sub-package or a top-level module) -> layer. A module may import its own unit or a lower layer;
 # units on one layer (tree and index, st and train) do not import each other.
 LAYERS = {
-    "_moved": 0, "atomic": 0, "writable": 0, "fingerprint": 0,
+    "_moved": 0, "atomic": 0, "writable": 0, "fingerprint": 0, "precision": 0, "hugepages": 0,
     "tree": 1, "index": 1, "embeddings_file": 1,
     "mining": 2, "evaluation": 2,
     "data": 3,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from naics_hnm.fingerprint import codes_fingerprint
+from naics_hnm.hugepages import on_hugepages
 from naics_hnm.index.approximate import SearchTraits, apply_search_params, build_faiss_index
 from naics_hnm.index.ids import (DEVICES, METRICS, as_id_tensor, check_id_range, check_k, duplicate_mask, like_input,
                                  select_topk, worst_score)
@@ -154,7 +155,9 @@ class EmbeddingIndex:
             index.add(x)
         else:
             index = build_faiss_index(x, faiss_metric(metric), index_factory, int(seed))
-        vectors = _storage_view(index) if isinstance(index, faiss.IndexFlat) else x
+        # an approximate index keeps its own float32 copy for exact ranking: on huge pages, as ranking
+        # gathers its rows at random (see naics_hnm.hugepages); x itself is dropped after the build
+        vectors = _storage_view(index) if isinstance(index, faiss.IndexFlat) else on_hugepages(x)
         return cls(
             index, vectors, metric, resolved, index_type=index_factory or "Flat", search_params=search_params,
             codes_fingerprint=fingerprint, model_fingerprint=model_fingerprint,

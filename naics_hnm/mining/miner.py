@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from naics_hnm.index.auto import build_index, choose_index
 from naics_hnm.index.embedding_index import EmbeddingIndex
 from naics_hnm.index.ids import DEVICES, METRICS, as_id_tensor, duplicate_mask, like_input
 from naics_hnm.index.sharded_search import Shard, sharded_search
@@ -70,8 +71,9 @@ class HardNegativeMiner:
         relative_margin: positive-aware margin (drop candidates above ``(1 - m) * sim(anchor, positive)``); None: off.
         order_filter: keep only codes whose LCA with the anchor is shallower than the positive's.
         neighbours: M nearest guarded codes per anchor added to each pool (0: rank the pool only).
-        index_factory, search_params: an approximate faiss index (e.g. "IVF4096,Flat", {"nprobe": 64});
-            None: exact flat search.
+        index_factory, search_params: a faiss factory (e.g. "IVF4096,Flat", {"nprobe": 64}; "Flat" forces
+            exact search); None: chosen from the number of codes, logged with a recall@64 estimate
+            (:func:`naics_hnm.index.auto.choose_index`: exact while cheap, a calibrated IVF above).
         device: "auto" (faiss GPU when available, logged), "cpu" or "cuda".
         shard: under DDP, search only this rank's shard of the codes and merge the ranks' top-k
             (index memory per rank ~ N / world size); see :mod:`naics_hnm.index.sharded_search`.
@@ -110,13 +112,13 @@ class HardNegativeMiner:
     def _build_index(self, embeddings: Any, epoch: int | None) -> EmbeddingIndex:
         codes = self.taxonomy.codes
         if self.shard is None:
-            return EmbeddingIndex.build(embeddings, metric=self.metric, device=self.device, codes=codes, epoch=epoch,
-                                        **self._index_options())
+            return build_index(embeddings, choose_index(len(codes), self.index_factory), search_params=self.search_params,
+                               metric=self.metric, device=self.device, codes=codes, epoch=epoch)[0]
         # ranking stays exact over every row; only the searched structure is this rank's shard
         return EmbeddingIndex.build(embeddings, metric=self.metric, device="cpu", codes=codes, epoch=epoch)
 
     def _index_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"index_factory": self.index_factory}
+        options: dict[str, Any] = {"index_factory": choose_index(len(self.taxonomy), self.index_factory).index_factory}
         if self.search_params:
             options["search_params"] = self.search_params
         return options

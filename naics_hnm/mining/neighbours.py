@@ -60,9 +60,10 @@ def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *,
     def search_round(rows: np.ndarray, depth: int, last: bool) -> np.ndarray:
         scores, ids = search(anchor_ids[rows], depth)
         report.searches += 1
-        keep, _ = guard_tensors(torch.from_numpy(anchor_ids[rows]), torch.from_numpy(ids), tree=guard)
-        top_s, top_i = select_topk_np(scores, ids, keep.numpy(), m, index.metric, ties="id")
-        kept = keep.numpy().sum(axis=1)
+        keep = guard.keep_mask(anchor_ids[rows], ids) if guard is not None else \
+            guard_tensors(torch.from_numpy(anchor_ids[rows]), torch.from_numpy(ids))[0].numpy()
+        top_s, top_i = select_topk_np(scores, ids, keep, m, index.metric, ties="id")
+        kept = keep.sum(axis=1)
         done = (kept >= m) | last
         out_scores[rows[done]], out_ids[rows[done]] = top_s[done], top_i[done]
         report.short_rows += int((kept[done] < min(m, n - 1)).sum())

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from naics_hnm.atomic import atomic_path
+from naics_hnm.precision import use_bf16
 from naics_hnm.data.token_cache import TokenCache
 from naics_hnm.embedding import embed_codes
 
@@ -179,7 +180,8 @@ def _pooled(encoder: torch.nn.Module, token_cache: TokenCache, batch_size: int,
 def pooled_cache_file(token_cache_path: str | Path, encoder: torch.nn.Module) -> Path:
     """Where the pooled outputs of ``encoder``'s frozen part live, next to a token cache file."""
     path = Path(token_cache_path)
-    return path.with_name(f"{path.stem}.frozen-{frozen_fingerprint(encoder)}.npy")
+    precision = "-bf16" if use_bf16(encoder.device) else ""  # bf16 outputs differ slightly: never mixed
+    return path.with_name(f"{path.stem}.frozen-{frozen_fingerprint(encoder)}{precision}.npy")
 
 
 __all__ = ["FrozenPrefix", "frozen_fingerprint", "mean_pool", "pooled_cache_file"]

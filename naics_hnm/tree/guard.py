@@ -9,6 +9,11 @@ neighbour lists, guarded in-batch negatives and the evaluation all ask this obje
 Relations come from per-code arrays (DFS numbers and ancestor paths, O(N x depth)), for ids given
 as numpy arrays (computed with numpy) or torch tensors (computed on the tensors' device, where
 copies of the per-code arrays are cached). Nothing is N x N.
+
+Per candidate the rule needs its DFS numbers, whether it is allowed and its ancestor path. They are
+packed into ONE int32 row per code (:data:`PACKED_COLUMNS`, then the path), so that a block of
+candidates costs one gather of contiguous rows - one cache line per candidate on a large tree -
+instead of one scattered read per array (a 1M-code tree's arrays do not fit in cache).
 """
 
 from __future__ import annotations
@@ -19,8 +24,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from naics_hnm.tree.structure import lca_depth_of, related_of
+from naics_hnm.hugepages import hugepage_empty
+from naics_hnm.tree.structure import lca_depth_of, paths_lca_depth, related_of, spans_related
 from naics_hnm.tree.taxonomy import Taxonomy
+
+PRE, END, ALLOWED = 0, 1, 2
+PACKED_COLUMNS = 3
+"""Columns of a packed per-code row: DFS pre number, DFS end number, allowed (0/1); the ancestor
+path (depths 1..D, -1 past the code's depth) follows."""
+
+
+def pack_rows(taxonomy: Taxonomy, allowed: np.ndarray | None) -> np.ndarray:
+    """int32 [N, 3 + D]: per code (pre, end, allowed, ancestor path at depths 1..D), C-contiguous."""
+    path = taxonomy.ancestor_path[:, 1:]
+    packed = hugepage_empty((len(taxonomy), PACKED_COLUMNS + path.shape[1]), np.int32)
+    packed[:, PRE] = taxonomy.pre
+    packed[:, END] = taxonomy.end
+    packed[:, ALLOWED] = 1 if allowed is None else allowed
+    packed[:, PACKED_COLUMNS:] = path
+    return packed
+
+
+def _related_rows(a: Any, c: Any) -> Any:
+    """a == c or one an ancestor of the other, from packed rows (broadcast over leading dims)."""
+    return spans_related(a[..., PRE], a[..., END], c[..., PRE], c[..., END])
+
+
+def _lca_rows(a: Any, c: Any) -> Any:
+    """Depth of the lowest common ancestor, from packed rows (broadcast over leading dims)."""
+    return paths_lca_depth(a[..., PACKED_COLUMNS:], c[..., PACKED_COLUMNS:])
 
 
 @dataclass
@@ -67,7 +99,10 @@ class TreeGuard:
         self.taxonomy = taxonomy
         self.allowed = allowed
         self._numpy = {"path": taxonomy.ancestor_path[:, 1:], "pre": taxonomy.pre, "end": taxonomy.end,
-                       "allowed": allowed}
+                       "allowed": allowed, "packed": pack_rows(taxonomy, allowed)}
+        # the DFS span of each code as one int64 (pre in the low, end in the high 32 bits): keep_mask's one gather
+        self._span = hugepage_empty((n,), np.int64)
+        np.bitwise_or(taxonomy.pre.astype(np.int64), taxonomy.end.astype(np.int64) << 32, out=self._span)
         self._on_device: dict[torch.device, dict[str, torch.Tensor | None]] = {}
 
     def __len__(self) -> int:
@@ -96,6 +131,30 @@ class TreeGuard:
         """a == c, or one is an ancestor of the other; broadcasts."""
         arr = self._arrays(c)
         return related_of(arr["pre"], arr["end"], a, c)
+
+    def rows(self, ids: Any) -> Any:
+        """Packed per-code rows (see :func:`pack_rows`) of valid ids, shape ``ids.shape + (3 + D,)``."""
+        packed = self._arrays(ids)["packed"]
+        if isinstance(ids, torch.Tensor):  # index_select copies whole rows; packed[ids] gathers element by element
+            return torch.index_select(packed, 0, ids.reshape(-1)).reshape(*ids.shape, packed.shape[1])
+        return packed[ids]
+
+    def keep_mask(self, anchors: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """bool [B, C] for numpy ids (-1 pads): valid, not the anchor, not related, allowed.
+
+        The same as ``guard_tensors(anchors, candidates, tree=self)[0]`` (no positive, no order
+        filter, no stats), computed with numpy on one int64 gather (the DFS span) per candidate.
+        """
+        anchors = np.asarray(anchors)[:, None]
+        valid = candidates >= 0
+        safe = np.where(valid, candidates, 0)
+        span_a, span_c = self._span[anchors], self._span[safe]
+        pre_a, end_a = span_a & 0xFFFFFFFF, span_a >> 32
+        pre_c, end_c = span_c & 0xFFFFFFFF, span_c >> 32
+        keep = valid & (candidates != anchors) & ~spans_related(pre_a, end_a, pre_c, end_c)
+        if self.allowed is not None:
+            keep &= self.allowed[safe]
+        return keep
 
     def is_allowed(self, c: Any) -> Any:
         """bool per id: inside the ``allowed`` mask (all True without one)."""
@@ -142,12 +201,13 @@ def guard_tensors(anchors: torch.Tensor, candidates: torch.Tensor, positives: to
         has_pos = (positives >= 0).unsqueeze(1)
         rules.append(("removed_positive", (candidates == positives.unsqueeze(1)) & has_pos))
     if tree is not None:
-        rules.append(("removed_related", tree.related(rows, safe)))
+        cand, anc = tree.rows(safe), tree.rows(anchors).unsqueeze(1)  # one packed-row gather per candidate
+        rules.append(("removed_related", _related_rows(anc, cand)))
         if tree.allowed is not None:
-            rules.append(("removed_disallowed", ~tree.is_allowed(safe)))
+            rules.append(("removed_disallowed", cand[..., ALLOWED] == 0))
         if order_filter:
-            pos_depth = tree.lca_depth(anchors, positives.clamp(min=0)).unsqueeze(1).masked_fill(~has_pos, -1)
-            rules.append(("removed_order", too_near(tree.lca_depth(rows, safe), pos_depth)))
+            pos_depth = _lca_rows(anc[:, 0], tree.rows(positives.clamp(min=0))).unsqueeze(1).masked_fill(~has_pos, -1)
+            rules.append(("removed_order", too_near(_lca_rows(anc, cand), pos_depth)))
     if exclude is not None:
         rules.append(("removed_exclude", exclude))
     stats = GuardStats(candidates=int(valid.sum()))

@@ -23,19 +23,27 @@ import numpy as np
 MAX_DEPTH = 64
 
 
+def paths_lca_depth(pa, pc):
+    """Depth of the lowest common ancestor from two ancestor paths (depths 1..D, -1 past a code's depth)."""
+    return ((pa == pc) & (pa >= 0)).sum(-1)
+
+
+def spans_related(pre_a, end_a, pre_c, end_c):
+    """a == c, or one is an ancestor of the other, from DFS spans ``[pre, end)``: the one relation formula."""
+    return ((pre_a <= pre_c) & (pre_c < end_a)) | ((pre_c <= pre_a) & (pre_a < end_c))
+
+
 def lca_depth_of(path, a, c):
     """Depth of the lowest common ancestor of each (a, c) pair, for ``path`` = ``ancestor_path[:, 1:]``.
 
     The one formula, for numpy arrays or torch tensors (``a`` and ``c`` of one broadcast shape).
     """
-    pa, pc = path[a], path[c]
-    return ((pa == pc) & (pa >= 0)).sum(-1)
+    return paths_lca_depth(path[a], path[c])
 
 
 def related_of(pre, end, a, c):
     """a == c, or one is an ancestor of the other: the one formula, for numpy arrays or torch tensors."""
-    pa, pc = pre[a], pre[c]
-    return ((pa <= pc) & (pc < end[a])) | ((pc <= pa) & (pa < end[c]))
+    return spans_related(pre[a], end[a], pre[c], end[c])
 
 
 class TreeError(ValueError):
