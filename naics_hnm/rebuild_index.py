@@ -166,7 +166,6 @@ def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.nda
 def run(args: argparse.Namespace) -> dict:
     from naics_hnm.index.auto import build_index, choose_index
     from naics_hnm.embeddings_file import load_embeddings
-    from naics_hnm.index.embedding_index import EmbeddingIndex
     from naics_hnm.index.index_file import check_index_path, current_index_file, sidecar_path
     from naics_hnm.tree.taxonomy import load_taxonomy
 
