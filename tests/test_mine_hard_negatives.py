@@ -185,7 +185,8 @@ def test_random_sampling_is_reproducible_and_independent_of_row_order():
     order = list(range(len(data["anchor"])))
     random.Random(0).shuffle(order)
     shuffled = {k: [v[i] for i in order] for k, v in data.items()}
-    assert mined_negatives(shuffled, corpus, vectors, seed=7, **options) == first
+    # same texts in the same order; scores up to float rounding (a matmul may round a row by its position)
+    assert_same(mined_negatives(shuffled, corpus, vectors, seed=7, **options), first)
     other = mined_negatives(data, corpus, vectors, seed=8, **options)
     assert other != first
     window = brute_force(data, corpus, vectors, n=18, range_min=2)  # valid ranks 2..19
