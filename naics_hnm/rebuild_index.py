@@ -24,6 +24,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from naics_hnm.index.metric import METRICS
+
 log = logging.getLogger("naics_hnm.rebuild_index")
 DEFAULT_OUTPUT = Path("indexes") / "naics2022_minilm.faiss"
 
@@ -54,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help="index path: writes PATH.json and generation files PATH.gNNNNNN.* beside it "
                              "(default: %(default)s)")
-    parser.add_argument("--metric", choices=("cosine", "ip", "l2"), default="cosine", help="default: %(default)s")
+    parser.add_argument("--metric", choices=METRICS, default="cosine", help="default: %(default)s")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="index and embedding device; auto = GPU when torch and faiss see one (default)")
     parser.add_argument("--index-factory", metavar="STR",

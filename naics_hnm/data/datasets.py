@@ -8,7 +8,8 @@ tokens is ``None``.
 
 Phase 1 items accept either an int index (using ``dataset.epoch``) or an ``(epoch, index)`` pair
 as yielded by :class:`naics_hnm.data.epoch_sampler.EpochSampler`, so the epoch travels with each index
-into worker processes, persistent or not.
+into worker processes, persistent or not. A dataset that ``follow``s a sampler keeps no epoch of its
+own: ``epoch`` reads the sampler's and ``set_epoch`` moves it.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class Phase1MapDataset(Dataset):
         self.cfg = cfg
         self.sampling_cfg = sampling_cfg
         self.phase1_end_epoch = phase1_end_epoch
-        self.epoch = 0
+        self._epoch = 0
+        self._epoch_owner: Any = None
         self.taxonomy = taxonomy if taxonomy is not None else load_taxonomy(cfg.taxonomy)
         n = len(self.taxonomy)
         self.token_cache = TokenCache.from_dict(token_cache, n)
@@ -105,11 +107,23 @@ class Phase1MapDataset(Dataset):
             raise ValueError("pairs have a missing positive (-1) but positive_relations is not ('levels',)")
         self._codes = np.array(self.taxonomy.codes, dtype=object)
 
+    def follow(self, owner: Any) -> None:
+        """Read the epoch from ``owner`` (an object with ``epoch`` and ``set_epoch``, e.g. the EpochSampler)."""
+        self._epoch_owner = owner
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose negatives plain int indices draw: the owner's when following one."""
+        return self._epoch if self._epoch_owner is None else int(self._epoch_owner.epoch)
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose negatives plain int indices draw (the sampler's pairs carry their own)."""
         if not (isinstance(epoch, (int, np.integer)) and epoch >= 0):
             raise ValueError(f"set_epoch({epoch!r}): expected an int >= 0")
-        self.epoch = int(epoch)
+        if self._epoch_owner is None:
+            self._epoch = int(epoch)
+        else:
+            self._epoch_owner.set_epoch(int(epoch))
 
     def mix(self, epoch: int | None = None) -> tuple[float, float, float]:
         """(hard, semi_hard, easy) shares used at ``epoch`` (default: the current one)."""

@@ -1,9 +1,12 @@
 """A shuffling sampler that sends the epoch along with every index.
 
 Lightning calls ``set_epoch`` on samplers, never on datasets, and persistent DataLoader workers
-keep their own copy of the dataset. This sampler therefore yields ``(epoch, index)`` pairs: the
-epoch travels with each index through the workers' index queues, so an item is computed for the
-epoch it belongs to in any worker, persistent or not. A resume in the middle of an epoch starts
+keep their own copy of the dataset. This sampler is therefore the one owner of the training epoch
+(like :class:`torch.utils.data.DistributedSampler`): Lightning's fit loop sets it at every epoch
+start, and it yields ``(epoch, index)`` pairs, so the epoch travels with each index through the
+workers' index queues and an item is computed for the epoch it belongs to in any worker, persistent
+or not. Everything else (the dataset's ``epoch``, the loader's and the datamodule's state) reads it
+from here. A resume in the middle of an epoch starts
 after the samples already trained on (:meth:`resume`, driven by
 :class:`naics_hnm.data.resumable_loader.ResumableLoader`). Shuffling follows
 :class:`torch.utils.data.DistributedSampler` (a generator seeded with ``seed + epoch``); it is a
@@ -41,9 +44,10 @@ class EpochSampler(DistributedSampler):
         self._resume: tuple[int, int] | None = None
 
     def resume(self, epoch: int, skip: int) -> None:
-        """Start ``epoch`` after this rank's first ``skip`` samples, once (a mid-epoch resume)."""
+        """Move to ``epoch`` and start it after this rank's first ``skip`` samples, once (a mid-epoch resume)."""
         if not (isinstance(epoch, int) and epoch >= 0 and isinstance(skip, int) and skip >= 0):
             raise ValueError(f"resume(epoch={epoch!r}, skip={skip!r}): expected two ints >= 0")
+        self.set_epoch(epoch)
         self._resume = (epoch, skip)
 
     def epoch_indices(self, epoch: int) -> list[int]:

@@ -35,9 +35,8 @@ class ResumableLoader(DataLoader):
         return {"epoch": epoch, "batches": batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Set the sampler to the saved position (the first iterator may be created right after this)."""
+        """Move the sampler to the saved position (the first iterator may be created right after this)."""
         epoch, batches = state_dict.get("epoch"), state_dict.get("batches", 0)
         if epoch is None:
             return
-        self.sampler.set_epoch(int(epoch))
         self.sampler.resume(int(epoch), int(batches) * int(self.batch_size))

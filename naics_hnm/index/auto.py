@@ -40,6 +40,7 @@ import torch
 from naics_hnm.index.approximate import FAISS_MIN_POINTS_PER_LIST
 from naics_hnm.index.embedding_index import EmbeddingIndex
 from naics_hnm.index.knn import torch_knn
+from naics_hnm.index.metric import get_metric
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class RecallProbe:
         self.rows = recall_sample(index.ntotal, sample, seed)
         vectors = index.vectors
         queries = vectors[torch.from_numpy(self.rows).to(vectors.device)].cpu().numpy()
-        sq_norms = (vectors * vectors).sum(1) if index.metric == "l2" else None
+        sq_norms = (vectors * vectors).sum(1) if get_metric(index.metric).is_distance else None
         _, self.exact_ids = torch_knn(vectors, sq_norms, index.metric, queries, self.k)
 
     def recall(self) -> float:

@@ -30,11 +30,12 @@ import torch
 from naics_hnm.fingerprint import codes_fingerprint
 from naics_hnm.hugepages import on_hugepages
 from naics_hnm.index.approximate import SearchTraits, apply_search_params, build_faiss_index
-from naics_hnm.index.ids import (DEVICES, METRICS, as_id_tensor, check_id_range, check_k, duplicate_mask, like_input,
+from naics_hnm.index.ids import (DEVICES, as_id_tensor, check_id_range, check_k, duplicate_mask, like_input,
                                  select_topk, worst_score)
 from naics_hnm.index.index_file import (IndexFileError, faiss_metric, read_index_file, read_index_set,
                                         read_vectors_file, sidecar_path, write_index_files)
 from naics_hnm.index.knn import as_float_matrix, normalise_rows, rescore_topk, search_in_batches, torch_knn
+from naics_hnm.index.metric import get_metric
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class EmbeddingIndex:
         self._traits = SearchTraits.of(cpu_index)
         self._exact = isinstance(cpu_index, faiss.IndexFlat)
         self._vectors_np = vectors  # for a flat index, a view of cpu_index's storage: keep cpu_index alive
-        self._sq_norms_np = np.einsum("nd,nd->n", vectors, vectors) if metric == "l2" else None
+        self._sq_norms_np = np.einsum("nd,nd->n", vectors, vectors) if get_metric(metric).is_distance else None
         self._device = device
         self._gpu_resources = None
         self._index = self._place(cpu_index, device, reason)
@@ -126,8 +127,7 @@ class EmbeddingIndex:
         approximate index trained on a sample drawn with ``seed``; ``search_params`` override its
         measured defaults (see :mod:`naics_hnm.index.approximate`).
         """
-        if metric not in METRICS:
-            raise ValueError(f"metric={metric!r}: expected one of {METRICS}")
+        normalise = get_metric(metric).normalise
         if index_factory is not None and not isinstance(index_factory, str):
             raise TypeError(f"index_factory must be a faiss factory string or None, got {type(index_factory).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -139,9 +139,9 @@ class EmbeddingIndex:
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer))):
             raise TypeError(f"epoch must be an int or None, got {epoch!r}")
         resolved, reason = _resolve_device(device)
-        keeps_input = metric != "cosine" and index_factory not in (None, "Flat")
+        keeps_input = not normalise and index_factory not in (None, "Flat")
         x = as_float_matrix(embeddings, "embeddings", copy=keeps_input)
-        if metric == "cosine":
+        if normalise:
             x = normalise_rows(x, "embeddings")
         n, d = x.shape
         fingerprint = None
@@ -151,7 +151,7 @@ class EmbeddingIndex:
                 raise ValueError(f"codes must be {n} strings (one per embedding row), got {len(codes)} items")
             fingerprint = codes_fingerprint(codes)
         if index_factory is None:
-            index = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+            index = faiss.IndexFlatL2(d) if get_metric(metric).is_distance else faiss.IndexFlatIP(d)
             index.add(x)
         else:
             index = build_faiss_index(x, faiss_metric(metric), index_factory, int(seed))
@@ -248,7 +248,7 @@ class EmbeddingIndex:
             ip = torch.from_numpy(self._cpu_inner_products(anchor_ids.numpy(), safe.numpy()))
         else:
             ip = torch.bmm(self._vectors[safe], self._vectors[anchor_ids].unsqueeze(2)).squeeze(2)
-        if self._metric != "l2":
+        if not get_metric(self._metric).is_distance:
             return ip
         return (self._sq_norms[safe] + self._sq_norms[anchor_ids].unsqueeze(1) - 2 * ip).clamp_min_(0)
 
@@ -304,7 +304,7 @@ class EmbeddingIndex:
         q = as_float_matrix(queries, "queries")
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dim {q.shape[1]}, expected {self.dim} (the index dim)")
-        if self._metric == "cosine":
+        if get_metric(self._metric).normalise:
             q = normalise_rows(q, "queries")
         scores, ids = self._search_rows(q, None, k, batch_size)
         return like_input(queries, torch.from_numpy(scores), torch.from_numpy(ids))

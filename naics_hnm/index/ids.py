@@ -1,8 +1,8 @@
 """Id and top-k helpers over arrays: validation of id arguments and stable masked top-k.
 
 Ids address rows ``0..N-1`` of an index; ``-1`` is padding wherever a row of ids can be short.
-Scores follow the metric: larger is more similar for ``"cosine"`` and ``"ip"``, smaller for
-``"l2"``; padding carries :func:`worst_score`. Nothing here depends on faiss.
+Scores follow the metric (:mod:`naics_hnm.index.metric`): larger is more similar for ``"cosine"``
+and ``"ip"``, smaller for ``"l2"``; padding carries :func:`worst_score`. Nothing here depends on faiss.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-METRICS = ("cosine", "ip", "l2")
-"""Metric names, everywhere: larger is nearer for cosine and ip, smaller for l2."""
+from naics_hnm.index.metric import get_metric
+
 DEVICES = ("auto", "cpu", "cuda")
 """Where an index lives: ``auto`` takes a faiss GPU when there is one."""
 
 
 def worst_score(metric: str) -> float:
     """The padding score: ``-inf`` for similarities, ``+inf`` for l2 distances."""
-    return float("inf") if metric == "l2" else float("-inf")
+    return get_metric(metric).worst
 
 
 def check_k(k: Any) -> int:
@@ -92,7 +92,7 @@ def select_topk(
     if ties == "id":  # a stable sort by id first, so the stable sort by score breaks ties by id
         by_id = torch.sort(ids.masked_fill(~keep, torch.iinfo(ids.dtype).max), dim=1, stable=True).indices
         masked, ids, keep = masked.gather(1, by_id), ids.gather(1, by_id), keep.gather(1, by_id)
-    order = torch.sort(masked, dim=1, descending=metric != "l2", stable=True).indices[:, :k]
+    order = torch.sort(masked, dim=1, descending=get_metric(metric).higher_is_better, stable=True).indices[:, :k]
     top_scores = masked.gather(1, order)
     top_ids = ids.gather(1, order).masked_fill(~keep.gather(1, order), -1)
     top_scores = top_scores.masked_fill(top_ids < 0, worst)

@@ -45,7 +45,7 @@ import faiss
 import numpy as np
 
 from naics_hnm.atomic import STALE_AFTER_S, create_temp, ensure_folder, exclusive_lock, pid_alive, this_host
-from naics_hnm.index.ids import METRICS
+from naics_hnm.index.metric import METRICS, get_metric
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -78,7 +78,7 @@ def generation_paths(path: str | Path, generation: int) -> tuple[Path, Path]:
 
 def faiss_metric(metric: str) -> int:
     """The faiss metric constant behind one of :data:`METRICS`."""
-    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    return getattr(faiss, get_metric(metric).faiss_name)
 
 
 def sha256_file(path: str | Path) -> str:

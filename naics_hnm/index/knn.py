@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from naics_hnm.index.ids import select_topk_np, worst_score
+from naics_hnm.index.metric import get_metric
 
 MAX_PADDED_BYTES = 1 << 30
 
@@ -54,7 +55,7 @@ def rescore_topk(vectors: np.ndarray, sq_norms: np.ndarray | None, metric: str, 
     """
     safe = np.maximum(candidates, 0)
     scores = np.matmul(vectors[safe], queries[:, :, None])[:, :, 0]
-    if metric == "l2":
+    if get_metric(metric).is_distance:
         scores = sq_norms[safe] + np.einsum("qd,qd->q", queries, queries)[:, None] - 2 * scores
         np.maximum(scores, 0, out=scores)
     return select_topk_np(scores, candidates, candidates >= 0, k, metric)
@@ -68,12 +69,10 @@ def torch_knn(vectors: torch.Tensor, sq_norms: torch.Tensor | None, metric: str,
     with torch.no_grad():
         for start in range(0, queries.shape[0], chunk):
             q = torch.from_numpy(queries[start : start + chunk]).to(vectors.device)
-            sim = q @ vectors.T
-            if metric == "l2":
-                dist = (sq_norms.unsqueeze(0) + (q * q).sum(1, keepdim=True) - 2 * sim).clamp_min_(0)
-                s, i = torch.topk(dist, k, dim=1, largest=False)
-            else:
-                s, i = torch.topk(sim, k, dim=1, largest=True)
+            scores = q @ vectors.T
+            if get_metric(metric).is_distance:
+                scores = (sq_norms.unsqueeze(0) + (q * q).sum(1, keepdim=True) - 2 * scores).clamp_min_(0)
+            s, i = torch.topk(scores, k, dim=1, largest=get_metric(metric).higher_is_better)
             out_scores.append(s.cpu())
             out_ids.append(i.cpu())
     return torch.cat(out_scores).numpy(), torch.cat(out_ids).numpy()

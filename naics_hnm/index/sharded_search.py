@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from naics_hnm.index.embedding_index import EmbeddingIndex
-from naics_hnm.index.ids import select_topk_np
+from naics_hnm.index.ids import select_topk_np, worst_score
 
 AllGather = Callable[[np.ndarray], np.ndarray]
 
@@ -67,7 +67,7 @@ def sharded_search(vectors: np.ndarray, shard: Shard, *, metric: str, device: st
     def search(query_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, n)
         if local is None:
-            scores = np.full((len(query_ids), k), np.inf if metric == "l2" else -np.inf, dtype=np.float32)
+            scores = np.full((len(query_ids), k), worst_score(metric), dtype=np.float32)
             ids = np.full((len(query_ids), k), -1, dtype=np.int64)
         else:
             scores, ids = local.search(vectors[query_ids], k)

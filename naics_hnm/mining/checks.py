@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from naics_hnm.index.ids import METRICS, as_id_tensor, check_id_range, like_input
+from naics_hnm.index.ids import as_id_tensor, check_id_range, like_input
+from naics_hnm.index.metric import check_metric, get_metric
 from naics_hnm.tree.guard import GuardStats, TreeGuard, guard_tensors
 from naics_hnm.tree.taxonomy import Taxonomy
 
@@ -114,8 +115,7 @@ def margin_mask(candidate_scores: Any, positive_scores: Any, relative_margin: fl
     l2 distances: keep ``d >= pos + m * |pos|``. Rows with a non-finite positive score keep all.
     """
     m = check_margin(relative_margin)
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}: expected one of {METRICS}")
+    check_metric(metric)
     scores, pos = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
                    for x in (candidate_scores, positive_scores))
     pos = pos.to(device=scores.device, dtype=scores.dtype)
@@ -131,7 +131,7 @@ def margin_tensors(scores: torch.Tensor, pos: torch.Tensor, m: float, metric: st
     """:func:`margin_mask` on validated tensors."""
     finite = torch.isfinite(pos).unsqueeze(1)
     safe = torch.where(torch.isfinite(pos), pos, torch.zeros_like(pos)).unsqueeze(1)
-    if metric == "l2":
+    if get_metric(metric).is_distance:
         keep = scores >= safe + m * safe.abs()
     else:
         keep = scores <= safe - m * safe.abs()

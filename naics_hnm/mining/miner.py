@@ -24,7 +24,8 @@ import torch
 
 from naics_hnm.index.auto import build_index, choose_index
 from naics_hnm.index.embedding_index import EmbeddingIndex
-from naics_hnm.index.ids import DEVICES, METRICS, as_id_tensor, duplicate_mask, like_input
+from naics_hnm.index.ids import DEVICES, as_id_tensor, duplicate_mask, like_input
+from naics_hnm.index.metric import METRICS
 from naics_hnm.index.sharded_search import Shard, sharded_search
 from naics_hnm.mining.candidates import mine_candidates
 from naics_hnm.mining.neighbours import guarded_neighbours

@@ -40,8 +40,8 @@ def _digest(array: np.ndarray) -> str:
 class HardNegativeMiningCallback(Callback):
     """Phase 2+ hard-negative mining for a datamodule that offers ``mining_data()`` (NAICSDataModule).
 
-    At every train epoch start it delivers the epoch to the datamodule (so the Phase 1 curriculum
-    moves, even with persistent workers). From ``start_epoch`` on, every ``refresh_every_n_epochs``
+    The data reach each epoch through the datamodule's sampler, which Lightning moves at every
+    epoch start (so the Phase 1 curriculum moves, even with persistent workers). From ``start_epoch`` on, every ``refresh_every_n_epochs``
     epochs, it embeds every code with the model being trained (eval mode, no grad) and refreshes a
     :class:`HardNegativeMiner`: an index over the embeddings and each code's ``neighbours`` nearest
     guarded codes. Each training batch's ``candidate_idx`` pool is widened with its anchors'
@@ -174,7 +174,7 @@ class HardNegativeMiningCallback(Callback):
         self._prepare_epoch(trainer, pl_module)
 
     def _prepare_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Deliver the epoch to the data and make its index ready, once per epoch.
+        """Make the epoch's index ready, once per epoch (the data's epoch is the sampler's, set by Lightning).
 
         Called at the epoch start and again before the first batch: Lightning skips
         ``on_train_epoch_start`` when it resumes from a checkpoint written mid-epoch or at the
@@ -184,7 +184,6 @@ class HardNegativeMiningCallback(Callback):
         if self._prepared_epoch == epoch:
             return
         self._prepared_epoch = epoch
-        self._data(trainer).set_epoch(epoch)
         self._stats = GuardStats()
         self._similarity_sum, self._similarity_count = 0.0, 0
         if not self.is_mining(trainer):

@@ -92,7 +92,6 @@ class NAICSDataModule(pl.LightningDataModule):
         self._train_sampler: EpochSampler | None = None
         self._loaded_tokenizer = None
         self._content_fingerprint: str | None = None
-        self._epoch = 0
 
     @property
     def seed(self) -> int:
@@ -153,7 +152,10 @@ class NAICSDataModule(pl.LightningDataModule):
                              "left to train on")
         self.train_dataset = Phase1MapDataset(self.cfg, self.sampling_cfg, self.token_cache,
                                               self.phase1_end_epoch, taxonomy=taxonomy, pairs=train_pairs)
-        self.train_dataset.set_epoch(self._epoch)
+        # the one owner of the training epoch; the dataset (and the loader's state) read it from here
+        self._train_sampler = EpochSampler(len(self.train_dataset), seed=self.cfg.seed, shuffle=True,
+                                           samples_per_epoch=self.pairs_per_epoch)
+        self.train_dataset.follow(self._train_sampler)
         val_source = Phase1MapDataset(self.cfg, self.sampling_cfg, self.token_cache, self.phase1_end_epoch,
                                       taxonomy=taxonomy, pairs=val_pairs)
         # fixed negatives: drawn once at the end of the curriculum, the same every epoch
@@ -167,24 +169,29 @@ class NAICSDataModule(pl.LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         return MiningData(taxonomy=self._taxonomy(), allowed=self.train_dataset.allowed,
-                          token_cache=self.token_cache, phase1_end_epoch=self.phase1_end_epoch,
-                          set_epoch=self.set_epoch)
+                          token_cache=self.token_cache, phase1_end_epoch=self.phase1_end_epoch)
+
+    def _sampler(self, caller: str) -> EpochSampler:
+        if self._train_sampler is None:
+            raise RuntimeError(f"{caller} called before setup(): call prepare_data() and setup() first")
+        return self._train_sampler
+
+    @property
+    def epoch(self) -> int:
+        """The training epoch: the sampler's (0 before setup)."""
+        return 0 if self._train_sampler is None else int(self._train_sampler.epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Move the training data to ``epoch``: the sampler (and so every worker) and the dataset."""
-        self._epoch = int(epoch)
-        if self._train_sampler is not None:
-            self._train_sampler.set_epoch(self._epoch)
-        if self.train_dataset is not None:
-            self.train_dataset.set_epoch(self._epoch)
+        """Move the training data to ``epoch``: the sampler, which every worker and the dataset read."""
+        self._sampler("set_epoch()").set_epoch(int(epoch))
 
     def on_train_epoch_start(self) -> None:
         """Move the training data to the trainer's current epoch.
 
         Lightning never calls this on a datamodule; it is kept as the seed's public API, a thin
-        call into :meth:`set_epoch`. During ``fit`` the epoch reaches the data through the
-        sampler's ``(epoch, index)`` pairs (Lightning calls ``set_epoch`` on it) and through
-        :class:`HardNegativeMiningCallback`, which calls :meth:`set_epoch` at each epoch start.
+        call into :meth:`set_epoch` for loops outside ``fit``. During ``fit`` the epoch has one
+        writer: Lightning's fit loop calls ``set_epoch`` on the sampler at every epoch start, and
+        the sampler's ``(epoch, index)`` pairs carry it to every worker.
         """
         if self.trainer is not None:
             self.set_epoch(self.trainer.current_epoch)
@@ -198,12 +205,9 @@ class NAICSDataModule(pl.LightningDataModule):
         if self.train_dataset is None:
             raise RuntimeError("train_dataloader() called before setup(): call prepare_data() and setup() first")
         if self.trainer is not None:
-            # on resume Lightning creates the first iterator before it calls set_epoch on samplers,
-            # and current_epoch still counts completed epochs: take the epoch about to run
-            self._epoch = self.trainer.fit_loop.epoch_progress.current.processed
-        self._train_sampler = EpochSampler(len(self.train_dataset), seed=self.cfg.seed, shuffle=True,
-                                           samples_per_epoch=self.pairs_per_epoch)
-        self.set_epoch(self._epoch)
+            # Lightning creates the loader's first iterator before it calls set_epoch on samplers,
+            # and current_epoch still counts completed epochs: the epoch about to run, early
+            self.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         return ResumableLoader(self.train_dataset, sampler=self._train_sampler, batches_started=self._batches_started,
                                batch_size=self.batch_size, collate_fn=collate_fn, num_workers=self.num_workers,
                                persistent_workers=self.num_workers > 0)
@@ -221,7 +225,9 @@ class NAICSDataModule(pl.LightningDataModule):
         return self._loader(self.val_dataset, shuffle=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch}
+        return {"epoch": self.epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._epoch = int(state_dict.get("epoch", 0))
+        """Move the sampler to the saved epoch (Lightning restores state after ``setup``)."""
+        if self._train_sampler is not None:
+            self.set_epoch(int(state_dict.get("epoch", 0)))

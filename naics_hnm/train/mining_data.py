@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
 from naics_hnm.data.token_cache import TokenCache
@@ -20,11 +18,9 @@ class MiningData:
         allowed: bool [N]; codes that may be mined (held-out codes are False).
         token_cache: tokens of every code, for re-embedding and for the mined negatives' tokens.
         phase1_end_epoch: the first epoch after the curriculum (the callback's default start).
-        set_epoch: moves the training data to an epoch (the sampler, and so every worker).
     """
 
     taxonomy: Taxonomy
     allowed: np.ndarray
     token_cache: TokenCache
     phase1_end_epoch: int
-    set_epoch: Callable[[int], None]
