@@ -35,8 +35,8 @@ from naics_hnm.st.negative_search import (
     SearchResult,
     _is_positive,
     _order_limits,
-    _pick,
     _upper_bounds,
+    settle_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -235,18 +235,7 @@ def _settle(r: SearchRequest, scorer: PairScorer, rows: np.ndarray, ids: np.ndar
     scores[~keep] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")  # cross-encoder order; ties keep the bi-encoder's
     scores, ids, keep = (np.take_along_axis(x, order, axis=1) for x in (scores, ids, keep))
-    done = (keep.sum(axis=1) >= need) | exhausted
-    settled = rows[done]
-    if settled.size:
-        picked = _pick(r, settled, scores[done], ids[done], keep[done])
-        out.ids[settled], out.scores[settled] = picked
-        out.searched[settled] = depth
-        short = (picked[0] >= 0).sum(axis=1) < r.num_negatives
-        for reason, counts in removed.items():
-            counts = np.broadcast_to(counts, done.shape)[done]
-            out.removed[reason] += int(counts.sum())
-            out.short_removed[reason] += int(counts[short].sum())
-    return done
+    return settle_rows(r, out, rows, scores, ids, keep, removed, (keep.sum(axis=1) >= need) | exhausted, depth)
 
 
 def rescore_with_cross_encoder(cross_encoder: Any, pairs: Any, request: SearchRequest, window: int, *,

@@ -304,7 +304,12 @@ def _settle(r: SearchRequest, rows: np.ndarray, scores: np.ndarray, ids: np.ndar
                 drop(reason, scores > bounds[reason][rows][:, None])
         if r.min_score is not None:
             drop("min_score", scores < r.min_score)
-    done = (keep.sum(axis=1) >= need) | exhausted
+    return settle_rows(r, out, rows, scores, ids, keep, removed, (keep.sum(axis=1) >= need) | exhausted, depth)
+
+
+def settle_rows(r: SearchRequest, out: SearchResult, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                keep: np.ndarray, removed: dict[str, Any], done: np.ndarray, depth: int) -> np.ndarray:
+    """Pick the negatives of the ``done`` rows, record them in ``out`` with what each rule removed; returns ``done``."""
     settled = rows[done]
     if settled.size:
         picked = _pick(r, settled, scores[done], ids[done], keep[done])
