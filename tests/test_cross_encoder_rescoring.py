@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from naics_hnm import mine_hard_negatives  # noqa: E402
 from naics_hnm.st.hard_negatives import mine_with_report  # noqa: E402
+from conftest import tiny_sentence_transformer  # noqa: E402
 
 st = pytest.importorskip("sentence_transformers")
 pytest.importorskip("datasets")
@@ -64,19 +65,7 @@ def tiny_ce(ce_path):
 
 @pytest.fixture(scope="module")
 def tiny_st(tmp_path_factory):
-    import torch
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny_st") / "bert"
-    tokenizer = AutoTokenizer.from_pretrained(str(gt.MODEL_DIR))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    transformer = Transformer(str(path), max_seq_length=32)
-    return st.SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
-                                  device="cpu")
+    return tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_st"))
 
 
 def fruit_dataset():

