@@ -100,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             launcher = ["torchrun", "--nproc-per-node", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]),
                         *launcher[1:]]
         args.command = shlex.join([*launcher, *(sys.argv[1:] if argv is None else argv)])
-        return _run(args)
+        status = _run(args)
+        _leave_process_group(finished=True)
+        return status
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -108,8 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
     finally:
-        if "naics_hnm.st.distributed_mining" in sys.modules:
-            sys.modules["naics_hnm.st.distributed_mining"].leave_process_group()
+        _leave_process_group()
+
+
+def _leave_process_group(*, finished: bool = False) -> None:
+    if "naics_hnm.st.distributed_mining" in sys.modules:
+        sys.modules["naics_hnm.st.distributed_mining"].leave_process_group(finished=finished)
 
 
 def _run(args: argparse.Namespace) -> int:

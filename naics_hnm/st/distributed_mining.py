@@ -60,12 +60,18 @@ def process_group_shard() -> Shard | None:
     return shard
 
 
-def leave_process_group() -> None:
-    """Destroy the process group if :func:`process_group_shard` started it."""
+def leave_process_group(*, finished: bool = False) -> None:
+    """Destroy the process group if :func:`process_group_shard` started it.
+
+    ``finished=True`` (every rank got through its work) first waits at a barrier, so no rank closes
+    its gloo connections while a peer is still writing or sending: a rank that left early could abort
+    the other's transport thread at exit ("terminate called without an active exception")."""
     global _started_group
     if _started_group:
         import torch.distributed as dist
 
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
         _started_group = False
 
