@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="frozen (cached) lower transformer layers; auto: 4 (small trees), all 6 (large)")
     p.add_argument("--head", choices=("none", "mlp"), default=None,
                    help="trained residual MLP on the pooled vector; auto: none (small), mlp (large)")
+    p.add_argument("--tree-weight", type=float, default=0.0,
+                   help="weight of the listwise tree term (batch codes ranked by common-ancestor depth); 0: off")
+    p.add_argument("--tree-sharpness", type=float, default=1.0, help="target preference per tree level (nats)")
     p.add_argument("--negatives-per-anchor", type=int, default=8)
     p.add_argument("--pool", type=int, default=48, help="curriculum candidates per item ranked in Phase 2+")
     p.add_argument("--neighbours", type=int, default=48, help="index neighbours added to each pool")
@@ -249,7 +252,7 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
     settings = choose_settings(args, taxonomy)
     pl.seed_everything(args.seed, workers=True)
     if args.accelerator in ("auto", "cpu") and not torch.cuda.is_available():
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     args.output.mkdir(parents=True, exist_ok=True)
     staging = new_staging_dir(args.output)
     if excluded is None:
@@ -270,7 +273,8 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
     )
     model = NAICSEncoder(lr=args.lr, temperature=args.temperature, freeze_layers=args.freeze_layers,
                          in_batch_negatives=args.in_batch, cosine_schedule=True, dropout=args.dropout,
-                         head=None if args.head == "none" else args.head)
+                         head=None if args.head == "none" else args.head, tree_weight=args.tree_weight,
+                         tree_sharpness=args.tree_sharpness)
     evaluation = TaxonomyEvaluationCallback(every_n_epochs=args.eval_every)
     table = EpochTable(args.negatives, evaluation, staging / "metrics")
     trainer_callbacks: list[Callback] = [evaluation, table, *(callbacks or [])]

@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 from naics_hnm.data.token_cache import TokenCache, default_tokenizer_path
 from naics_hnm.train.frozen_prefix import (FrozenPrefix, frozen_modules, mean_pool, pooled_cache_file, run_layers,
                                            transformer_layers)
-from naics_hnm.train.losses import info_nce
+from naics_hnm.train.losses import info_nce, tree_listwise
 from naics_hnm.tree.guard import TreeGuard, too_near
 
 LENGTH_BUCKET = 128
@@ -70,12 +70,17 @@ class NAICSEncoder(pl.LightningModule):
             model's). With every layer frozen (``freeze_layers`` = the layer count) only the head
             trains, the frozen encoder runs once per code, and its pooled outputs are kept in a
             file next to the token cache: the cheap setting for trees of 100k+ codes.
+        tree_weight: weight of :func:`~naics_hnm.train.losses.tree_listwise` added to InfoNCE: every
+            distinct batch code ranked by the depth of its lowest common ancestor with each anchor
+            (needs the taxonomy, taken from the datamodule). 0 turns it off.
+        tree_sharpness: how strongly that target favours deeper common ancestors (per level, in nats).
     """
 
     def __init__(self, model: str | None = None, *, config: dict[str, Any] | None = None, lr: float = 5e-5,
                  weight_decay: float = 0.01, temperature: float = 0.05, in_batch_negatives: bool = False,
                  freeze_layers: int = 0, cache_frozen: bool = True, cosine_schedule: bool = False,
-                 warmup_fraction: float = 0.05, dropout: float | None = None, head: str | None = None) -> None:
+                 warmup_fraction: float = 0.05, dropout: float | None = None, head: str | None = None,
+                 tree_weight: float = 0.0, tree_sharpness: float = 1.0) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head={head!r}: expected one of {HEADS}")
@@ -83,6 +88,9 @@ class NAICSEncoder(pl.LightningModule):
             raise ValueError("NAICSEncoder(model=..., config=...): give one of them, not both")
         if temperature <= 0:
             raise ValueError(f"temperature={temperature!r}: expected > 0")
+        if not (tree_weight >= 0 and tree_sharpness > 0):
+            raise ValueError(f"tree_weight={tree_weight!r}, tree_sharpness={tree_sharpness!r}: expected "
+                             "tree_weight >= 0 and tree_sharpness > 0")
         self.save_hyperparameters()
         if config is not None:
             cfg = dict(config)
@@ -125,7 +133,8 @@ class NAICSEncoder(pl.LightningModule):
         if stage == "fit" and self.hparams.freeze_layers and self.hparams.cache_frozen and cache is not None:
             path = getattr(dm, "cache_path", None)
             self.cache_frozen_prefix(cache, token_cache_path=str(path) if path is not None else None)
-        if self.hparams.in_batch_negatives and getattr(dm, "taxonomy", None) is not None and self._guard is None:
+        wants_tree = self.hparams.in_batch_negatives or self.hparams.tree_weight > 0
+        if wants_tree and getattr(dm, "taxonomy", None) is not None and self._guard is None:
             self.set_taxonomy(dm.taxonomy)
 
     @property
@@ -213,7 +222,14 @@ class NAICSEncoder(pl.LightningModule):
         if self.hparams.in_batch_negatives:
             extra = anchor @ emb.T
             extra = extra.masked_fill(~self._in_batch_allowed(batch, unique, inverse), float("-inf"))
-        return info_nce(anchor, positive, negatives, mask, self.hparams.temperature, extra_logits=extra)
+        loss = info_nce(anchor, positive, negatives, mask, self.hparams.temperature, extra_logits=extra)
+        if self.hparams.tree_weight > 0 and self._guard is not None:
+            anchors = batch["anchor_idx"].unsqueeze(1)
+            lca = self._guard.lca_depth(anchors, unique.unsqueeze(0).expand(b, -1))
+            loss = loss + self.hparams.tree_weight * tree_listwise(
+                anchor, emb, lca, unique.unsqueeze(0) == anchors, self.hparams.temperature,
+                self.hparams.tree_sharpness)
+        return loss
 
     def _in_batch_allowed(self, batch: dict[str, Any], unique: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         """bool [B, U]: which distinct batch codes may serve as extra negatives for each anchor.

@@ -27,3 +27,23 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
     logits_t = torch.cat(logits, dim=1) / temperature
     target = torch.zeros(len(anchor), dtype=torch.long, device=anchor.device)
     return F.cross_entropy(logits_t, target)
+
+
+def tree_listwise(anchor: torch.Tensor, codes: torch.Tensor, lca_depth: torch.Tensor, same: torch.Tensor,
+                  temperature: float = 0.05, sharpness: float = 1.0) -> torch.Tensor:
+    """Listwise loss that ranks every batch code by its tree nearness to each anchor.
+
+    anchor: [B, d] and codes: [U, d] unit vectors; lca_depth: [B, U] depth of each pair's lowest
+    common ancestor (0 = only the root); same: bool [B, U], True where the code is the anchor itself
+    (left out). The target distribution over the codes is ``softmax(sharpness * lca_depth)`` and the
+    model's is ``softmax(similarity / temperature)``; the loss is their cross entropy, so codes that
+    share a deeper ancestor with the anchor must come out more similar, level by level (ListNet with
+    graded tree relevance). It ties the whole ordering to the tree, where InfoNCE only separates one
+    positive from its negatives.
+    """
+    if temperature <= 0 or sharpness <= 0:
+        raise ValueError(f"temperature={temperature!r}, sharpness={sharpness!r}: expected both > 0")
+    logits = (anchor @ codes.T / temperature).masked_fill(same, float("-inf"))
+    target = torch.softmax((sharpness * lca_depth.to(logits.dtype)).masked_fill(same, float("-inf")), dim=1)
+    log_p = torch.log_softmax(logits, dim=1).masked_fill(same, 0.0)
+    return -(target * log_p).sum(1).mean()
