@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
-from naics_hnm.train.losses import info_nce
+from naics_hnm.train.losses import info_nce, tree_listwise
 from naics_hnm.data.token_cache import TokenCache
 
 
@@ -165,3 +165,74 @@ def test_dropout_override_makes_training_mode_deterministic(cache):
     assert not torch.equal(noisy.train().embed(tokens), noisy.eval().embed(tokens))
     with pytest.raises(ValueError, match="dropout=1.5"):
         NAICSEncoder(config=TINY_BERT, dropout=1.5)
+
+
+def test_tree_listwise_matches_a_hand_computed_cross_entropy():
+    g = torch.Generator().manual_seed(3)
+    a = F.normalize(torch.randn(3, 4, generator=g), dim=1)
+    codes = F.normalize(torch.randn(5, 4, generator=g), dim=1)
+    lca = torch.tensor([[0, 2, 1, 3, 0], [1, 1, 0, 2, 4], [2, 0, 0, 1, 1]])
+    same = torch.zeros(3, 5, dtype=torch.bool)
+    same[0, 3] = same[2, 0] = True
+    tau, beta = 0.1, 2.0
+    expected = 0.0
+    for b in range(3):
+        cols = [j for j in range(5) if not same[b, j]]
+        weights = [math.exp(beta * float(lca[b, j])) for j in cols]
+        logits = [float(a[b] @ codes[j]) / tau for j in cols]
+        log_norm = math.log(sum(math.exp(x) for x in logits))
+        expected += -sum(w / sum(weights) * (x - log_norm) for w, x in zip(weights, logits))
+    got = tree_listwise(a, codes, lca, same, temperature=tau, sharpness=beta)
+    assert got.item() == pytest.approx(expected / 3, rel=1e-5)
+    with pytest.raises(ValueError, match="sharpness=0"):
+        tree_listwise(a, codes, lca, same, sharpness=0)
+
+
+def test_tree_listwise_pulls_codes_in_order_of_their_common_ancestor_depth():
+    """One gradient step on free vectors: the code sharing the deepest ancestor gains the most similarity."""
+    g = torch.Generator().manual_seed(0)
+    anchor = F.normalize(torch.randn(1, 8, generator=g), dim=1)
+    basis, _ = torch.linalg.qr(torch.cat([anchor.T, torch.randn(8, 4, generator=g)], dim=1))
+    sign = torch.sign(basis[:, :1].T @ anchor.T)  # qr may flip the first column
+    orth = basis[:, 1:5].T  # 4 unit vectors orthogonal to the anchor
+    codes = (0.1 * sign * basis[:, 0] + math.sqrt(0.99) * orth).requires_grad_(True)  # all at cosine 0.1
+    lca = torch.tensor([[0, 1, 2, 3]])
+    tree_listwise(anchor, codes, lca, torch.zeros(1, 4, dtype=torch.bool), temperature=0.05).backward()
+    moved = -(codes.grad @ anchor.T).squeeze(1)  # similarity change per unit step against the gradient
+    assert moved.argsort().tolist() == [0, 1, 2, 3]
+    assert moved[0] < 0 < moved[3]
+
+
+def test_the_tree_term_uses_the_guard_lca_of_each_anchor_and_batch_code():
+    from naics_hnm.tree.taxonomy import Taxonomy
+
+    tx = Taxonomy.naics2022()
+    anchors = torch.tensor([tx.index(c) for c in ("111110", "311111", "445110")])
+    positives = torch.tensor([int(tx.parent[a]) for a in anchors])
+    negatives = torch.tensor([[tx.index("111120")], [tx.index("311119")], [tx.index("541511")]])
+    batch = {"anchor_idx": anchors, "positive_idx": positives, "negative_idx": negatives,
+             "negative_mask": torch.ones(3, 1, dtype=torch.bool)}
+    torch.manual_seed(0)
+    plain = NAICSEncoder(config=TINY_BERT, dropout=0.0)
+    torch.manual_seed(0)
+    tree = NAICSEncoder(config=TINY_BERT, dropout=0.0, tree_weight=0.5, tree_sharpness=2.0)
+    tree.set_taxonomy(tx)
+    emb, unique, inverse = tree._unique_embeddings(batch | _tokens(anchors, positives, negatives))
+    lca = torch.tensor([[tx.lca_depth(int(a), int(u)) for u in unique] for a in anchors])
+    extra = tree_listwise(emb[inverse[:3]], emb, lca, unique[None, :] == anchors[:, None], 0.05, 2.0)
+    full = tree._loss(batch | _tokens(anchors, positives, negatives))
+    base = plain._loss(batch | _tokens(anchors, positives, negatives))
+    assert full.item() == pytest.approx(base.item() + 0.5 * extra.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="tree_weight=-1"):
+        NAICSEncoder(config=TINY_BERT, tree_weight=-1)
+
+
+def _tokens(*groups: torch.Tensor) -> dict:
+    """Token rows for code ids (a code's id as its one word), shaped like the batch fields."""
+    def rows(ids: torch.Tensor) -> dict:
+        flat = ids.reshape(-1)
+        input_ids = torch.stack([torch.tensor([101, 1000 + int(i) % 1000, 102]) for i in flat])
+        shape = (*ids.shape, 3)
+        return {"input_ids": input_ids.reshape(shape), "attention_mask": torch.ones(shape, dtype=torch.long)}
+    anchors, positives, negatives = groups
+    return {"anchor": rows(anchors), "positive": rows(positives), "negatives": rows(negatives)}
