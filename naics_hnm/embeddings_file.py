@@ -9,6 +9,7 @@ any caller attributes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -64,6 +65,46 @@ def _as_matrix(embeddings: Any) -> np.ndarray:
     return np.asarray(embeddings, dtype=np.float32)
 
 
+def _checked_attrs(path: Path, codes: Sequence[str], n: int, model: str | None, epoch: int | None,
+                   extra_attrs: Mapping[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
+    codes = [str(c) for c in codes]
+    if len(codes) != n:
+        raise EmbeddingsFileError(f"{str(path)!r}: {len(codes)} codes for {n} embedding rows; expected one code per row")
+    duplicate = _first_duplicate(codes)
+    if duplicate is not None:
+        raise EmbeddingsFileError(f"{str(path)!r}: code {duplicate!r} appears more than once; expected unique codes")
+    extra = dict(extra_attrs or {})
+    clash = sorted(set(extra) & set(RESERVED_ATTRS))
+    if clash:
+        raise EmbeddingsFileError(f"extra_attrs {clash} clash with reserved attributes {list(RESERVED_ATTRS)}")
+    attrs = {
+        "model": "" if model is None else str(model),
+        "epoch": -1 if epoch is None else int(epoch),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format_version": FORMAT_VERSION,
+        "codes_fingerprint": codes_fingerprint(codes),
+        **extra,
+    }
+    return codes, attrs
+
+
+def _write_file(file: Path, embeddings: np.ndarray | tuple[int, int], codes: list[str], attrs: dict[str, Any]) -> None:
+    """The datasets and attributes; ``embeddings`` as a shape leaves the rows to :func:`write_embedding_rows`."""
+    with h5py.File(file, "w") as handle:
+        if isinstance(embeddings, tuple):
+            handle.create_dataset("embeddings", shape=embeddings, dtype=np.float32)
+        else:
+            handle.create_dataset("embeddings", data=embeddings)
+        handle.create_dataset("codes", data=codes, dtype=h5py.string_dtype("utf-8"))
+        for key, value in attrs.items():
+            try:
+                handle.attrs[key] = value
+            except (TypeError, ValueError) as error:
+                raise EmbeddingsFileError(
+                    f"attribute {key!r}={value!r} cannot be stored in HDF5 ({error}); expected a string, number or array"
+                ) from None
+
+
 def save_embeddings(
     path: str | Path,
     embeddings: Any,
@@ -81,39 +122,56 @@ def save_embeddings(
     bad_row = _first_non_finite_row(array)
     if bad_row is not None:
         raise EmbeddingsFileError(f"{str(path)!r}: embeddings row {bad_row} holds NaN or inf; expected finite values")
-    codes = [str(c) for c in codes]
-    if len(codes) != array.shape[0]:
-        raise EmbeddingsFileError(
-            f"{str(path)!r}: {len(codes)} codes for {array.shape[0]} embedding rows; expected one code per row"
-        )
-    duplicate = _first_duplicate(codes)
-    if duplicate is not None:
-        raise EmbeddingsFileError(f"{str(path)!r}: code {duplicate!r} appears more than once; expected unique codes")
-    extra = dict(extra_attrs or {})
-    clash = sorted(set(extra) & set(RESERVED_ATTRS))
-    if clash:
-        raise EmbeddingsFileError(f"extra_attrs {clash} clash with reserved attributes {list(RESERVED_ATTRS)}")
-    attrs = {
-        "model": "" if model is None else str(model),
-        "epoch": -1 if epoch is None else int(epoch),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "format_version": FORMAT_VERSION,
-        "codes_fingerprint": codes_fingerprint(codes),
-        **extra,
-    }
+    codes, attrs = _checked_attrs(path, codes, array.shape[0], model, epoch, extra_attrs)
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            handle.create_dataset("embeddings", data=array)
-            handle.create_dataset("codes", data=codes, dtype=h5py.string_dtype("utf-8"))
-            for key, value in attrs.items():
-                try:
-                    handle.attrs[key] = value
-                except (TypeError, ValueError) as error:
-                    raise EmbeddingsFileError(
-                        f"attribute {key!r}={value!r} cannot be stored in HDF5 ({error}); expected a string, number or array"
-                    ) from None
+        _write_file(tmp, array, codes, attrs)
     logger.info("wrote %d embeddings of dimension %d to %s", array.shape[0], array.shape[1], path)
     return path
+
+
+def create_embeddings_file(file: str | Path, shape: tuple[int, int], codes: Sequence[str], *,
+                           model: str | None = None, epoch: int | None = None) -> None:
+    """Write, in place at ``file`` (a temporary name: the caller renames it), an embeddings file of
+    ``shape`` whose rows the writers then fill by slices with :func:`write_embedding_rows` (under DDP)."""
+    file = Path(file)
+    codes, attrs = _checked_attrs(file, codes, shape[0], model, epoch, None)
+    _write_file(file, (int(shape[0]), int(shape[1])), codes, attrs)
+
+
+def write_embedding_rows(file: str | Path, lo: int, rows: Any) -> None:
+    """Fill rows ``[lo, lo + len(rows))`` of a file made by :func:`create_embeddings_file` (one writer at a time)."""
+    array = _as_matrix(rows)
+    bad_row = _first_non_finite_row(array)
+    if bad_row is not None:
+        raise EmbeddingsFileError(f"{str(file)!r}: embeddings row {lo + bad_row} holds NaN or inf; expected finite values")
+    with h5py.File(file, "r+") as handle:
+        handle["embeddings"][lo:lo + len(array)] = array
+
+
+def embedding_rows(path: str | Path, lo: int, hi: int, *, expected_codes: Sequence[str]) -> np.ndarray:
+    """Rows ``[lo, hi)`` of an embeddings file written for ``expected_codes`` (its fingerprint is checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmbeddingsFileNotFoundError(f"embeddings file {str(path)!r} does not exist")
+    want = codes_fingerprint(list(expected_codes))
+    try:
+        with h5py.File(path, "r") as handle:
+            if _plain(handle.attrs.get("codes_fingerprint")) != want:
+                raise EmbeddingsFileError(f"{str(path)!r} was not written for the expected {len(expected_codes)} codes "
+                                          f"(codes fingerprint differs from {want})")
+            return np.asarray(handle["embeddings"][lo:hi], dtype=np.float32)
+    except (OSError, KeyError) as error:
+        raise EmbeddingsFileError(f"{str(path)!r} is not a readable HDF5 embeddings file: {error}") from None
+
+
+def embeddings_sha256(path: str | Path, chunk_rows: int = 65536) -> str:
+    """sha256 of the float32 bytes of dataset ``embeddings``, read ``chunk_rows`` at a time (bounded memory)."""
+    digest = hashlib.sha256()
+    with h5py.File(path, "r") as handle:
+        dataset = handle["embeddings"]
+        for start in range(0, dataset.shape[0], chunk_rows):
+            digest.update(np.ascontiguousarray(dataset[start:start + chunk_rows], dtype=np.float32).view(np.uint8))
+    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:

@@ -1,8 +1,9 @@
 """Run by tests/test_callback.py: a 2-process CPU DDP fit with the mining callback.
 
 Each rank saves the refreshed index vectors, its neighbour lists, a single-process reference
-embedding of every code computed with the same weights, and the anchors it trained on. A second
-argument ``shard`` turns on the sharded index (each rank searches only its half of the codes).
+embedding of every code computed with the same weights, the anchors it trained on and, per mined
+batch, the pool it received, its positives and the negatives the callback chose. A second argument
+``shard`` turns on ``shard_index`` (the index, ranking vectors and neighbour lists in shared files).
 """
 
 from __future__ import annotations
@@ -22,24 +23,33 @@ from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
 
 
 class Dump(Callback):
+    """Placed before the mining callback: sees each batch's pool before widening, and the mined batch after."""
+
     def __init__(self, mining: HardNegativeMiningCallback, out: Path):
-        self.mining, self.out, self.anchors = mining, out, []
+        self.mining, self.out, self.anchors, self.mined = mining, out, [], {"anchor": [], "positive": [], "pool": [],
+                                                                             "negative": []}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.anchors.append(batch["anchor_idx"].cpu().numpy())
+        self._pool = batch["candidate_idx"].cpu().numpy().copy()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 1:
+            for key, value in (("anchor", batch["anchor_idx"]), ("positive", batch["positive_idx"]),
+                               ("pool", self._pool), ("negative", batch["negative_idx"])):
+                self.mined[key].append(np.asarray(value))
 
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch != 1:
             return
-        reference = embed_codes(pl_module.embed, trainer.datamodule.token_cache, module=pl_module)
-        np.savez(self.out / f"rank{trainer.global_rank}.npz", vectors=self.mining.index.vectors.cpu().numpy(),
-                 reference=reference.numpy(), anchors=np.zeros(0),
-                 neighbours=self.mining.miner.neighbour_ids.cpu().numpy())
+        self._reference = embed_codes(pl_module.embed, trainer.datamodule.token_cache, module=pl_module)
 
-    def on_train_end(self, trainer, pl_module):
+    def on_train_end(self, trainer, pl_module):  # the index is still epoch 1's, the last refresh
         path = self.out / f"rank{trainer.global_rank}.npz"
-        data = dict(np.load(path))
-        data["anchors"] = np.concatenate(self.anchors)
+        data = {"vectors": self.mining.index.vectors.cpu().numpy(), "reference": self._reference.numpy(),
+                "neighbours": np.array(self.mining.miner.neighbour_ids), "anchors": np.concatenate(self.anchors)}
+        data.update({f"mined_{key}": np.concatenate(value) for key, value in self.mined.items()})
+        data["embeddings_file"] = np.array(self.mining.state_dict()["embeddings_file"]["path"])
         np.savez(path, **data)
 
 
@@ -52,7 +62,7 @@ def main() -> None:
     mining = HardNegativeMiningCallback(k=4, neighbours=8, shard_index=len(sys.argv) > 2 and sys.argv[2] == "shard")
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                          enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[mining, Dump(mining, out)])
+                         limit_val_batches=0, callbacks=[Dump(mining, out), mining], default_root_dir=out)
     trainer.fit(NAICSEncoder(config=TINY_BERT), datamodule=dm)
     if trainer.global_rank == 0:
         assert mining.refresh_count == 1, mining.refresh_count

@@ -228,28 +228,25 @@ def _ddp_run(tmp_path, *extra):
 
 
 @pytest.mark.slow
-def test_ddp_sharded_index_equals_one_process(tmp_path):
-    """Two CPU ranks (gloo) each index half of the codes; merged neighbour lists equal one process's."""
-    from naics_hnm.index.embedding_index import EmbeddingIndex
-    from naics_hnm.mining.neighbours import guarded_neighbours
+def test_ddp_shared_files_give_exactly_the_negatives_of_one_process(tmp_path):
+    """Two CPU ranks (gloo) with ``shard_index``: each embeds half of the codes and maps the shared index,
+    ranking vectors and neighbour lists; every mined batch equals what one process mines from the same embeddings."""
+    from naics_hnm.embeddings_file import load_embeddings
+    from naics_hnm.mining.miner import HardNegativeMiner
     from naics_hnm.tree.taxonomy import Taxonomy
-    from naics_hnm.tree.guard import TreeGuard
 
     ranks = _ddp_run(tmp_path, "shard")
-    assert np.array_equal(ranks[0]["neighbours"], ranks[1]["neighbours"])
-    vectors = ranks[0]["vectors"]
-    full = EmbeddingIndex.build(vectors, metric="ip", device="cpu")
-    # one neighbour more than the ranks kept: a tie with the first code left out counts as a tie too
-    scores, want, _ = guarded_neighbours(full, np.arange(len(vectors)), 9, guard=TreeGuard(Taxonomy.naics2022()))
-    got = ranks[0]["neighbours"]
-    # equal ids wherever the score is not tied (NAICS has codes with identical titles, so identical vectors)
-    gaps = np.abs(scores[:, :, None] - scores[:, None, :]) + np.eye(9)[None] * 1.0
-    untied = (gaps.min(axis=2) > 1e-5)[:, :8]
-    scores, want = scores[:, :8], want[:, :8]
-    assert untied.sum() > 1000
-    np.testing.assert_array_equal(got[untied], want[untied])
-    for row in np.flatnonzero((got != want).any(axis=1)):
-        np.testing.assert_allclose(np.sort(vectors[got[row]] @ vectors[row]), np.sort(scores[row]), atol=1e-5)
+    embeddings = load_embeddings(str(ranks[0]["embeddings_file"])).embeddings
+    one = HardNegativeMiner(Taxonomy.naics2022(), k=4, neighbours=8, device="cpu")
+    one.refresh(embeddings, epoch=1)
+    for rank in ranks:
+        assert np.array_equal(rank["vectors"], one.index.vectors.numpy())
+        assert np.array_equal(rank["neighbours"], one.neighbour_ids.numpy())
+        _, ids, _ = one.mine(rank["mined_anchor"], rank["mined_positive"], rank["mined_pool"])
+        assert np.array_equal(ids, rank["mined_negative"]) and (ids >= 0).sum() > 50
+    assert not np.array_equal(ranks[0]["mined_anchor"], ranks[1]["mined_anchor"])
+    # the embeddings the ranks wrote by slices are those of one process with the same weights
+    np.testing.assert_allclose(embeddings, ranks[0]["reference"], atol=1e-5)
 
 
 @pytest.mark.slow

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +14,7 @@ from naics_hnm.tree.synthetic import random_tree
 from naics_hnm.tree.taxonomy import Taxonomy
 from naics_hnm.tree.guard import TreeGuard
 from test_mining import TreeReference, brute_force, scores_of
+from thread_group import run_ranks
 
 
 def tree_and_vectors(seed: int, n: int = 400, d: int = 12):
@@ -114,28 +113,13 @@ def test_sharded_search_equals_one_process(world):
     full = EmbeddingIndex.build(x, metric="cosine", device="cpu")
     want_s, want_i, _ = guarded_neighbours(full, np.arange(500), 12, guard=TreeGuard(tx, allowed), batch_size=100)
     vectors = full.vectors.numpy()
-    slots: list = [None] * world
-    barrier = threading.Barrier(world)
-    results: list = [None] * world
 
-    def run(rank: int) -> None:
-        def all_gather(array: np.ndarray) -> np.ndarray:
-            barrier.wait()
-            slots[rank] = array
-            barrier.wait()
-            out = np.stack(slots)
-            barrier.wait()
-            return out
+    def run(shard: Shard):
+        search = sharded_search(vectors, shard, metric="cosine", device="cpu")
+        return guarded_neighbours(full, np.arange(500), 12, guard=TreeGuard(tx, allowed), batch_size=100,
+                                  search=search)
 
-        search = sharded_search(vectors, Shard(rank, world, all_gather), metric="cosine", device="cpu")
-        results[rank] = guarded_neighbours(full, np.arange(500), 12, guard=TreeGuard(tx, allowed), batch_size=100,
-                                           search=search)
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = run_ranks(world, run)
     for got_s, got_i, _ in results:
         np.testing.assert_array_equal(got_i, want_i)
         np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-6)

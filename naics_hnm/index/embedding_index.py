@@ -164,6 +164,23 @@ class EmbeddingIndex:
             epoch=None if epoch is None else int(epoch), reason=reason,
         )
 
+    @classmethod
+    def from_faiss(cls, index: faiss.Index, metric: str, *, vectors: np.ndarray | None = None,
+                   index_type: str = "Flat", search_params: dict[str, int] | None = None,
+                   codes: Sequence[str] | None = None, epoch: int | None = None) -> "EmbeddingIndex":
+        """Wrap a CPU faiss index that is already built (e.g. one mapped from a file) without copying it.
+
+        ``vectors`` (float32 [N, d], normalised for cosine) are the exact rows for ranking; None
+        takes a flat index's own storage.
+        """
+        if vectors is None:
+            if not isinstance(index, faiss.IndexFlat):
+                raise ValueError(f"EmbeddingIndex.from_faiss({index_type!r}): an approximate index needs vectors=")
+            vectors = _storage_view(index)
+        return cls(index, vectors, metric, "cpu", index_type=index_type, search_params=search_params,
+                   codes_fingerprint=None if codes is None else codes_fingerprint(list(codes)),
+                   epoch=epoch, reason="a prebuilt index")
+
     @property
     def metric(self) -> str:
         return self._metric

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,9 +27,10 @@ from naics_hnm.index.auto import build_index, choose_index
 from naics_hnm.index.embedding_index import EmbeddingIndex
 from naics_hnm.index.ids import DEVICES, as_id_tensor, duplicate_mask, like_input
 from naics_hnm.index.metric import METRICS
-from naics_hnm.index.sharded_search import Shard, sharded_search
+from naics_hnm.index.sharded_search import Shard
 from naics_hnm.mining.candidates import mine_candidates
 from naics_hnm.mining.neighbours import guarded_neighbours
+from naics_hnm.mining.shared_refresh import SharedRefresh
 from naics_hnm.tree.guard import GuardStats, TreeGuard
 from naics_hnm.tree.taxonomy import Taxonomy
 
@@ -76,15 +78,17 @@ class HardNegativeMiner:
             exact search); None: chosen from the number of codes, logged with a recall@64 estimate
             (:func:`naics_hnm.index.auto.choose_index`: exact while cheap, a calibrated IVF above).
         device: "auto" (faiss GPU when available, logged), "cpu" or "cuda".
-        shard: under DDP, search only this rank's shard of the codes and merge the ranks' top-k
-            (index memory per rank ~ N / world size); see :mod:`naics_hnm.index.sharded_search`.
+        shard, shared_dir: under DDP, the index, the ranking vectors and the neighbour lists are files
+            in ``shared_dir`` that the ranks write by slices and map read-only, so each rank's private
+            memory is ~N / world; ``refresh`` and :meth:`refresh_local` are then collectives. The
+            result equals one process's, bit for bit (see :mod:`naics_hnm.mining.shared_refresh`).
     """
 
     def __init__(self, taxonomy: Taxonomy, *, allowed: np.ndarray | None = None, k: int = 8,
                  metric: str = "cosine", relative_margin: float | None = 0.05, order_filter: bool = True,
                  neighbours: int = 64, index_factory: str | None = None, search_params: dict | None = None,
                  device: str = "auto", neighbour_batch_size: int = 8192, max_search: int = 4096,
-                 shard: Shard | None = None) -> None:
+                 shard: Shard | None = None, shared_dir: str | Path | None = None) -> None:
         if not isinstance(taxonomy, Taxonomy):
             raise TypeError(f"HardNegativeMiner(taxonomy={type(taxonomy).__name__}): expected a Taxonomy")
         check_miner_args("HardNegativeMiner", k=k, metric=metric, relative_margin=relative_margin,
@@ -100,9 +104,14 @@ class HardNegativeMiner:
         self.device = device
         self.neighbour_batch_size = neighbour_batch_size
         self.max_search = max_search
+        if shard is not None and shared_dir is None:
+            raise ValueError("HardNegativeMiner(shard=...): expected shared_dir= too, a folder every rank can read")
         self.shard = shard
+        self.shared = None if shard is None else SharedRefresh(shard, Path(shared_dir), metric)
+        self._shared_name: str | None = None
+        self._refreshes = 0
         self.index: EmbeddingIndex | None = None
-        self.neighbour_ids: torch.Tensor | None = None
+        self.neighbour_ids: torch.Tensor | np.ndarray | None = None  # a read-only mapped array under DDP
         self.epoch: int | None = None
         self.last_timings: dict[str, float] = {}
 
@@ -112,23 +121,12 @@ class HardNegativeMiner:
 
     def _build_index(self, embeddings: Any, epoch: int | None) -> EmbeddingIndex:
         codes = self.taxonomy.codes
-        if self.shard is None:
-            return build_index(embeddings, choose_index(len(codes), self.index_factory), search_params=self.search_params,
-                               metric=self.metric, device=self.device, codes=codes, epoch=epoch)[0]
-        # ranking stays exact over every row; only the searched structure is this rank's shard
-        return EmbeddingIndex.build(embeddings, metric=self.metric, device="cpu", codes=codes, epoch=epoch)
+        return build_index(embeddings, choose_index(len(codes), self.index_factory), search_params=self.search_params,
+                           metric=self.metric, device=self.device, codes=codes, epoch=epoch)[0]
 
-    def _index_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"index_factory": choose_index(len(self.taxonomy), self.index_factory).index_factory}
-        if self.search_params:
-            options["search_params"] = self.search_params
-        return options
-
-    def _search_fn(self, index: EmbeddingIndex) -> Callable | None:
-        if self.shard is None:
-            return None
-        return sharded_search(index.vectors.cpu().numpy(), self.shard, metric=self.metric, device=self.device,
-                              **self._index_options())
+    def _anchors(self) -> np.ndarray:
+        n = len(self.taxonomy)
+        return np.arange(n) if self.guard.allowed is None else np.flatnonzero(self.guard.allowed)
 
     def refresh(self, embeddings: Any, epoch: int | None = None, *, progress: bool = False) -> dict[str, float]:
         """Index ``embeddings`` (float [N, d], row i = code i) and rebuild the neighbour lists.
@@ -139,15 +137,18 @@ class HardNegativeMiner:
         if tuple(getattr(embeddings, "shape", ())[:1]) != (n,):
             raise ValueError(f"refresh(embeddings of shape {tuple(getattr(embeddings, 'shape', ()))}): expected "
                              f"[{n}, d], one row per code of the taxonomy")
+        if self.shard is not None:
+            lo, hi = self.shard.rows(n)
+            return self.refresh_local(embeddings[lo:hi], epoch, progress=progress)
         t0 = time.perf_counter()
         index = self._build_index(embeddings, epoch)
         t1 = time.perf_counter()
         neighbour_ids = None
         if self.neighbours:
-            anchors = np.arange(n) if self.guard.allowed is None else np.flatnonzero(self.guard.allowed)
+            anchors = self._anchors()
             _, ids, _ = guarded_neighbours(index, anchors, self.neighbours, guard=self.guard,
                                            batch_size=self.neighbour_batch_size, max_search=self.max_search,
-                                           search=self._search_fn(index), progress=progress)
+                                           progress=progress)
             table = np.full((n, self.neighbours), -1, dtype=np.int32)
             table[anchors] = ids
             neighbour_ids = torch.from_numpy(table).to(index.vectors.device)
@@ -155,6 +156,45 @@ class HardNegativeMiner:
         self.index, self.neighbour_ids, self.epoch = index, neighbour_ids, epoch
         self.last_timings = {"build": t1 - t0, "neighbours": t2 - t1}
         return dict(self.last_timings)
+
+    def refresh_local(self, rows: Any, epoch: int | None = None, *, progress: bool = False) -> dict[str, float]:
+        """Under DDP (``shard`` given), a collective: this rank's rows ``shard.rows(N)`` of the embeddings.
+
+        Every rank ends with the index and neighbour lists one process builds from the whole matrix,
+        mapped from ``shared_dir`` (see :mod:`naics_hnm.mining.shared_refresh`).
+        """
+        if self.shared is None:
+            raise RuntimeError("HardNegativeMiner.refresh_local() needs shard= (DDP); use refresh() in one process")
+        n = len(self.taxonomy)
+        self._refreshes += 1
+        name = f"epoch{epoch:04d}" if epoch is not None else f"refresh{self._refreshes:04d}"
+        t0 = time.perf_counter()
+        index = self.shared.index(rows, n, name, index_factory=self.index_factory, search_params=self.search_params,
+                                  codes=self.taxonomy.codes, epoch=epoch)
+        t1 = time.perf_counter()
+        neighbour_ids = None
+        if self.neighbours:
+            neighbour_ids = self.shared.neighbours(index, self._anchors(), self.neighbours, name, guard=self.guard,
+                                                   batch_size=self.neighbour_batch_size, max_search=self.max_search,
+                                                   progress=progress)
+        t2 = time.perf_counter()
+        if self._shared_name not in (None, name):
+            self.shared.remove(self._shared_name)
+        self._shared_name = name
+        self.index, self.neighbour_ids, self.epoch = index, neighbour_ids, epoch
+        self.last_timings = {"build": t1 - t0, "neighbours": t2 - t1}
+        return dict(self.last_timings)
+
+    def own_rows(self) -> tuple[int, int]:
+        """The code rows ``[lo, hi)`` this rank reports on (all of them in one process)."""
+        n = len(self.taxonomy)
+        return (0, n) if self.shard is None else self.shard.rows(n)
+
+    def neighbour_rows(self, anchors: torch.Tensor) -> torch.Tensor:
+        """int64 [B, M] neighbour lists of ``anchors`` (gathered from the mapped table under DDP)."""
+        if isinstance(self.neighbour_ids, torch.Tensor):
+            return self.neighbour_ids[anchors].to(torch.int64)
+        return torch.from_numpy(self.neighbour_ids[anchors.cpu().numpy()].astype(np.int64)).to(anchors.device)
 
     def widen(self, anchors: Any, pool: Any = None) -> torch.Tensor:
         """Each anchor's pool [B, C] (-1 pads; None: empty) plus its neighbours, repeats removed."""
@@ -166,7 +206,7 @@ class HardNegativeMiner:
             else as_id_tensor(pool, "pool", device, 2)
         if self.neighbour_ids is None:
             return pool
-        return compact_unique(torch.cat([pool, self.neighbour_ids[anchors].to(torch.int64)], dim=1))
+        return compact_unique(torch.cat([pool, self.neighbour_rows(anchors)], dim=1))
 
     def mine(self, anchors: Any, positives: Any, pool: Any = None, *,
              widen: bool = True) -> tuple[Any, Any, GuardStats]:

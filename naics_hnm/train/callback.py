@@ -18,7 +18,9 @@ from typing_extensions import override
 
 from naics_hnm.data.token_cache import TokenCache, gather_tokens
 from naics_hnm.embedding import EmbedFn, embed_codes
-from naics_hnm.embeddings_file import EmbeddingsFileError, load_embeddings, save_embeddings
+from naics_hnm.embeddings_file import (EmbeddingsFileError, create_embeddings_file, embedding_rows, embeddings_sha256,
+                                       load_embeddings, save_embeddings, write_embedding_rows)
+from naics_hnm.index.shared_files import write_together
 from naics_hnm.index.sharded_search import Shard
 from naics_hnm.mining.miner import HardNegativeMiner, check_miner_args
 from naics_hnm.train.mining_data import MiningData
@@ -62,7 +64,10 @@ class HardNegativeMiningCallback(Callback):
             ``tokens -> Tensor[n, d]`` defaults to ``pl_module.embed``.
         embed_batch_size: codes per forward pass while refreshing.
         embedding_dtype: "float32" or "float16" for the refresh embeddings held in memory.
-        shard_index: under DDP, each rank indexes only its shard of the codes (see :mod:`naics_hnm.index.sharded_search`).
+        shard_index: under DDP, each rank embeds only its slice of the codes and the index, the ranking
+            vectors and the neighbour lists are files under ``embeddings_dir/shared`` that every rank
+            maps read-only: private memory per rank ~N / world, negatives equal to one process's
+            (see :mod:`naics_hnm.mining.shared_refresh`). The folder must be shared by every machine.
         save_dir: when set, each refreshed index is saved there as ``epoch{e}.faiss`` (+ sidecar).
     """
 
@@ -148,7 +153,8 @@ class HardNegativeMiningCallback(Callback):
         return HardNegativeMiner(
             data.taxonomy, allowed=data.allowed, k=self.k, metric=self.metric, relative_margin=self.relative_margin,
             order_filter=self.order_filter, neighbours=self.neighbours, index_factory=self.index_factory,
-            search_params=self.search_params, device=self.device, shard=shard)
+            search_params=self.search_params, device=self.device, shard=shard,
+            shared_dir=None if shard is None else self.embeddings_dir / "shared")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -200,38 +206,66 @@ class HardNegativeMiningCallback(Callback):
         if self.miner is None or self.miner.index is not None or self._embeddings_file is None:
             return
         info = self._embeddings_file
+        codes = self.miner.taxonomy.codes
         try:
-            loaded = load_embeddings(info["path"], expected_codes=self.miner.taxonomy.codes)
+            if self.miner.shard is None:
+                embeddings = load_embeddings(info["path"], expected_codes=codes).embeddings
+                digest = _digest(embeddings)
+            else:  # this rank's rows only
+                embeddings = embedding_rows(info["path"], *self.miner.own_rows(), expected_codes=codes)
+                digest = embeddings_sha256(info["path"])
         except EmbeddingsFileError as err:
             raise RuntimeError(f"HardNegativeMiningCallback: cannot resume mining from {info['path']!r} ({err}); "
                                "the refresh embeddings file of this checkpoint is needed") from None
-        if _digest(loaded.embeddings) != info["sha256"]:
+        if digest != info["sha256"]:
             raise RuntimeError(f"HardNegativeMiningCallback: {info['path']!r} does not hold the embeddings this "
                                "checkpoint was refreshed with (sha256 differs)")
-        self.miner.refresh(loaded.embeddings, info["epoch"], progress=trainer.is_global_zero)
+        refresh = self.miner.refresh if self.miner.shard is None else self.miner.refresh_local
+        refresh(embeddings, info["epoch"], progress=trainer.is_global_zero)
         self._previous_top = self._top_neighbours()
 
     def _embed_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
-        """Every code's embedding; under DDP each rank embeds a shard and the shards are all-gathered."""
-        cache = self._data(trainer).token_cache
-        n, world, rank = cache.size, trainer.world_size, trainer.global_rank
+        """Every code's embedding; under DDP each rank embeds a shard and the shards are all-gathered
+        (with ``shard_index``, this rank's rows ``miner.own_rows()`` only, never gathered)."""
+        n, world, rank = self._data(trainer).token_cache.size, trainer.world_size, trainer.global_rank
+        if self.miner.shard is not None:
+            return self._embed(trainer, pl_module, torch.arange(*self.miner.own_rows()))
         per_rank = -(-n // world)
         shard = torch.arange(rank * per_rank, min(n, (rank + 1) * per_rank))
         pad = per_rank - len(shard)
         if pad:
             shard = torch.cat([shard, torch.zeros(pad, dtype=torch.long)])
-        emb = embed_codes(self.embed_fn or pl_module.embed, cache, shard, batch_size=self.embed_batch_size,
-                          device=pl_module.device, module=pl_module, progress=trainer.is_global_zero,
-                          desc=f"epoch {trainer.current_epoch}: embedding {n} codes",
-                          dtype=getattr(torch, self.embedding_dtype.value))
+        emb = self._embed(trainer, pl_module, shard)
         if world == 1:
             return emb
         gathered = trainer.strategy.all_gather(emb.to(pl_module.device))  # [world, per_rank, d]
         return gathered.reshape(world * per_rank, -1)[:n].cpu()
 
+    def _embed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rows: torch.Tensor) -> torch.Tensor:
+        cache = self._data(trainer).token_cache
+        return embed_codes(self.embed_fn or pl_module.embed, cache, rows, batch_size=self.embed_batch_size,
+                           device=pl_module.device, module=pl_module, progress=trainer.is_global_zero,
+                           desc=f"epoch {trainer.current_epoch}: embedding {cache.size} codes",
+                           dtype=getattr(torch, self.embedding_dtype.value))
+
     def _top_neighbours(self) -> torch.Tensor | None:
+        """The first k neighbours of this rank's rows (every row in one process)."""
         ids = None if self.miner is None else self.miner.neighbour_ids
-        return None if ids is None else ids[:, : self.k].clone()
+        if ids is None:
+            return None
+        lo, hi = self.miner.own_rows()
+        block = ids[lo:hi, : self.k]
+        return block.clone() if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block))
+
+    def _overlap(self, top: torch.Tensor | None) -> float:
+        """Share of this refresh's top-k neighbours that were in the previous refresh's (summed over the ranks)."""
+        counts = np.zeros(2, dtype=np.int64)
+        if top is not None and self._previous_top is not None:
+            same = (top[:, :, None] == self._previous_top.to(top.device)[:, None, :]) & (top[:, :, None] >= 0)
+            counts[:] = int(same.any(2).sum()), int((top >= 0).sum())
+        if self.miner.shard is not None:  # a collective: every rank takes part
+            counts = self.miner.shard.all_gather(counts).sum(axis=0)
+        return float("nan") if top is None or self._previous_top is None else float(counts[0]) / max(int(counts[1]), 1)
 
     def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Re-embed every code with the current model and rebuild the index and neighbour lists."""
@@ -239,17 +273,15 @@ class HardNegativeMiningCallback(Callback):
         t0 = time.perf_counter()
         embeddings = self._embed_all(trainer, pl_module).float().numpy()
         t1 = time.perf_counter()
-        timings = self.miner.refresh(embeddings, epoch, progress=trainer.is_global_zero)
+        refresh = self.miner.refresh if self.miner.shard is None else self.miner.refresh_local
+        timings = refresh(embeddings, epoch, progress=trainer.is_global_zero)
         t2 = time.perf_counter()
         self._save_embeddings(trainer, embeddings, epoch)
         self.refresh_count += 1
         self.last_refresh_epoch = epoch
         self.last_refresh_seconds = {"embed": t1 - t0, "build": t2 - t1, **timings}
-        overlap = float("nan")
         top = self._top_neighbours()
-        if top is not None and self._previous_top is not None:
-            same = (top[:, :, None] == self._previous_top.to(top.device)[:, None, :]) & (top[:, :, None] >= 0)
-            overlap = same.any(2).float().sum().item() / max(int((top >= 0).sum()), 1)
+        overlap = self._overlap(top)
         self._previous_top = top
         metrics = {"hnm/refresh_embed_s": t1 - t0, "hnm/refresh_build_s": t2 - t1, "hnm/neighbour_overlap": overlap,
                    "hnm/refresh_count": float(self.refresh_count)}
@@ -261,12 +293,22 @@ class HardNegativeMiningCallback(Callback):
             self.index.save(self.save_dir / f"epoch{epoch}.faiss")
 
     def _save_embeddings(self, trainer: pl.Trainer, embeddings: np.ndarray, epoch: int) -> None:
+        """The refresh embeddings file; with ``shard_index`` each rank writes its rows, one rank after the other."""
         path = self.embeddings_dir / f"refresh_epoch{epoch:04d}.h5"
-        if trainer.is_global_zero:
-            save_embeddings(path, embeddings, self.miner.taxonomy.codes, model=type(trainer.lightning_module).__name__,
-                            epoch=epoch)
-        trainer.strategy.barrier("hnm_embeddings_saved")
-        self._embeddings_file = {"path": str(path.resolve()), "sha256": _digest(embeddings), "epoch": epoch}
+        codes, model = self.miner.taxonomy.codes, type(trainer.lightning_module).__name__
+        shard = self.miner.shard
+        if shard is not None:
+            lo, _ = self.miner.own_rows()
+            write_together(path, shard, lambda temp: create_embeddings_file(
+                temp, (len(codes), embeddings.shape[1]), codes, model=model, epoch=epoch),
+                lambda temp: write_embedding_rows(temp, lo, embeddings), by_turns=True)
+            digest = embeddings_sha256(path)
+        else:
+            if trainer.is_global_zero:
+                save_embeddings(path, embeddings, codes, model=model, epoch=epoch)
+            trainer.strategy.barrier("hnm_embeddings_saved")
+            digest = _digest(embeddings)
+        self._embeddings_file = {"path": str(path.resolve()), "sha256": digest, "epoch": epoch}
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
