@@ -169,9 +169,7 @@ def _initial_depth(request: _Request) -> int:
     """k plus the most rows one anchor can lose to self, positive, relatives and exclude."""
     slack = 2
     if request.tree is not None and request.anchors.numel():
-        taxonomy = request.tree.taxonomy
-        rows = request.anchors.cpu().numpy()
-        slack += int((taxonomy.depth[rows] + taxonomy.end[rows] - taxonomy.pre[rows]).max())
+        slack += int(request.tree.related_bound(request.anchors.cpu().numpy()).max())
     if request.exclude is not None:
         slack += max((len(list(e)) for e in request.exclude if e is not None), default=0)
     return min(request.index.ntotal, request.k + slack)

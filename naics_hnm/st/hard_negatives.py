@@ -47,6 +47,7 @@ from naics_hnm.st.distributed_mining import build_index
 from naics_hnm.st.negative_search import SearchRequest, TextTree, search_negatives, text_codes
 from naics_hnm.st.text_corpus import (DOCUMENT, QUERY, TextPairs, as_output, collect_pairs, embed_pairs, empty_columns,
                                       output_columns, resolved_prompt)
+from naics_hnm.tree.guard import TreeGuard
 from naics_hnm.tree.taxonomy import Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ def _text_tree(pairs: TextPairs, s: dict[str, Any]) -> TextTree:
     (logger.warning if mapped[1] == 0 else logger.info)(
         "tree guard: %d of %d corpus texts and %d of %d anchor texts stand for codes of taxonomy %r",
         mapped[0], len(pairs.corpus), mapped[1], len(pairs.anchors), taxonomy.name)
-    return TextTree(taxonomy, corpus_codes, anchor_codes, order_filter=s["order_filter"])
+    return TextTree(TreeGuard(taxonomy), corpus_codes, anchor_codes, order_filter=s["order_filter"])
 
 
 # ---------------------------------------------------------------------------------------------- validation
