@@ -1,23 +1,10 @@
 """Cross-encoder rescoring of mined candidates, with sentence-transformers 6.3's semantics.
 
-sentence-transformers' ``mine_hard_negatives(..., cross_encoder=ce)`` takes a window of the
-bi-encoder's ``range_max + max_positives + 1`` nearest corpus texts per anchor, has the
-cross-encoder score every (anchor, candidate) pair of it and every (anchor, positive) pair, and
-then applies everything else to the cross-encoder's scores: the anchor's own text and its positives
-are removed, the margins are taken against the least *cross-encoder* score of the anchor's
-positives, ``max_score`` / ``min_score`` compare cross-encoder scores, the window is ranked by them,
-``range_min`` / ``range_max`` are ranks in that order, and the scores written are theirs.
-
-:func:`rescore_negatives` does the same on the same window, so where that window holds enough
-valid candidates the output is equal. What differs:
-
-- each distinct (anchor, text) pair is scored once, in batches sorted by token length across all
-  anchors (one ``predict`` call per batch, a progress bar); texts that are excluded anyway (the
-  anchor's own text, its positives, tree relatives) are never scored as candidates;
-- a row whose window leaves fewer than ``range_min + num_negatives`` valid candidates is not short:
-  its window grows (2x) and only the new pairs are scored, until the row is full or the corpus is
-  exhausted;
-- the tree guard (``taxonomy=``) and the counter-based random draws apply as without a cross-encoder.
+On the bi-encoder's window of ``range_max + max_positives + 1`` nearest texts, the cross-encoder's
+scores rank the candidates and feed every score rule (margins against its least positive score,
+``max_score`` / ``min_score``). Beyond sentence-transformers: each distinct (anchor, text) pair is
+scored once, in batches sorted by token length; excluded texts are never scored; a row left short
+gets a 2x window (only new pairs scored). See ``docs/sentence_transformers.md``.
 """
 
 from __future__ import annotations

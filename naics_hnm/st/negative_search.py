@@ -1,29 +1,13 @@
 """Exact negative search for query vectors over an :class:`EmbeddingIndex` of distinct corpus texts.
 
-For each anchor the valid candidates are the corpus texts, most similar first, less:
-
-- the anchor's own text and every one of its positives (unless ``include_positives``);
-- with a :class:`TextTree`, every text standing for an ancestor or a descendant of a code of the
-  anchor, and with ``order_filter`` every text as near the anchor in the tree as its farthest positive;
-- texts above ``max_score``, above ``p - absolute_margin`` or ``p - |p| * relative_margin`` where
-  ``p`` is the score of the anchor's *least* similar positive, or below ``min_score``.
-
-``range_min`` / ``range_max`` are ranks in that list. ``"top"`` takes ranks ``range_min ..
-range_min + n - 1``; ``"random"`` draws ``n`` of the ranks ``[range_min, range_max)`` from a
-counter-based generator keyed by (seed, anchor text), then orders them by score. A row is searched
-deeper (4x the depth) until it has the ranks it needs or the corpus is exhausted, so a row is
-short only when the whole corpus holds too few valid candidates.
-
-With the exact (flat) index each block of anchors is scored against the corpus once, by one
-matrix product on the index's device (what a faiss flat search computes); the score rules are
-applied as a mask before a top-k, so a margin that removes an anchor's nearest thousand texts
-costs no deeper scan. With an approximate index (``index_factory``) faiss searches, and an
-unsettled row is searched again deeper. Memory is bounded by blocks of ``[rows, N]`` scores (128
-MiB) or ``[rows, depth]`` candidates; nothing is corpus x corpus.
-
-The tree guard works through texts: :func:`text_codes` gives each text the codes it stands for
-(titles are not unique: a text may stand for several) and :class:`TextTree` relates an anchor's
-codes to a candidate's - one related pair makes the candidate related.
+An anchor's valid candidates are the corpus texts, most similar first, less its own text and its
+positives (unless ``include_positives``), with a :class:`TextTree` the texts of its codes' relatives
+(and with ``order_filter`` those as near as its farthest positive), and those the score rules drop
+(``max_score``, ``min_score``, margins against its *least* similar positive). ``range_min`` /
+``range_max`` are ranks in that list (``"random"``: drawn by a counter-based generator keyed by
+(seed, anchor text)); a row is searched 4x deeper until it has the ranks it needs or the corpus is
+exhausted. The flat index is scanned by blocks of ``[rows, N]`` scores (128 MiB, the score rules
+masked before the top-k); an approximate one is searched by faiss.
 
 The shared steps are the mining core's: :func:`~naics_hnm.index.ids.search_deeper` deepens,
 :func:`~naics_hnm.index.ids.select_topk` ranks the valid candidates (ties by column),
