@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from naics_hnm.index.embedding_index import EmbeddingIndex
-from naics_hnm.index.ids import check_k, duplicate_mask, like_input, search_deeper, select_topk, worst_score
-from naics_hnm.mining.checks import (as_tree_guard, check_exclude, check_ids, check_margin, check_order_filter,
-                                     exclude_mask, is_bool_mask, margin_tensors)
+from naics_hnm.index.ids import check_ids, check_k, duplicate_mask, like_input, search_deeper, select_topk, worst_score
+from naics_hnm.mining.checks import (as_tree_guard, check_exclude, check_margin, check_order_filter, exclude_mask,
+                                     is_bool_mask, margin_tensors)
 from naics_hnm.tree.guard import GuardStats, TreeGuard, guard_tensors
 
 

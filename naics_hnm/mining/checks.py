@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from naics_hnm.index.ids import as_id_tensor, check_id_range, like_input
+from naics_hnm.index.ids import check_ids, like_input
 from naics_hnm.index.metric import check_metric, get_metric
 from naics_hnm.tree.guard import GuardStats, TreeGuard, guard_tensors
 from naics_hnm.tree.taxonomy import Taxonomy
 
-__all__ = ["GuardStats", "TreeGuard", "as_tree_guard", "check_exclude", "check_ids", "check_margin",
-           "check_order_filter", "exclude_mask", "guard_mask", "margin_mask", "margin_tensors"]
+__all__ = ["GuardStats", "TreeGuard", "as_tree_guard", "check_exclude", "check_margin", "check_order_filter",
+           "exclude_mask", "guard_mask", "margin_mask", "margin_tensors"]
 
 
 def as_tree_guard(tree: Any) -> TreeGuard | None:
@@ -91,26 +91,6 @@ def guard_mask(anchor_ids: Any, candidate_ids: Any, *, positive_ids: Any = None,
     keep, stats = guard_tensors(anchors, candidates, positives, tree=tree, order_filter=order_filter,
                                 exclude=excluded)
     return like_input(candidate_ids, keep)[0], stats
-
-
-def check_ids(anchor_ids: Any, candidate_ids: Any, positive_ids: Any, device: Any,
-              n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """int64 tensors on ``device``: anchors [B] in ``[0, n)``, candidates [B, C] and positives [B] (each
-    optional) in ``[-1, n)``; TypeError / ValueError naming the argument."""
-    anchors = as_id_tensor(anchor_ids, "anchor_ids", device, 1)
-    check_id_range(anchors, "anchor_ids", n, allow_padding=False)
-    b, candidates, positives = anchors.shape[0], None, None
-    if candidate_ids is not None:
-        candidates = as_id_tensor(candidate_ids, "candidate_ids", device, 2)
-        if candidates.shape[0] != b:
-            raise ValueError(f"candidate_ids has {candidates.shape[0]} rows, expected B={b} (one per anchor)")
-        check_id_range(candidates, "candidate_ids", n, allow_padding=True)
-    if positive_ids is not None:
-        positives = as_id_tensor(positive_ids, "positive_ids", device, 1)
-        if positives.shape != anchors.shape:
-            raise ValueError(f"positive_ids has shape {tuple(positives.shape)}, expected [B] = [{b}]")
-        check_id_range(positives, "positive_ids", n, allow_padding=True)
-    return anchors, candidates, positives
 
 
 def check_order_filter(order_filter: bool, positives: Any, tree: Any, taxonomy_argument: str) -> None:
