@@ -30,8 +30,7 @@ import torch
 from naics_hnm.fingerprint import codes_fingerprint
 from naics_hnm.hugepages import on_hugepages
 from naics_hnm.index.approximate import SearchTraits, apply_search_params, build_faiss_index
-from naics_hnm.index.ids import (DEVICES, as_id_tensor, check_id_range, check_k, duplicate_mask, like_input,
-                                 select_topk, worst_score)
+from naics_hnm.index.ids import DEVICES, check_ids, check_k, duplicate_mask, like_input, select_topk, worst_score
 from naics_hnm.index.index_file import (IndexFileError, faiss_metric, read_index_file, read_index_set,
                                         read_vectors_file, sidecar_path, write_index_files)
 from naics_hnm.index.knn import as_float_matrix, normalise_rows, rescore_topk, search_in_batches, torch_knn
@@ -291,24 +290,12 @@ class EmbeddingIndex:
         earlier candidate position. Output is numpy for numpy input, else torch on the input's device.
         """
         k = check_k(k)
-        anchors, candidates = self._validate_pairs(anchor_ids, candidate_ids)
+        anchors, candidates, _ = check_ids(anchor_ids, candidate_ids, None, self._vectors.device, self.ntotal)
         with torch.no_grad():
             scores = self.pair_scores(anchors, candidates)
             keep = (candidates >= 0) & ~duplicate_mask(candidates)
             top_scores, top_ids = select_topk(scores, candidates, keep, k, self._metric)
         return like_input(candidate_ids, top_scores, top_ids)
-
-    def _validate_pairs(self, anchor_ids: Any, candidate_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        anchors = as_id_tensor(anchor_ids, "anchor_ids", self._vectors.device, 1)
-        candidates = as_id_tensor(candidate_ids, "candidate_ids", self._vectors.device, 2)
-        if candidates.shape[0] != anchors.shape[0]:
-            raise ValueError(
-                f"candidate_ids has {candidates.shape[0]} rows but anchor_ids has {anchors.shape[0]}; "
-                "expected [B, C] and [B]"
-            )
-        check_id_range(anchors, "anchor_ids", self.ntotal, allow_padding=False)
-        check_id_range(candidates, "candidate_ids", self.ntotal, allow_padding=True)
-        return anchors, candidates
 
     def search(self, queries: Any, k: int, *, batch_size: int | None = None) -> tuple[Any, Any]:
         """Global k nearest rows of query vectors [Q, d] (normalised for cosine).
@@ -333,8 +320,7 @@ class EmbeddingIndex:
         outputs does not grow with Q. Output kind follows ``anchor_ids``.
         """
         k = check_k(k)
-        anchors = as_id_tensor(anchor_ids, "anchor_ids", "cpu", 1)
-        check_id_range(anchors, "anchor_ids", self.ntotal, allow_padding=False)
+        anchors = check_ids(anchor_ids, None, None, "cpu", self.ntotal)[0]
         scores, ids = self._search_rows(self._vectors_np, anchors.numpy(), k, batch_size)
         return like_input(anchor_ids, torch.from_numpy(scores), torch.from_numpy(ids))
 
@@ -442,16 +428,9 @@ def _check_expected(path: Path, meta: dict[str, Any], expected_codes: Sequence[s
 
 
 def knn_rows(index: EmbeddingIndex, row_ids: Any, k: int, batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest indexed rows of each indexed row in ``row_ids`` (int [Q]), as numpy arrays.
-
-    Returns ``(scores float32 [Q, k], ids int64 [Q, k])``, best first, each row's own id included
-    (ties permitting), padded as :meth:`EmbeddingIndex.search` pads. Rows are searched
-    ``batch_size`` at a time, so working memory is bounded whatever Q is.
-    """
-    k = check_k(k)
-    anchors = as_id_tensor(row_ids, "row_ids", "cpu", 1)
-    check_id_range(anchors, "row_ids", index.ntotal, allow_padding=False)
-    return index._search_rows(index._vectors_np, anchors.numpy(), k, batch_size)
+    """:meth:`EmbeddingIndex.search_ids` as numpy arrays ``(scores float32 [Q, k], ids int64 [Q, k])``, whatever
+    ``row_ids`` is."""
+    return tuple(np.asarray(torch.as_tensor(a).cpu()) for a in index.search_ids(row_ids, k, batch_size=batch_size))
 
 
 class _StorageOwner:

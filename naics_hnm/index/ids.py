@@ -61,6 +61,26 @@ def check_id_range(ids: torch.Tensor, name: str, n: int, allow_padding: bool) ->
         raise ValueError(f"{name} holds id {first}, expected ids in {expected}")
 
 
+def check_ids(anchor_ids: Any, candidate_ids: Any, positive_ids: Any, device: Any,
+              n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """int64 tensors on ``device``: anchors [B] in ``[0, n)``, candidates [B, C] and positives [B] (each
+    optional) in ``[-1, n)``; TypeError / ValueError naming the argument."""
+    anchors = as_id_tensor(anchor_ids, "anchor_ids", device, 1)
+    check_id_range(anchors, "anchor_ids", n, allow_padding=False)
+    b, candidates, positives = anchors.shape[0], None, None
+    if candidate_ids is not None:
+        candidates = as_id_tensor(candidate_ids, "candidate_ids", device, 2)
+        if candidates.shape[0] != b:
+            raise ValueError(f"candidate_ids has {candidates.shape[0]} rows but anchor_ids has {b}; expected [B, C] and [B]")
+        check_id_range(candidates, "candidate_ids", n, allow_padding=True)
+    if positive_ids is not None:
+        positives = as_id_tensor(positive_ids, "positive_ids", device, 1)
+        if positives.shape != anchors.shape:
+            raise ValueError(f"positive_ids has shape {tuple(positives.shape)}, expected [B] = [{b}]")
+        check_id_range(positives, "positive_ids", n, allow_padding=True)
+    return anchors, candidates, positives
+
+
 def like_input(template: Any, *arrays: torch.Tensor) -> tuple:
     """The tensors as numpy when ``template`` is not a tensor, else on the template's device."""
     if isinstance(template, torch.Tensor):

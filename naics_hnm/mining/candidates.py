@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from naics_hnm.index.embedding_index import EmbeddingIndex
-from naics_hnm.index.ids import (as_id_tensor, check_id_range, check_k, duplicate_mask, like_input, search_deeper,
-                                 select_topk, worst_score)
-from naics_hnm.mining.checks import as_tree_guard, check_margin, exclude_mask, is_bool_mask, margin_tensors
+from naics_hnm.index.ids import check_ids, check_k, duplicate_mask, like_input, search_deeper, select_topk, worst_score
+from naics_hnm.mining.checks import (as_tree_guard, check_exclude, check_margin, check_order_filter, exclude_mask,
+                                     is_bool_mask, margin_tensors)
 from naics_hnm.tree.guard import GuardStats, TreeGuard, guard_tensors
 
 
@@ -95,28 +95,11 @@ def _validate(
         raise TypeError(f"index must be an EmbeddingIndex, got {type(index).__name__}")
     k = check_k(k)
     n, device = index.ntotal, index.vectors.device
-    anchors = as_id_tensor(anchor_ids, "anchor_ids", device, 1)
-    check_id_range(anchors, "anchor_ids", n, allow_padding=False)
-    candidates = None
-    if candidate_ids is not None:
-        candidates = as_id_tensor(candidate_ids, "candidate_ids", device, 2)
-        if candidates.shape[0] != anchors.shape[0]:
-            raise ValueError(
-                f"candidate_ids has {candidates.shape[0]} rows, expected B={anchors.shape[0]} (one per anchor)"
-            )
-        check_id_range(candidates, "candidate_ids", n, allow_padding=True)
-    elif is_bool_mask(exclude):
+    anchors, candidates, positives = check_ids(anchor_ids, candidate_ids, positive_ids, device, n)
+    if candidates is None and is_bool_mask(exclude):
         raise ValueError("exclude as a bool mask [B, C] needs candidate_ids; pass per-anchor id collections instead")
-    positives = None
-    if positive_ids is not None:
-        positives = as_id_tensor(positive_ids, "positive_ids", device, 1)
-        if positives.shape != anchors.shape:
-            raise ValueError(f"positive_ids has shape {tuple(positives.shape)}, expected [B] = [{anchors.shape[0]}]")
-        check_id_range(positives, "positive_ids", n, allow_padding=True)
-    if exclude is not None and not isinstance(exclude, (np.ndarray, torch.Tensor)) and len(exclude) != anchors.shape[0]:
-        raise ValueError(
-            f"exclude has {len(exclude)} entries, expected one id collection per anchor (B={anchors.shape[0]})"
-        )
+    if exclude is not None and not is_bool_mask(exclude):
+        check_exclude(exclude, anchors.shape[0])
     margin = None if relative_margin is None else check_margin(relative_margin)
     if margin is not None and positives is None:
         raise ValueError(
@@ -129,8 +112,7 @@ def _validate(
         fingerprint = tree.taxonomy.fingerprint
         if index.codes_fingerprint is not None and index.codes_fingerprint != fingerprint:
             raise ValueError(f"taxonomy fingerprint {fingerprint} differs from the index's {index.codes_fingerprint}")
-    if order_filter and (positives is None or tree is None):
-        raise ValueError("order_filter=True needs positive_ids and taxonomy=")
+    check_order_filter(order_filter, positives, tree, "taxonomy=")
     if candidates is not None and exclude is not None:
         exclude = exclude_mask(candidates, exclude)
     return _Request(index, anchors, candidates, k, positives, exclude, margin, tree, bool(order_filter))
@@ -169,9 +151,7 @@ def _initial_depth(request: _Request) -> int:
     """k plus the most rows one anchor can lose to self, positive, relatives and exclude."""
     slack = 2
     if request.tree is not None and request.anchors.numel():
-        taxonomy = request.tree.taxonomy
-        rows = request.anchors.cpu().numpy()
-        slack += int((taxonomy.depth[rows] + taxonomy.end[rows] - taxonomy.pre[rows]).max())
+        slack += int(request.tree.related_bound(request.anchors.cpu().numpy()).max())
     if request.exclude is not None:
         slack += max((len(list(e)) for e in request.exclude if e is not None), default=0)
     return min(request.index.ntotal, request.k + slack)

@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from naics_hnm.index.ids import as_id_tensor, check_id_range, like_input
+from naics_hnm.index.ids import check_ids, like_input
 from naics_hnm.index.metric import check_metric, get_metric
 from naics_hnm.tree.guard import GuardStats, TreeGuard, guard_tensors
 from naics_hnm.tree.taxonomy import Taxonomy
 
-__all__ = ["GuardStats", "TreeGuard", "as_tree_guard", "check_margin", "exclude_mask", "guard_mask",
-           "margin_mask", "margin_tensors"]
+__all__ = ["GuardStats", "TreeGuard", "as_tree_guard", "check_exclude", "check_margin", "check_order_filter",
+           "exclude_mask", "guard_mask", "margin_mask", "margin_tensors"]
 
 
 def as_tree_guard(tree: Any) -> TreeGuard | None:
@@ -49,12 +49,7 @@ def exclude_mask(candidates: torch.Tensor, exclude: Any) -> torch.Tensor:
             raise ValueError(f"exclude mask has shape {tuple(exclude.shape)}, expected [B, C] = {(b, c)}")
         mask = exclude if isinstance(exclude, torch.Tensor) else torch.from_numpy(np.asarray(exclude))
         return mask.to(candidates.device)
-    if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__"):
-        raise TypeError(
-            f"exclude must be a bool mask [B, C] or a list of B id collections, got {type(exclude).__name__}"
-        )
-    if len(exclude) != b:
-        raise ValueError(f"exclude has {len(exclude)} entries, expected one id collection per anchor (B={b})")
+    check_exclude(exclude, b)
     rows = []
     for i, ids in enumerate(exclude):
         if ids is None:
@@ -85,27 +80,32 @@ def guard_mask(anchor_ids: Any, candidate_ids: Any, *, positive_ids: Any = None,
     near the anchor as its positive. ``positive_ids`` may hold ``-1`` (no positive for that row).
     ``exclude``: a bool mask [B, C] or B id collections. Output is numpy or torch like ``candidate_ids``.
     """
+    if candidate_ids is None:
+        raise TypeError("candidate_ids=None: expected integer ids [B, C]")
     device = candidate_ids.device if isinstance(candidate_ids, torch.Tensor) else "cpu"
     tree = as_tree_guard(taxonomy)
-    anchors = as_id_tensor(anchor_ids, "anchor_ids", device, 1)
-    candidates = as_id_tensor(candidate_ids, "candidate_ids", device, 2)
-    positives = None if positive_ids is None else as_id_tensor(positive_ids, "positive_ids", device, 1)
-    b = anchors.shape[0]
-    if candidates.shape[0] != b:
-        raise ValueError(f"candidate_ids has {candidates.shape[0]} rows, expected B={b} (one per anchor)")
-    if positives is not None and positives.shape != anchors.shape:
-        raise ValueError(f"positive_ids has shape {tuple(positives.shape)}, expected [B] = [{b}]")
-    if order_filter and (positives is None or tree is None):
-        raise ValueError("order_filter=True needs positive_ids and a taxonomy")
     n = len(tree) if tree is not None else 2**62
-    check_id_range(anchors, "anchor_ids", n, allow_padding=False)
-    check_id_range(candidates, "candidate_ids", n, allow_padding=True)
-    if positives is not None:
-        check_id_range(positives, "positive_ids", n, allow_padding=True)
+    anchors, candidates, positives = check_ids(anchor_ids, candidate_ids, positive_ids, device, n)
+    check_order_filter(order_filter, positives, tree, "a taxonomy")
     excluded = None if exclude is None else exclude_mask(candidates, exclude)
     keep, stats = guard_tensors(anchors, candidates, positives, tree=tree, order_filter=order_filter,
                                 exclude=excluded)
     return like_input(candidate_ids, keep)[0], stats
+
+
+def check_order_filter(order_filter: bool, positives: Any, tree: Any, taxonomy_argument: str) -> None:
+    if order_filter and (positives is None or tree is None):
+        raise ValueError(f"order_filter=True needs positive_ids and {taxonomy_argument}")
+
+
+def check_exclude(exclude: Any, b: int) -> None:
+    """TypeError / ValueError unless ``exclude`` (not a bool mask) is a list of ``b`` id collections."""
+    if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__"):
+        raise TypeError(
+            f"exclude must be a bool mask [B, C] or a list of B id collections, got {type(exclude).__name__}"
+        )
+    if len(exclude) != b:
+        raise ValueError(f"exclude has {len(exclude)} entries, expected one id collection per anchor (B={b})")
 
 
 def margin_mask(candidate_scores: Any, positive_scores: Any, relative_margin: float, metric: str) -> Any:

@@ -2,22 +2,10 @@
 
     python -m naics_hnm.mine --dataset pairs.jsonl --model PATH --output mined.jsonl [options]
 
-Reads ``.jsonl`` (one JSON object per line), ``.csv`` (with a header row) or ``.parquet``, mines
-with :func:`naics_hnm.mine_hard_negatives` and writes the same columns as sentence-transformers'
-``mine_hard_negatives`` to ``--output`` (``.jsonl``, ``.csv`` - list cells as JSON - or
-``.parquet``). ``--model`` is a SentenceTransformer folder or name; ``--cross-encoder`` a
-CrossEncoder folder or name that rescores the candidates and positives (as sentence-transformers'
-``cross_encoder=``). Prints a progress bar and a summary: rows, short rows and why, the score
-distribution of positives and negatives. Beside the output it writes its dataset card,
-``<output name>.README.md`` (:mod:`naics_hnm.st.dataset_card`; the command line included).
-
-Under ``torchrun --nproc-per-node N -m naics_hnm.mine ...`` the ranks mine together
-(:mod:`naics_hnm.st.distributed_mining`): each embeds its slice of the distinct texts, indexes its
-slice of the corpus and scores its slice of the cross-encoder pairs; rank 0 writes the output and
-the card, equal to one process's.
-
-Bad input ends with one line on stderr and exit status 2; the output file is written to a
-temporary file and moved into place, so it is either complete or untouched.
+Reads and writes ``.jsonl``, ``.csv`` (list cells as JSON) and ``.parquet``, mining with
+:func:`naics_hnm.mine_hard_negatives` and writing its dataset card beside the output; runs under
+``torchrun`` too (:mod:`naics_hnm.st.distributed_mining`). Bad input ends with one line on stderr
+and exit status 2; the output is written to a temporary file and moved into place.
 """
 
 from __future__ import annotations
@@ -146,19 +134,10 @@ def _run(args: argparse.Namespace) -> int:
     from naics_hnm.st.hard_negatives import check_options, mine_with_report
     from naics_hnm.st.text_corpus import resolve_columns
 
-    options = dict(
-        anchor_column_name=args.anchor_column, positive_column_name=args.positive_column,
-        corpus=corpus, cross_encoder=None, range_min=args.range_min, range_max=args.range_max,
-        max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
-        relative_margin=args.relative_margin, num_negatives=args.num_negatives,
-        sampling_strategy=args.sampling_strategy, query_prompt_name=args.query_prompt_name,
-        query_prompt=args.query_prompt, corpus_prompt_name=args.corpus_prompt_name,
-        corpus_prompt=args.corpus_prompt, include_positives=args.include_positives,
-        output_format=args.output_format, output_scores=args.output_scores, batch_size=args.batch_size,
-        faiss_batch_size=16384, use_faiss=True, use_multi_process=False, verbose=writer and not args.quiet,
-        cache_folder=args.cache_folder, as_triplets=None, margin=None, seed=args.seed, taxonomy=taxonomy,
-        codes=codes, order_filter=args.order_filter, index_factory=args.index_factory,
-        search_params=search_params, device=args.device)
+    given = {"anchor_column_name": args.anchor_column, "positive_column_name": args.positive_column,
+             "corpus": corpus, "taxonomy": taxonomy, "codes": codes, "search_params": search_params}
+    options = {name: given[name] if name in given else getattr(args, name) for name in PARAMETERS}
+    options["verbose"] = writer and not args.quiet
     try:
         check_options(**options)  # numbers and names before any model loads
         resolve_columns(dataset, args.anchor_column, args.positive_column)
@@ -366,29 +345,25 @@ def load_model(name: str, device: str | None, quiet: bool = False) -> Any:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise CliError("--model needs sentence-transformers (pip install sentence-transformers)") from None
-    if not Path(name).exists() and Path(name).is_absolute():
-        raise CliError(f"--model {name!r}: no such folder")
-    try:
-        return SentenceTransformer(name, device=device)
-    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's model argument
-        raise CliError(f"--model {name!r} could not be loaded as a SentenceTransformer: {_one_line(exc)}") from None
+    return _load("SentenceTransformer", "--model", name, device)
 
 
 def load_cross_encoder(name: str, device: str | None) -> Any:
+    return _load("CrossEncoder", "--cross-encoder", name, device)
+
+
+def _load(class_name: str, option: str, name: str, device: str | None) -> Any:
+    """A sentence-transformers model class loaded from ``name``; CliError naming ``option`` when it fails."""
     try:
-        from sentence_transformers import CrossEncoder
+        import sentence_transformers
     except ImportError:
-        raise CliError("--cross-encoder needs sentence-transformers (pip install sentence-transformers)") from None
+        raise CliError(f"{option} needs sentence-transformers (pip install sentence-transformers)") from None
     if not Path(name).exists() and Path(name).is_absolute():
-        raise CliError(f"--cross-encoder {name!r}: no such folder")
+        raise CliError(f"{option} {name!r}: no such folder")
     try:
-        return CrossEncoder(name, device=device)
-    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's cross-encoder argument
-        raise CliError(f"--cross-encoder {name!r} could not be loaded as a CrossEncoder: {_one_line(exc)}") from None
+        return getattr(sentence_transformers, class_name)(name, device=device)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's model argument
+        raise CliError(f"{option} {name!r} could not be loaded as a {class_name}: {_one_line(exc)}") from None
 
 
 def _taxonomy(path: Path) -> Any:

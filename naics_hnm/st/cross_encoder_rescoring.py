@@ -1,23 +1,10 @@
 """Cross-encoder rescoring of mined candidates, with sentence-transformers 6.3's semantics.
 
-sentence-transformers' ``mine_hard_negatives(..., cross_encoder=ce)`` takes a window of the
-bi-encoder's ``range_max + max_positives + 1`` nearest corpus texts per anchor, has the
-cross-encoder score every (anchor, candidate) pair of it and every (anchor, positive) pair, and
-then applies everything else to the cross-encoder's scores: the anchor's own text and its positives
-are removed, the margins are taken against the least *cross-encoder* score of the anchor's
-positives, ``max_score`` / ``min_score`` compare cross-encoder scores, the window is ranked by them,
-``range_min`` / ``range_max`` are ranks in that order, and the scores written are theirs.
-
-:func:`rescore_negatives` does the same on the same window, so where that window holds enough
-valid candidates the output is equal. What differs:
-
-- each distinct (anchor, text) pair is scored once, in batches sorted by token length across all
-  anchors (one ``predict`` call per batch, a progress bar); texts that are excluded anyway (the
-  anchor's own text, its positives, tree relatives) are never scored as candidates;
-- a row whose window leaves fewer than ``range_min + num_negatives`` valid candidates is not short:
-  its window grows (2x) and only the new pairs are scored, until the row is full or the corpus is
-  exhausted;
-- the tree guard (``taxonomy=``) and the counter-based random draws apply as without a cross-encoder.
+On the bi-encoder's window of ``range_max + max_positives + 1`` nearest texts, the cross-encoder's
+scores rank the candidates and feed every score rule (margins against its least positive score,
+``max_score`` / ``min_score``). Beyond sentence-transformers: each distinct (anchor, text) pair is
+scored once, in batches sorted by token length; excluded texts are never scored; a row left short
+gets a 2x window (only new pairs scored). See ``docs/sentence_transformers.md``.
 """
 
 from __future__ import annotations
@@ -29,15 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from naics_hnm.st.negative_search import (
-    REASONS,
-    SearchRequest,
-    SearchResult,
-    _is_positive,
-    _order_limits,
-    _upper_bounds,
-    settle_rows,
-)
+from naics_hnm.st.negative_search import SearchRequest, SearchResult, search_run
 
 logger = logging.getLogger(__name__)
 
@@ -177,65 +156,20 @@ def rescore_negatives(request: SearchRequest, scorer: PairScorer, window: int, p
     anchor_of = np.repeat(np.arange(n_anchors), np.diff(request.pos_offsets))
     positive_scores = scorer.scores(anchor_of, request.pos_ids)
     r = replace(request, positive_scores=positive_scores)
-    bounds = _upper_bounds(r)
-    order_limit = _order_limits(r) if r.tree is not None and r.tree.order_filter else None
-    need = r.range_min + r.num_negatives
-    ntotal = r.index.ntotal
-    out = SearchResult(np.full((n_anchors, r.num_negatives), -1, dtype=np.int64),
-                       np.full((n_anchors, r.num_negatives), -np.inf, dtype=np.float32),
-                       np.zeros(n_anchors, dtype=np.int64), dict.fromkeys(REASONS, 0), dict.fromkeys(REASONS, 0))
-    pending, depth = np.arange(n_anchors), min(window, ntotal)
-    with tqdm(total=n_anchors, desc="ranking negatives by the cross-encoder", disable=not progress,
-              unit="anchor") as bar:
-        while pending.size:
-            deeper = []
-            for start in range(0, pending.size, r.batch_size):
-                rows = pending[start : start + r.batch_size]
-                _, ids = r.index.search(r.queries[rows], depth)
-                ids = np.asarray(ids, dtype=np.int64)
-                done = _settle(r, scorer, rows, ids, depth >= ntotal, need, bounds, order_limit, out, depth)
-                bar.update(int(done.sum()))
-                deeper.append(rows[~done])
-            pending = np.concatenate(deeper)
-            depth = min(2 * depth, ntotal)
-    return Rescored(out, positive_scores, scorer.pairs_scored)
+    with search_run(r, r.range_min + r.num_negatives, "ranking negatives by the cross-encoder", progress) as run:
 
+        def settle(rows: np.ndarray, _: np.ndarray, ids: np.ndarray, last: bool, depth: int) -> np.ndarray:
+            """Guard, score the survivors with the cross-encoder, apply the score rules to its scores, pick
+            (ranked by them; ties keep the bi-encoder's order)."""
+            kept = run.guard(rows, ids)
+            scores = np.full(ids.shape, -np.inf, dtype=np.float32)
+            at = np.nonzero(kept.keep)
+            scores[at] = scorer.scores(rows[at[0]], ids[at])
+            run.drop_by_score(kept, rows, scores)
+            return run.settle(rows, scores, ids, kept, last, depth)
 
-def _settle(r: SearchRequest, scorer: PairScorer, rows: np.ndarray, ids: np.ndarray, exhausted: bool, need: int,
-            bounds: dict[str, np.ndarray], order_limit: np.ndarray | None, out: SearchResult,
-            depth: int) -> np.ndarray:
-    """Exclude, score the survivors with the cross-encoder, apply the score rules to its scores, pick."""
-    keep = ids >= 0
-    removed: dict[str, np.ndarray] = {}
-
-    def drop(reason: str, mask: np.ndarray) -> None:
-        nonlocal keep
-        removed[reason] = removed.get(reason, 0) + (keep & mask).sum(axis=1)
-        keep &= ~mask
-
-    protected = _is_positive(r, rows, ids) if r.include_positives else None
-    unless = True if protected is None else ~protected
-    drop("self", (ids == r.self_ids[rows][:, None]) & (ids >= 0) & unless)
-    if not r.include_positives:
-        drop("positive", _is_positive(r, rows, ids))
-    if r.tree is not None:
-        related, lca = r.tree.relations(rows, r.tree.corpus_codes[np.maximum(ids, 0)])
-        drop("related", related & unless)
-        if order_limit is not None:
-            limit = order_limit[rows][:, None]
-            drop("order", (limit >= 0) & (lca >= limit) & unless)
-    scores = np.full(ids.shape, -np.inf, dtype=np.float32)
-    at = np.nonzero(keep)
-    scores[at] = scorer.scores(rows[at[0]], ids[at])
-    for reason in ("absolute_margin", "relative_margin", "max_score"):
-        if reason in bounds:
-            drop(reason, scores > bounds[reason][rows][:, None])
-    if r.min_score is not None:
-        drop("min_score", scores < r.min_score)
-    scores[~keep] = -np.inf
-    order = np.argsort(-scores, axis=1, kind="stable")  # cross-encoder order; ties keep the bi-encoder's
-    scores, ids, keep = (np.take_along_axis(x, order, axis=1) for x in (scores, ids, keep))
-    return settle_rows(r, out, rows, scores, ids, keep, removed, (keep.sum(axis=1) >= need) | exhausted, depth)
+        run.search_in_blocks(np.arange(n_anchors), min(window, r.index.ntotal), 2, lambda _: r.batch_size, settle)
+    return Rescored(run.out, positive_scores, scorer.pairs_scored)
 
 
 def rescore_with_cross_encoder(cross_encoder: Any, pairs: Any, request: SearchRequest, window: int, *,

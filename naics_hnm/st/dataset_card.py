@@ -1,24 +1,10 @@
 """A dataset card for every mined output: how it was made, readable by ``datasets`` / Hub users.
 
-The card is a ``README.md`` in the Hugging Face dataset-card form: YAML front matter (``tags``,
-``task_categories``, ``size_categories`` and a ``naics_hnm`` record) and a Markdown body that says
-the same for people. The record holds:
-
-- ``model`` / ``cross_encoder``: class, name or path, and a fingerprint (sha256 over a strided sample
-  of every weight tensor, :func:`naics_hnm.st.text_corpus.model_fingerprint`: cheap, and it changes
-  when the weights do);
-- ``settings``: every mining setting as resolved (defaults filled in, ``range_max`` computed);
-- ``taxonomy``: name, number of codes, fingerprint of the code list and the guard settings, or null;
-- ``counts``: rows in and out, anchors, texts, short and dropped rows, pairs rescored, and the
-  candidates removed by each rule (over all rows and over the short rows);
-- ``versions`` of naics_hnm and the libraries that shaped the result; ``command``: the command line,
-  or ``python API``.
-
-Where it goes: :func:`card_path_for` - ``README.md`` inside a folder (what ``Dataset.save_to_disk``
-writes), ``<file name>.README.md`` beside a ``.jsonl`` / ``.csv`` / ``.parquet`` file. From Python,
-the returned ``Dataset`` carries the card in ``info.description`` (so ``save_to_disk`` keeps it in
-``dataset_info.json``) and :func:`write_dataset_card` writes the README; the CLI writes it beside
-``--output``. Both render the same record through :func:`render_card`; only ``command`` differs.
+A ``README.md`` in the Hugging Face dataset-card form: YAML front matter (``tags``,
+``task_categories``, ``size_categories`` and a ``naics_hnm`` record of model, settings, taxonomy,
+counts, versions and command) and a Markdown body; what it holds and where it goes is in
+``docs/sentence_transformers.md`` ("Dataset card"). Python and the CLI render the same record
+through :func:`render_card`; only ``command`` differs.
 """
 
 from __future__ import annotations

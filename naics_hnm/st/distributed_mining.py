@@ -1,19 +1,9 @@
 """Mining over several processes (``torchrun --nproc-per-node N -m naics_hnm.mine ...``).
 
-Under a process group each rank
-
-- embeds its slice of the distinct texts (:func:`embed_sharded`) and all ranks gather every vector;
-- indexes only its slice of the corpus: :class:`ShardedIndex` answers ``search(queries, k)`` by
-  searching the local shard and merging the ranks' lists into the global top-k
-  (:func:`naics_hnm.index.sharded_search.merge_topk`, as the training callback's sharded index does), so
-  the structure that grows with the corpus costs N / W per rank. Every rank runs the same search
-  loop over all anchors with the same queries, so the collective calls line up and every rank
-  holds the same result;
-- with a cross-encoder, scores an interleaved slice of each round's new pairs (:func:`gather_scores`).
-
-Rank 0 writes the output. The result equals one process's: the same candidates, the same rules,
-exact search (flat shards); only floating-point noise of batch composition in the embeddings and
-the scores can differ.
+Each rank embeds its slice of the distinct texts (:func:`embed_sharded`), indexes its slice of the
+corpus (:class:`ShardedIndex`, whose ``search`` merges the ranks' lists into the global top-k) and,
+with a cross-encoder, scores an interleaved slice of the pairs (:func:`gather_scores`). Every rank
+runs the same search loop, so collectives line up and all hold the result; rank 0 writes it.
 """
 
 from __future__ import annotations

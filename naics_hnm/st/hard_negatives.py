@@ -1,28 +1,9 @@
 """``mine_hard_negatives``: a drop-in for ``sentence_transformers.util.mine_hard_negatives``.
 
 The same parameters, defaults, output columns and formats: change the import and nothing else.
-What differs (``docs/sentence_transformers.md``):
-
-- every positive of an anchor (all rows with the same anchor text) and the anchor's own text are
-  excluded, and margins are taken against the anchor's least similar positive;
-- ``range_min`` / ``range_max`` are ranks among the *valid* candidates, and a row with too few of
-  them is searched deeper, up to the whole corpus: a row is short only when the corpus holds too
-  few valid negatives, and the log says how many rows are short and why;
-- ``sampling_strategy="random"`` draws from a counter-based generator keyed by ``seed`` and the
-  anchor text: the same seed gives the same negatives, whatever the row order;
-- ``taxonomy=`` (and ``codes=``) add the tree guard: never a text of an ancestor or a descendant of
-  the anchor's codes (with ``order_filter=True`` nor one as near in the tree as a positive);
-- ``index_factory=`` builds an approximate faiss index (on GPU when present) for huge corpora;
-- each distinct text is embedded once, in batches sorted by token length;
-- the output carries a dataset card (``info.description`` of a returned ``Dataset``;
-  :func:`naics_hnm.st.dataset_card.write_dataset_card` writes it as ``README.md``);
-- ``cross_encoder=`` rescores as sentence-transformers 6.3 does (its scores rank the candidates and
-  feed every score rule), each distinct (anchor, text) pair once
-  (:mod:`naics_hnm.st.cross_encoder_rescoring`).
-
-Any model with ``encode(list[str]) -> array [n, d]`` works (prompts are prepended to the texts); a
-SentenceTransformer is called through its own ``encode_query`` / ``encode_document`` with its
-prompts. Scores are cosine similarities, as in sentence-transformers.
+What differs (every positive excluded, ranks among valid candidates, short rows searched deeper,
+seeded random draws, ``taxonomy=``, approximate indexes, a dataset card, cross-encoder rescoring
+of each pair once) is the table in ``docs/sentence_transformers.md``.
 """
 
 from __future__ import annotations
@@ -47,6 +28,7 @@ from naics_hnm.st.distributed_mining import build_index
 from naics_hnm.st.negative_search import SearchRequest, TextTree, search_negatives, text_codes
 from naics_hnm.st.text_corpus import (DOCUMENT, QUERY, TextPairs, as_output, collect_pairs, embed_pairs, empty_columns,
                                       output_columns, resolved_prompt)
+from naics_hnm.tree.guard import TreeGuard
 from naics_hnm.tree.taxonomy import Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -291,7 +273,7 @@ def _text_tree(pairs: TextPairs, s: dict[str, Any]) -> TextTree:
     (logger.warning if mapped[1] == 0 else logger.info)(
         "tree guard: %d of %d corpus texts and %d of %d anchor texts stand for codes of taxonomy %r",
         mapped[0], len(pairs.corpus), mapped[1], len(pairs.anchors), taxonomy.name)
-    return TextTree(taxonomy, corpus_codes, anchor_codes, order_filter=s["order_filter"])
+    return TextTree(TreeGuard(taxonomy), corpus_codes, anchor_codes, order_filter=s["order_filter"])
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -1,35 +1,26 @@
 """Exact negative search for query vectors over an :class:`EmbeddingIndex` of distinct corpus texts.
 
-For each anchor the valid candidates are the corpus texts, most similar first, less:
+An anchor's valid candidates are the corpus texts, most similar first, less its own text and its
+positives (unless ``include_positives``), with a :class:`TextTree` the texts of its codes' relatives
+(and with ``order_filter`` those as near as its farthest positive), and those the score rules drop
+(``max_score``, ``min_score``, margins against its *least* similar positive). ``range_min`` /
+``range_max`` are ranks in that list (``"random"``: drawn by a counter-based generator keyed by
+(seed, anchor text)); a row is searched 4x deeper until it has the ranks it needs or the corpus is
+exhausted. The flat index is scanned by blocks of ``[rows, N]`` scores (128 MiB, the score rules
+masked before the top-k); an approximate one is searched by faiss.
 
-- the anchor's own text and every one of its positives (unless ``include_positives``);
-- with a :class:`TextTree`, every text standing for an ancestor or a descendant of a code of the
-  anchor, and with ``order_filter`` every text as near the anchor in the tree as its farthest positive;
-- texts above ``max_score``, above ``p - absolute_margin`` or ``p - |p| * relative_margin`` where
-  ``p`` is the score of the anchor's *least* similar positive, or below ``min_score``.
-
-``range_min`` / ``range_max`` are ranks in that list. ``"top"`` takes ranks ``range_min ..
-range_min + n - 1``; ``"random"`` draws ``n`` of the ranks ``[range_min, range_max)`` from a
-counter-based generator keyed by (seed, anchor text), then orders them by score. A row is searched
-deeper (4x the depth) until it has the ranks it needs or the corpus is exhausted, so a row is
-short only when the whole corpus holds too few valid candidates.
-
-With the exact (flat) index each block of anchors is scored against the corpus once, by one
-matrix product on the index's device (what a faiss flat search computes); the score rules are
-applied as a mask before a top-k, so a margin that removes an anchor's nearest thousand texts
-costs no deeper scan. With an approximate index (``index_factory``) faiss searches, and an
-unsettled row is searched again deeper. Memory is bounded by blocks of ``[rows, N]`` scores (128
-MiB) or ``[rows, depth]`` candidates; nothing is corpus x corpus.
-
-The tree guard works through texts: :func:`text_codes` gives each text the codes it stands for
-(titles are not unique: a text may stand for several) and :class:`TextTree` relates an anchor's
-codes to a candidate's - one related pair makes the candidate related.
+The shared steps are the mining core's: :func:`~naics_hnm.index.ids.search_deeper` deepens,
+:func:`~naics_hnm.index.ids.select_topk` ranks the valid candidates (ties by column),
+:meth:`~naics_hnm.tree.guard.TreeGuard.may_be_negative` and :func:`~naics_hnm.tree.guard.too_near` are
+the tree rules. What is sentence-transformers' own (several positives per anchor, score rules, ranks,
+random sampling) stays here, in :class:`SearchRun`, which the cross-encoder rescoring reuses.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,21 +28,22 @@ from tqdm.auto import tqdm
 
 from naics_hnm.data.counter_rng import item_keys, uniforms
 from naics_hnm.index.embedding_index import EmbeddingIndex
-from naics_hnm.index.ids import search_deeper
-from naics_hnm.tree.guard import too_near
+from naics_hnm.index.ids import search_deeper, select_topk_np
+from naics_hnm.tree.guard import TreeGuard, too_near
 from naics_hnm.tree.taxonomy import Taxonomy
 
 _BLOCK_ENTRIES = 1 << 20        # [rows, depth] candidates of one faiss search block
 _SCAN_BLOCK_BYTES = 128 << 20   # [rows, N] float32 scores of one exact scan block
 MIN_DEPTH = 64
-REASONS = ("self", "positive", "related", "order", "absolute_margin", "relative_margin", "max_score", "min_score")
+UPPER_BOUNDS = ("absolute_margin", "relative_margin", "max_score")  # score rules that drop what scores above
+REASONS = ("self", "positive", "related", "order") + UPPER_BOUNDS + ("min_score",)
 
 
 @dataclass
 class TextTree:
     """The tree guard through texts: code ids per corpus text and per anchor ([T, m], [A, m], -1 pad)."""
 
-    taxonomy: Taxonomy
+    guard: TreeGuard
     corpus_codes: np.ndarray
     anchor_codes: np.ndarray
     order_filter: bool = False
@@ -59,10 +51,9 @@ class TextTree:
     def relations(self, anchor_rows: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(related [b, c], lca [b, c])`` of anchors and candidates given as code tables [b, c, m].
 
-        Related: some code pair is equal or an ancestor/descendant pair. ``lca``: the deepest lowest
+        Related: some code pair fails :meth:`TreeGuard.may_be_negative`. ``lca``: the deepest lowest
         common ancestor over code pairs, -1 where either side has no code.
         """
-        tx = self.taxonomy
         anchor = self.anchor_codes[anchor_rows]
         related = np.zeros(codes.shape[:2], dtype=bool)
         lca = np.full(codes.shape[:2], -1, dtype=np.int64)
@@ -75,18 +66,16 @@ class TextTree:
                 ok = (a >= 0) & (c >= 0)
                 if not ok.any():
                     continue
-                a_safe, c_safe = np.maximum(a, 0), np.maximum(c, 0)
-                related |= ok & tx.related(a_safe, c_safe)
+                a_safe = np.maximum(a, 0)
+                related |= ok & ~self.guard.may_be_negative(a_safe, c)
                 if self.order_filter:
-                    lca = np.where(ok, np.maximum(lca, tx.lca_depth(a_safe, c_safe)), lca)
+                    lca = np.where(ok, np.maximum(lca, self.guard.lca_depth(a_safe, np.maximum(c, 0))), lca)
         return related, lca
 
     def slack(self) -> np.ndarray:
-        """Per anchor, at most how many codes are related to it (ancestors + subtree per code)."""
-        tx, codes = self.taxonomy, self.anchor_codes
-        safe = np.maximum(codes, 0)
-        per_code = tx.depth[safe].astype(np.int64) + tx.end[safe] - tx.pre[safe]
-        return np.where(codes >= 0, per_code, 0).sum(axis=1)
+        """Per anchor, at most how many codes are related to it (:meth:`TreeGuard.related_bound` per code)."""
+        codes = self.anchor_codes
+        return np.where(codes >= 0, self.guard.related_bound(np.maximum(codes, 0)), 0).sum(axis=1)
 
 
 def text_codes(texts: Sequence[str], taxonomy: Taxonomy, codes: Mapping[str, Any] | None) -> np.ndarray:
@@ -165,28 +154,111 @@ class SearchResult:
 def search_negatives(request: SearchRequest, progress: bool = False) -> SearchResult:
     """Negatives for every anchor; rows with too few valid candidates are searched deeper."""
     r = request
-    n_anchors, n = r.queries.shape[0], r.num_negatives
-    need = r.range_min + n if r.strategy == "top" else r.range_max
-    bounds = _upper_bounds(r)
-    order_limit = _order_limits(r) if r.tree is not None and r.tree.order_filter else None
+    need = r.range_min + r.num_negatives if r.strategy == "top" else r.range_max
     depth = 2 * (need + 1 + np.diff(r.pos_offsets) + (r.tree.slack() if r.tree else 0))
     depth = np.minimum(r.index.ntotal, 2 ** np.ceil(np.log2(np.maximum(depth, MIN_DEPTH))).astype(np.int64))
-    result = SearchResult(np.full((n_anchors, n), -1, dtype=np.int64),
-                          np.full((n_anchors, n), -np.inf, dtype=np.float32),
-                          np.zeros(n_anchors, dtype=np.int64),
-                          dict.fromkeys(REASONS, 0), dict.fromkeys(REASONS, 0))
-    with tqdm(total=n_anchors, desc="searching negatives", disable=not progress, unit="anchor") as bar:
-        if r.index.index_type == "Flat":
-            _scan(r, depth, need, bounds, order_limit, result, bar)
-        else:
-            _search(r, depth, need, bounds, order_limit, result, bar)
-    return result
+    with search_run(r, need, "searching negatives", progress) as run:
+        (_scan if r.index.index_type == "Flat" else _search)(run, depth)
+    return run.out
 
 
-def _scan(r: SearchRequest, depth: np.ndarray, need: int, bounds: dict[str, np.ndarray],
-          order_limit: np.ndarray | None, out: SearchResult, bar: Any) -> None:
+class Removals:
+    """A keep mask over candidates (numpy or torch) and per rule how many each row lost, each counted once."""
+
+    def __init__(self, keep: Any, removed: dict[str, Any] | None = None) -> None:
+        self.keep, self.removed = keep, dict(removed or {})
+
+    def drop(self, reason: str, mask: Any) -> None:
+        self.removed[reason] = self.removed.get(reason, 0) + (self.keep & mask).sum(1)
+        self.keep = self.keep & ~mask
+
+
+@dataclass
+class SearchRun:
+    """One search under way: the request, its per-anchor rule limits, the result it fills, a progress bar."""
+
+    r: SearchRequest
+    need: int                          # valid candidates that settle a row
+    bounds: dict[str, np.ndarray]      # per anchor, the score above which each UPPER_BOUNDS rule drops
+    order_limit: np.ndarray | None     # per anchor, the positives' least LCA depth (order filter)
+    out: SearchResult
+    bar: Any
+
+    def guard(self, rows: np.ndarray, ids: np.ndarray, removed: dict[str, Any] | None = None) -> Removals:
+        """The text rules on sorted candidates (-1 pads): the anchor's text, its positives, and with a tree its
+        relatives and (order filter) texts as near as a positive; ``include_positives`` protects positives."""
+        r, kept = self.r, Removals(ids >= 0, removed)
+        protected = _is_positive(r, rows, ids) if r.include_positives else None
+        unless = True if protected is None else ~protected
+        kept.drop("self", (ids == r.self_ids[rows][:, None]) & (ids >= 0) & unless)
+        if not r.include_positives:
+            kept.drop("positive", _is_positive(r, rows, ids))
+        if r.tree is not None:
+            related, lca = r.tree.relations(rows, r.tree.corpus_codes[np.maximum(ids, 0)])
+            kept.drop("related", related & unless)
+            if self.order_limit is not None:
+                kept.drop("order", too_near(lca, self.order_limit[rows][:, None]) & unless)
+        return kept
+
+    def drop_by_score(self, kept: Removals, rows: np.ndarray, scores: Any,
+                      as_bound: Callable[[np.ndarray], Any] = lambda bound: bound) -> None:
+        """The score rules: margins and ``max_score`` (bounds of ``rows``, through ``as_bound``), ``min_score``."""
+        for reason in UPPER_BOUNDS:
+            if reason in self.bounds:
+                kept.drop(reason, scores > as_bound(self.bounds[reason][rows])[:, None])
+        if self.r.min_score is not None:
+            kept.drop("min_score", scores < self.r.min_score)
+
+    def settle(self, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, kept: Removals, exhausted: Any,
+               depth: int) -> np.ndarray:
+        """Pick the negatives of the rows with ``need`` valid candidates or ``exhausted``, record them with what
+        each rule removed; returns which rows settled."""
+        done = (kept.keep.sum(axis=1) >= self.need) | exhausted
+        settled, out = rows[done], self.out
+        if settled.size:
+            picked = _pick(self.r, settled, scores[done], ids[done], kept.keep[done])
+            out.ids[settled], out.scores[settled] = picked
+            out.searched[settled] = depth
+            short = (picked[0] >= 0).sum(axis=1) < self.r.num_negatives
+            for reason, counts in kept.removed.items():
+                counts = np.broadcast_to(counts, done.shape)[done]
+                out.removed[reason] += int(counts.sum())
+                out.short_removed[reason] += int(counts[short].sum())
+        self.bar.update(int(done.sum()))
+        return done
+
+    def search_in_blocks(self, rows: np.ndarray, depth: int, factor: int, block_rows: Callable[[int], int],
+                         settle: Callable[..., np.ndarray]) -> None:
+        """Search ``rows``' queries ``depth`` deep, ``block_rows(depth)`` at a time, ``settle(rows, scores, ids,
+        last, depth)`` each block; unsettled rows again ``factor`` x deeper (:func:`search_deeper`)."""
+        r = self.r
+
+        def search_round(rows: np.ndarray, d: int, last: bool) -> np.ndarray:
+            done, step = np.zeros(rows.size, dtype=bool), block_rows(d)
+            for start in range(0, rows.size, step):
+                block = rows[start : start + step]
+                scores, ids = r.index.search(r.queries[block], d)
+                done[start : start + step] = settle(block, scores, np.asarray(ids, dtype=np.int64), last, d)
+            return done
+
+        search_deeper(rows, depth, r.index.ntotal, search_round, factor=factor)
+
+
+@contextmanager
+def search_run(r: SearchRequest, need: int, desc: str, progress: bool) -> Iterator[SearchRun]:
+    """A :class:`SearchRun` with an empty result and the request's rule limits, its progress bar open."""
+    n_anchors, n = r.queries.shape[0], r.num_negatives
+    out = SearchResult(np.full((n_anchors, n), -1, dtype=np.int64), np.full((n_anchors, n), -np.inf, dtype=np.float32),
+                       np.zeros(n_anchors, dtype=np.int64), dict.fromkeys(REASONS, 0), dict.fromkeys(REASONS, 0))
+    order_limit = _order_limits(r) if r.tree is not None and r.tree.order_filter else None
+    with tqdm(total=n_anchors, desc=desc, disable=not progress, unit="anchor") as bar:
+        yield SearchRun(r, need, _upper_bounds(r), order_limit, out, bar)
+
+
+def _scan(run: SearchRun, depth: np.ndarray) -> None:
     """Exact index: one matrix product per block of anchors (on the index's device), the score
     rules applied as a mask, then a top-k that grows 4x (on the same scores) until rows settle."""
+    r = run.r
     vectors = r.index.vectors
     ntotal = vectors.shape[0]
     rows_per_block = max(1, min(r.batch_size, _SCAN_BLOCK_BYTES // (4 * ntotal)))
@@ -195,58 +267,38 @@ def _scan(r: SearchRequest, depth: np.ndarray, need: int, bounds: dict[str, np.n
         for start in range(0, by_depth.size, rows_per_block):
             rows = by_depth[start : start + rows_per_block]
             scores = torch.from_numpy(r.queries[rows]).to(vectors.device) @ vectors.T
-            removed = _mask_score_rules(r, rows, scores, bounds)
+            masked = Removals(torch.ones_like(scores, dtype=torch.bool))
+            run.drop_by_score(masked, rows, scores, lambda bound: torch.from_numpy(bound).to(scores))
+            if masked.removed:
+                scores.masked_fill_(~masked.keep, float("-inf"))
+            removed = {reason: count.cpu().numpy() for reason, count in masked.removed.items()}
 
             def top_round(pending: np.ndarray, k: int, last: bool) -> np.ndarray:
+                # the flat search itself (matmul + topk, as index.knn.torch_knn), on the masked scores
                 top, cols = torch.topk(scores[torch.from_numpy(pending).to(vectors.device)], k, dim=1)
                 top, ids = top.cpu().numpy(), cols.cpu().numpy().astype(np.int64)
                 ids[np.isneginf(top)] = -1
-                exhausted = (ids[:, -1] < 0) | last
-                done = _settle(r, rows[pending], top, ids, exhausted, need, None, order_limit, out,
-                               {reason: count[pending] for reason, count in removed.items()}, k)
-                bar.update(int(done.sum()))
-                return done
+                kept = run.guard(rows[pending], ids, {reason: count[pending] for reason, count in removed.items()})
+                return run.settle(rows[pending], top, ids, kept, (ids[:, -1] < 0) | last, k)
 
             search_deeper(np.arange(rows.size), min(int(depth[rows].max()), ntotal), ntotal, top_round, factor=4)
 
 
-def _mask_score_rules(r: SearchRequest, rows: np.ndarray, scores: torch.Tensor,
-                      bounds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Set the scores that break a margin, max_score or min_score to -inf; per-row counts by rule."""
-    removed: dict[str, np.ndarray] = {}
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    rules = [(reason, scores > torch.from_numpy(bounds[reason][rows]).to(scores)[:, None])
-             for reason in ("absolute_margin", "relative_margin", "max_score") if reason in bounds]
-    if r.min_score is not None:
-        rules.append(("min_score", scores < r.min_score))
-    for reason, mask in rules:
-        removed[reason] = (mask & keep).sum(dim=1).cpu().numpy()
-        keep &= ~mask
-    if rules:
-        scores.masked_fill_(~keep, float("-inf"))
-    return removed
-
-
-def _search(r: SearchRequest, depth: np.ndarray, need: int, bounds: dict[str, np.ndarray],
-            order_limit: np.ndarray | None, out: SearchResult, bar: Any) -> None:
+def _search(run: SearchRun, depth: np.ndarray) -> None:
     """Approximate index: faiss searches, each unsettled row again at 4x the depth."""
-    ntotal = r.index.ntotal
+    r = run.r
 
-    def search_round(rows: np.ndarray, d: int, last: bool) -> np.ndarray:
-        done = np.zeros(rows.size, dtype=bool)
-        rows_per_block = max(1, min(r.batch_size, _BLOCK_ENTRIES // d))
-        for start in range(0, rows.size, rows_per_block):
-            block = slice(start, start + rows_per_block)
-            scores, ids = r.index.search(r.queries[rows[block]], d)
-            exhausted = last | (ids[:, -1] < 0)
-            if r.min_score is not None:
-                exhausted |= scores[:, -1] < r.min_score  # deeper candidates score lower still
-            done[block] = _settle(r, rows[block], scores, ids, exhausted, need, bounds, order_limit, out, {}, d)
-            bar.update(int(done[block].sum()))
-        return done
+    def settle(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, last: bool, d: int) -> np.ndarray:
+        exhausted = last | (ids[:, -1] < 0)
+        if r.min_score is not None:
+            exhausted |= scores[:, -1] < r.min_score  # deeper candidates score lower still
+        kept = run.guard(rows, ids)
+        run.drop_by_score(kept, rows, scores)
+        return run.settle(rows, scores, ids, kept, exhausted, d)
 
     for d in np.unique(depth):
-        search_deeper(np.flatnonzero(depth == d), int(d), ntotal, search_round, factor=4)
+        run.search_in_blocks(np.flatnonzero(depth == d), int(d), 4,
+                             lambda d: max(1, min(r.batch_size, _BLOCK_ENTRIES // d)), settle)
 
 
 def _upper_bounds(r: SearchRequest) -> dict[str, np.ndarray]:
@@ -273,60 +325,6 @@ def _order_limits(r: SearchRequest) -> np.ndarray:
     return np.where(np.isinf(limits), -1, limits).astype(np.int64)
 
 
-def _settle(r: SearchRequest, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, exhausted: np.ndarray,
-            need: int, bounds: dict[str, np.ndarray] | None, order_limit: np.ndarray | None, out: SearchResult,
-            removed: dict[str, np.ndarray], depth: int) -> np.ndarray:
-    """Guard ``rows``' candidates (sorted, -1 padded); settle rows with enough valid ones or no more.
-
-    ``bounds=None``: the score rules were applied already (their counts are in ``removed``).
-    """
-    keep = ids >= 0
-    removed = dict(removed)
-
-    def drop(reason: str, mask: np.ndarray) -> None:
-        nonlocal keep
-        removed[reason] = removed.get(reason, 0) + (keep & mask).sum(axis=1)
-        keep &= ~mask
-
-    protected = _is_positive(r, rows, ids) if r.include_positives else None
-    drop("self", (ids == r.self_ids[rows][:, None]) & (ids >= 0) & _unless(protected))
-    if not r.include_positives:
-        drop("positive", _is_positive(r, rows, ids))
-    if r.tree is not None:
-        related, lca = r.tree.relations(rows, r.tree.corpus_codes[np.maximum(ids, 0)])
-        drop("related", related & _unless(protected))
-        if order_limit is not None:
-            limit = order_limit[rows][:, None]
-            drop("order", too_near(lca, limit) & _unless(protected))
-    if bounds is not None:
-        for reason in ("absolute_margin", "relative_margin", "max_score"):
-            if reason in bounds:
-                drop(reason, scores > bounds[reason][rows][:, None])
-        if r.min_score is not None:
-            drop("min_score", scores < r.min_score)
-    return settle_rows(r, out, rows, scores, ids, keep, removed, (keep.sum(axis=1) >= need) | exhausted, depth)
-
-
-def settle_rows(r: SearchRequest, out: SearchResult, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray,
-                keep: np.ndarray, removed: dict[str, Any], done: np.ndarray, depth: int) -> np.ndarray:
-    """Pick the negatives of the ``done`` rows, record them in ``out`` with what each rule removed; returns ``done``."""
-    settled = rows[done]
-    if settled.size:
-        picked = _pick(r, settled, scores[done], ids[done], keep[done])
-        out.ids[settled], out.scores[settled] = picked
-        out.searched[settled] = depth
-        short = (picked[0] >= 0).sum(axis=1) < r.num_negatives
-        for reason, counts in removed.items():
-            counts = np.broadcast_to(counts, done.shape)[done]
-            out.removed[reason] += int(counts.sum())
-            out.short_removed[reason] += int(counts[short].sum())
-    return done
-
-
-def _unless(protected: np.ndarray | None) -> Any:
-    return True if protected is None else ~protected
-
-
 def _is_positive(r: SearchRequest, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """bool [b, depth]: the candidate is a positive of its row's anchor (one sorted lookup)."""
     width = np.int64(r.index.ntotal + 1)
@@ -344,19 +342,18 @@ def _is_positive(r: SearchRequest, rows: np.ndarray, ids: np.ndarray) -> np.ndar
 def _pick(r: SearchRequest, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray,
           keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The chosen ranks of each row's valid candidates -> ``(ids [b, n], scores [b, n])``, best first."""
-    b, n = rows.size, r.num_negatives
-    kept_cols = np.argsort(~keep, axis=1, kind="stable")  # valid columns first, in score order
+    b, n, width = rows.size, r.num_negatives, keep.shape[1]
+    scores, ids = select_topk_np(scores, ids, keep, width, "cosine")  # valid ones first, ties by column
     available = np.clip(keep.sum(axis=1) - r.range_min, 0, r.range_max - r.range_min)
     if r.strategy == "top":
         ranks = np.broadcast_to(np.arange(n), (b, n))
     else:
         # column j is a pure function of (seed, anchor text, j): fewer columns change no draw
-        width = max(min(r.range_max - r.range_min, keep.shape[1]), n)
-        draws = uniforms(item_keys(r.seed, 0, r.keys[rows]), 0, width)
+        draws = uniforms(item_keys(r.seed, 0, r.keys[rows]), 0, max(min(r.range_max - r.range_min, width), n))
         draws[np.arange(draws.shape[1])[None, :] >= available[:, None]] = np.inf
         ranks = np.sort(np.argsort(draws, axis=1, kind="stable")[:, :n], axis=1)
     valid = ranks < available[:, None]
-    cols = np.take_along_axis(kept_cols, np.minimum(r.range_min + ranks, keep.shape[1] - 1), axis=1)
+    cols = np.minimum(r.range_min + ranks, width - 1)
     out_ids = np.where(valid, np.take_along_axis(ids, cols, axis=1), -1)
     out_scores = np.where(valid, np.take_along_axis(scores, cols, axis=1), -np.inf).astype(np.float32)
     return out_ids, out_scores

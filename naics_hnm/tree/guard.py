@@ -156,6 +156,11 @@ class TreeGuard:
             keep &= self.allowed[safe]
         return keep
 
+    def related_bound(self, ids: np.ndarray) -> np.ndarray:
+        """int64 per id: at most this many codes are related to it (its ancestors and its subtree, with itself)."""
+        tx = self.taxonomy
+        return tx.depth[ids].astype(np.int64) + tx.end[ids] - tx.pre[ids]
+
     def is_allowed(self, c: Any) -> Any:
         """bool per id: inside the ``allowed`` mask (all True without one)."""
         allowed = self._arrays(c)["allowed"]
