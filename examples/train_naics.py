@@ -252,7 +252,8 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
     settings = choose_settings(args, taxonomy)
     pl.seed_everything(args.seed, workers=True)
     if args.accelerator in ("auto", "cpu") and not torch.cuda.is_available():
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        torch.set_num_threads(len(cores))
     args.output.mkdir(parents=True, exist_ok=True)
     staging = new_staging_dir(args.output)
     if excluded is None:
