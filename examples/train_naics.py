@@ -95,8 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tree-weight", type=float, default=0.0,
                    help="weight of the listwise tree term (batch codes ranked by common-ancestor depth); 0: off")
     p.add_argument("--tree-sharpness", type=float, default=1.0, help="target preference per tree level (nats)")
-    p.add_argument("--correlation-weight", type=float, default=0.0,
-                   help="weight of 1 - the batch anchors' cophenetic correlation (similarity vs tree distance); 0: off")
     p.add_argument("--negatives-per-anchor", type=int, default=8)
     p.add_argument("--pool", type=int, default=48, help="curriculum candidates per item ranked in Phase 2+")
     p.add_argument("--neighbours", type=int, default=48, help="index neighbours added to each pool")
@@ -277,7 +275,7 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
     model = NAICSEncoder(lr=args.lr, temperature=args.temperature, freeze_layers=args.freeze_layers,
                          in_batch_negatives=args.in_batch, cosine_schedule=True, dropout=args.dropout,
                          head=None if args.head == "none" else args.head, tree_weight=args.tree_weight,
-                         tree_sharpness=args.tree_sharpness, correlation_weight=args.correlation_weight)
+                         tree_sharpness=args.tree_sharpness)
     evaluation = TaxonomyEvaluationCallback(every_n_epochs=args.eval_every)
     table = EpochTable(args.negatives, evaluation, staging / "metrics")
     trainer_callbacks: list[Callback] = [evaluation, table, *(callbacks or [])]

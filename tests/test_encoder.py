@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
-from naics_hnm.train.losses import info_nce, tree_correlation, tree_listwise
+from naics_hnm.train.losses import info_nce, tree_listwise
 from naics_hnm.data.token_cache import TokenCache
 
 
@@ -236,24 +236,3 @@ def _tokens(*groups: torch.Tensor) -> dict:
         return {"input_ids": input_ids.reshape(shape), "attention_mask": torch.ones(shape, dtype=torch.long)}
     anchors, positives, negatives = groups
     return {"anchor": rows(anchors), "positive": rows(positives), "negatives": rows(negatives)}
-
-
-def test_tree_correlation_is_one_minus_the_pearson_correlation_of_every_pair():
-    import numpy as np
-
-    g = torch.Generator().manual_seed(1)
-    v = F.normalize(torch.randn(7, 5, generator=g), dim=1)
-    depth = torch.randint(0, 4, (7, 7), generator=g)
-    distance = depth + depth.T
-    i, j = np.triu_indices(7, k=1)
-    sims = (v @ v.T).numpy()[i, j]
-    want = 1.0 - np.corrcoef(sims, -distance.numpy()[i, j])[0, 1]
-    assert tree_correlation(v, distance).item() == pytest.approx(want, rel=1e-5)
-    # similarity an exact decreasing linear function of distance: nothing left to gain
-    angles = torch.tensor([0.0, 0.3, 0.6, 0.9])
-    line = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
-    steps = (angles[:, None] - angles[None, :]).abs()
-    assert tree_correlation(line, torch.cos(steps).neg()).item() == pytest.approx(0.0, abs=1e-6)
-    # too few pairs or no spread: zero, with a gradient path
-    assert tree_correlation(v[:2].requires_grad_(), distance[:2, :2]).item() == 0.0
-    assert tree_correlation(v, torch.ones(7, 7)).item() == 0.0

@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 from naics_hnm.data.token_cache import TokenCache, default_tokenizer_path
 from naics_hnm.train.frozen_prefix import (FrozenPrefix, frozen_modules, mean_pool, pooled_cache_file, run_layers,
                                            transformer_layers)
-from naics_hnm.train.losses import info_nce, tree_correlation, tree_listwise
+from naics_hnm.train.losses import info_nce, tree_listwise
 from naics_hnm.tree.guard import TreeGuard, too_near
 
 LENGTH_BUCKET = 128
@@ -74,16 +74,13 @@ class NAICSEncoder(pl.LightningModule):
             distinct batch code ranked by the depth of its lowest common ancestor with each anchor
             (needs the taxonomy, taken from the datamodule). 0 turns it off.
         tree_sharpness: how strongly that target favours deeper common ancestors (per level, in nats).
-        correlation_weight: weight of :func:`~naics_hnm.train.losses.tree_correlation` over the batch's
-            distinct anchors (1 - Pearson correlation of their cosine similarity with minus tree
-            distance: the cophenetic correlation of the batch). 0 turns it off.
     """
 
     def __init__(self, model: str | None = None, *, config: dict[str, Any] | None = None, lr: float = 5e-5,
                  weight_decay: float = 0.01, temperature: float = 0.05, in_batch_negatives: bool = False,
                  freeze_layers: int = 0, cache_frozen: bool = True, cosine_schedule: bool = False,
                  warmup_fraction: float = 0.05, dropout: float | None = None, head: str | None = None,
-                 tree_weight: float = 0.0, tree_sharpness: float = 1.0, correlation_weight: float = 0.0) -> None:
+                 tree_weight: float = 0.0, tree_sharpness: float = 1.0) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head={head!r}: expected one of {HEADS}")
@@ -91,10 +88,9 @@ class NAICSEncoder(pl.LightningModule):
             raise ValueError("NAICSEncoder(model=..., config=...): give one of them, not both")
         if temperature <= 0:
             raise ValueError(f"temperature={temperature!r}: expected > 0")
-        if not (tree_weight >= 0 and tree_sharpness > 0 and correlation_weight >= 0):
-            raise ValueError(f"tree_weight={tree_weight!r}, tree_sharpness={tree_sharpness!r}, "
-                             f"correlation_weight={correlation_weight!r}: expected the weights >= 0 and "
-                             "tree_sharpness > 0")
+        if not (tree_weight >= 0 and tree_sharpness > 0):
+            raise ValueError(f"tree_weight={tree_weight!r}, tree_sharpness={tree_sharpness!r}: expected "
+                             "tree_weight >= 0 and tree_sharpness > 0")
         self.save_hyperparameters()
         if config is not None:
             cfg = dict(config)
@@ -137,7 +133,7 @@ class NAICSEncoder(pl.LightningModule):
         if stage == "fit" and self.hparams.freeze_layers and self.hparams.cache_frozen and cache is not None:
             path = getattr(dm, "cache_path", None)
             self.cache_frozen_prefix(cache, token_cache_path=str(path) if path is not None else None)
-        wants_tree = self.hparams.in_batch_negatives or self.hparams.tree_weight > 0 or self.hparams.correlation_weight > 0
+        wants_tree = self.hparams.in_batch_negatives or self.hparams.tree_weight > 0
         if wants_tree and getattr(dm, "taxonomy", None) is not None and self._guard is None:
             self.set_taxonomy(dm.taxonomy)
 
@@ -209,7 +205,9 @@ class NAICSEncoder(pl.LightningModule):
             key: torch.cat([batch["anchor"][key], batch["positive"][key], batch["negatives"][key][mask]])
             for key in ("input_ids", "attention_mask")
         }
-        unique, inverse, first = _distinct(ids)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        first = torch.full((len(unique),), len(ids), dtype=torch.long, device=ids.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
         emb = self.embed({key: v[first] for key, v in token_rows.items()})
         return emb, unique, inverse
 
@@ -231,12 +229,6 @@ class NAICSEncoder(pl.LightningModule):
             loss = loss + self.hparams.tree_weight * tree_listwise(
                 anchor, emb, lca, unique.unsqueeze(0) == anchors, self.hparams.temperature,
                 self.hparams.tree_sharpness)
-        if self.hparams.correlation_weight > 0 and self._guard is not None:
-            codes, _, first = _distinct(batch["anchor_idx"])
-            lca = self._guard.lca_depth(codes.unsqueeze(1), codes.unsqueeze(0))
-            depth = torch.diagonal(lca)
-            loss = loss + self.hparams.correlation_weight * tree_correlation(
-                anchor[first], depth.unsqueeze(1) + depth.unsqueeze(0) - 2 * lca)
         return loss
 
     def _in_batch_allowed(self, batch: dict[str, Any], unique: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -280,13 +272,6 @@ class NAICSEncoder(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _distinct(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct values of ``ids`` (ascending), where each id falls among them, and each one's first position."""
-    unique, inverse = torch.unique(ids, return_inverse=True)
-    first = torch.full((len(unique),), len(ids), dtype=torch.long, device=ids.device)
-    return unique, inverse, first.scatter_reduce(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
 
 
 TINY_BERT = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,

@@ -47,24 +47,3 @@ def tree_listwise(anchor: torch.Tensor, codes: torch.Tensor, lca_depth: torch.Te
     target = torch.softmax((sharpness * lca_depth.to(logits.dtype)).masked_fill(same, float("-inf")), dim=1)
     log_p = torch.log_softmax(logits, dim=1).masked_fill(same, 0.0)
     return -(target * log_p).sum(1).mean()
-
-
-def tree_correlation(vectors: torch.Tensor, tree_distance: torch.Tensor) -> torch.Tensor:
-    """``1 - r``: r the Pearson correlation of cosine similarity with minus tree distance over all pairs.
-
-    vectors: [n, d] unit vectors of distinct codes; tree_distance: [n, n] edges between each pair
-    through their lowest common ancestor. Only the upper triangle counts (each unordered pair once),
-    as in the cophenetic correlation that evaluation reports. Scale-free: it asks for similarity to
-    fall linearly with tree distance at every level at once, where contrastive terms mostly shape
-    the nearest codes; 0 where similarity is an exact linear function of the distance.
-    """
-    if len(vectors) < 3:
-        return vectors.sum() * 0.0  # no correlation over fewer than 3 codes; keeps the graph connected
-    upper = torch.triu_indices(len(vectors), len(vectors), offset=1, device=vectors.device)
-    x = (vectors @ vectors.T)[upper[0], upper[1]]
-    y = -tree_distance[upper[0], upper[1]].to(x.dtype)
-    x, y = x - x.mean(), y - y.mean()
-    denominator = torch.sqrt((x * x).sum() * (y * y).sum())
-    if float(denominator.detach()) == 0.0:  # every pair at one distance, or every vector equal: nothing to correlate
-        return vectors.sum() * 0.0
-    return 1.0 - (x * y).sum() / denominator
