@@ -92,9 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="frozen (cached) lower transformer layers; auto: 4 (small trees), all 6 (large)")
     p.add_argument("--head", choices=("none", "mlp"), default=None,
                    help="trained residual MLP on the pooled vector; auto: none (small), mlp (large)")
-    p.add_argument("--tree-weight", type=float, default=0.0,
+    p.add_argument("--tree-weight", type=float, default=3.0,
                    help="weight of the listwise tree term (batch codes ranked by common-ancestor depth); 0: off")
-    p.add_argument("--tree-sharpness", type=float, default=1.0, help="target preference per tree level (nats)")
+    p.add_argument("--tree-sharpness", type=float, default=3.0, help="target preference per tree level (nats)")
     p.add_argument("--negatives-per-anchor", type=int, default=8)
     p.add_argument("--pool", type=int, default=48, help="curriculum candidates per item ranked in Phase 2+")
     p.add_argument("--neighbours", type=int, default=48, help="index neighbours added to each pool")
@@ -169,9 +169,11 @@ def check_training_inputs(args: argparse.Namespace, taxonomy: Taxonomy, excluded
 
     Cheap: reads the model's config (not its weights), builds an empty faiss index, creates a Trainer.
     """
-    for name, value in (("lr", args.lr), ("temperature", args.temperature)):
+    for name, value in (("lr", args.lr), ("temperature", args.temperature), ("tree-sharpness", args.tree_sharpness)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{name} {value}: expected a positive number")
+    if not (math.isfinite(args.tree_weight) and args.tree_weight >= 0):
+        raise ValueError(f"--tree-weight {args.tree_weight}: expected a number >= 0 (0 turns the tree term off)")
     if not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout {args.dropout}: expected a number in [0, 1)")
     for name in ("negatives_per_anchor", "pool"):

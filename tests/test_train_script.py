@@ -208,6 +208,8 @@ def _user_error_cases(tree_csv: Path, tmp: Path) -> dict[str, tuple[list[str], s
         "flat tree": (["--taxonomy", str(tmp / "flat.csv"), "--heldout-fraction", "0"], "nothing to train on"),
         "lr": ([*tree, "--lr", "-1"], "--lr -1.0: expected a positive number"),
         "temperature": ([*tree, "--temperature", "0"], "--temperature 0.0: expected a positive number"),
+        "tree weight": ([*tree, "--tree-weight", "-1"], "--tree-weight -1.0: expected a number >= 0"),
+        "tree sharpness": ([*tree, "--tree-sharpness", "nan"], "--tree-sharpness nan: expected a positive number"),
         "freeze layers": ([*tree, "--freeze-layers", "99"], "--freeze-layers 99: the encoder has 6 layers"),
         "negatives": ([*tree, "--negatives-per-anchor", "0"], "--negatives-per-anchor 0: expected an int >= 1"),
         "index factory": ([*tree, "--index-factory", "Garbage"], "--index-factory 'Garbage' is not a faiss"),
