@@ -62,37 +62,33 @@ def run_size(n: int, args: argparse.Namespace, rec: Any, tmp: Path) -> None:
         run.small = make_small_fixture(args.small_size, args, tmp / "small", run.rng)
         st["n"] = args.small_size
     load_stage(run)
-    with rec.stage("datamodule", needs=("load",)) as st:
-        if st is not None:
-            datamodule_stage(run, st)
-    with rec.stage("phase1", needs=("datamodule",)) as st:
-        if st is not None:
-            phase1_stage(run, st)
+    _stage(run, "datamodule", ("load",), datamodule_stage)
+    _stage(run, "phase1", ("datamodule",), phase1_stage)
     release_validation(run)
-    with rec.stage("embeddings", needs=("load",)) as st:
-        if st is not None:
-            run.vectors = tree_vectors(run.taxonomy, DIM, args.seed)
-            st["dim"], st["mib"] = DIM, run.vectors.nbytes / 2**20
-            if run.allowed is None:
-                run.allowed = np.ones(n, dtype=bool)
-    with rec.stage("refresh_default", needs=("embeddings",)) as st:
-        if st is not None:
-            refresh_default_stage(run, st)
-    with rec.stage("refresh_flat", needs=("embeddings",)) as st:
-        if st is not None:
-            refresh_flat_stage(run, st)
-    with rec.stage("recall", needs=("refresh_flat", "refresh_default")) as st:
-        if st is not None:
-            recall_stage(run, st)
+    _stage(run, "embeddings", ("load",), embeddings_stage)
+    _stage(run, "refresh_default", ("embeddings",), refresh_default_stage)
+    _stage(run, "refresh_flat", ("embeddings",), refresh_flat_stage)
+    _stage(run, "recall", ("refresh_flat", "refresh_default"), recall_stage)
     run.flat_index = None
     gc.collect()
-    with rec.stage("mining", needs=("phase1", "refresh_default")) as st:
-        if st is not None:
-            mining_stage(run, st)
+    _stage(run, "mining", ("phase1", "refresh_default"), mining_stage)
     rec.flush()
 
 
-# ---------------------------------------------------------------------------------------------
+def _stage(run: SizeRun, name: str, needs: tuple[str, ...], work: Any) -> None:
+    """``work(run, st)`` recorded as stage ``name``; skipped (and recorded so) when a stage it needs failed."""
+    with run.rec.stage(name, needs=needs) as st:
+        if st is not None:
+            work(run, st)
+
+
+def embeddings_stage(run: SizeRun, st: dict) -> None:
+    run.vectors = tree_vectors(run.taxonomy, DIM, run.args.seed)
+    st["dim"], st["mib"] = DIM, run.vectors.nbytes / 2**20
+    if run.allowed is None:
+        run.allowed = np.ones(run.n, dtype=bool)
+
+
 # 1-2. taxonomy load, datamodule
 
 
@@ -136,7 +132,6 @@ def release_validation(run: SizeRun) -> None:
         gc.collect()
 
 
-# ---------------------------------------------------------------------------------------------
 # 3. Phase 1 items/s vs the per-item reference and vs the small fixture, interleaved
 
 
@@ -213,7 +208,6 @@ def phase1_stage(run: SizeRun, st: dict) -> None:
     run.mining_batches = mining_batches(run.ds, run.dm.phase1_end_epoch, run.args.mine_batches, run.rng)
 
 
-# ---------------------------------------------------------------------------------------------
 # 4. refresh: the library's default index (chosen from N), then exact flat lists as the reference
 
 
@@ -277,7 +271,6 @@ def recall_stage(run: SizeRun, st: dict) -> None:
                                             order_filter=False)["invalid"]
 
 
-# ---------------------------------------------------------------------------------------------
 # 5. per-batch mining, interleaved with the small fixture
 
 
