@@ -408,7 +408,8 @@ def report(summary: dict, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # fail now, not after training, on bad input or a folder that cannot take the results
-        for name in ("epochs", "samples_per_epoch", "batch_size", "freeze_layers", "refresh_every", "nprobe", "eval_every"):
+        for name in ("epochs", "samples_per_epoch", "batch_size", "freeze_layers", "refresh_every", "nprobe",
+                     "eval_every"):
             value = getattr(args, name)
             if value is not None and value < (0 if name == "freeze_layers" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} {value}: expected a positive integer")

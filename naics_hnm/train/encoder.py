@@ -218,24 +218,31 @@ class NAICSEncoder(pl.LightningModule):
         anchor, positive = emb[inverse[:b]], emb[inverse[b : 2 * b]]
         negatives = torch.zeros(b, k, emb.shape[-1], device=emb.device, dtype=emb.dtype)
         negatives[mask] = emb[inverse[2 * b :]]
+        lca = self._batch_lca(batch["anchor_idx"], unique)  # one [B, U] pass for the guard and the tree term
         extra = None
         if self.hparams.in_batch_negatives:
             extra = anchor @ emb.T
-            extra = extra.masked_fill(~self._in_batch_allowed(batch, unique, inverse), float("-inf"))
+            extra = extra.masked_fill(~self._in_batch_allowed(batch, unique, inverse, lca), float("-inf"))
         loss = info_nce(anchor, positive, negatives, mask, self.hparams.temperature, extra_logits=extra)
-        if self.hparams.tree_weight > 0 and self._guard is not None:
-            anchors = batch["anchor_idx"].unsqueeze(1)
-            lca = self._guard.lca_depth(anchors, unique.unsqueeze(0).expand(b, -1))
+        if self.hparams.tree_weight > 0 and lca is not None:
             loss = loss + self.hparams.tree_weight * tree_listwise(
-                anchor, emb, lca, unique.unsqueeze(0) == anchors, self.hparams.temperature,
+                anchor, emb, lca, unique.unsqueeze(0) == batch["anchor_idx"].unsqueeze(1), self.hparams.temperature,
                 self.hparams.tree_sharpness)
         return loss
 
-    def _in_batch_allowed(self, batch: dict[str, Any], unique: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    def _batch_lca(self, anchors: torch.Tensor, unique: torch.Tensor) -> torch.Tensor | None:
+        """int [B, U]: LCA depth of each anchor with each distinct batch code; None without a taxonomy."""
+        if self._guard is None:
+            return None
+        return self._guard.lca_depth(anchors.unsqueeze(1), unique.unsqueeze(0).expand(len(anchors), -1))
+
+    def _in_batch_allowed(self, batch: dict[str, Any], unique: torch.Tensor, inverse: torch.Tensor,
+                          lca: torch.Tensor | None = None) -> torch.Tensor:
         """bool [B, U]: which distinct batch codes may serve as extra negatives for each anchor.
 
         Never the anchor, its positive, a code already among its negatives, or (with the
         taxonomy known) an ancestor/descendant or a code as near in the tree as the positive.
+        ``lca``: :meth:`_batch_lca` when the caller has it already.
         """
         anchors, positives = batch["anchor_idx"], batch["positive_idx"]
         mask = batch["negative_mask"]
@@ -244,9 +251,9 @@ class NAICSEncoder(pl.LightningModule):
         rows = torch.arange(b, device=unique.device).unsqueeze(1).expand_as(mask)[mask]
         ok[rows, inverse[2 * b :]] = False
         if self._guard is not None:
-            rows, codes = anchors.unsqueeze(1), unique.unsqueeze(0).expand(b, -1)
-            ok &= ~self._guard.related(rows, codes)
-            ok &= ~too_near(self._guard.lca_depth(rows, codes), self._guard.lca_depth(anchors, positives).unsqueeze(1))
+            lca = self._batch_lca(anchors, unique) if lca is None else lca
+            ok &= ~self._guard.related(anchors.unsqueeze(1), unique.unsqueeze(0).expand(b, -1))
+            ok &= ~too_near(lca, self._guard.lca_depth(anchors, positives).unsqueeze(1))
         return ok
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
