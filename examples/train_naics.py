@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=1,
                    help="evaluate (and print a row) every n epochs; the last epoch always")
     p.add_argument("--accelerator", default="auto")
+    p.add_argument("--precision", choices=("32", "bf16"), default="32",
+                   help="training steps in fp32 (default) or under bf16 autocast (Lightning bf16-mixed); embedding "
+                        "passes use bf16 where the CPU has it either way (see README)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--index", type=Path, default=None,
                    help="final index path; default indexes/<taxonomy name>_trained.faiss")
@@ -287,7 +290,9 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
             order_filter=True, neighbours=args.neighbours, index_factory=args.index_factory,
             search_params={"nprobe": args.nprobe} if args.nprobe is not None else None,
             refresh_every_n_epochs=args.refresh_every))
+    precision = {"32": "32-true", "bf16": "bf16-mixed"}[args.precision]
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1, default_root_dir=args.output,
+                         precision=precision,
                          gradient_clip_val=1.0, logger=CSVLogger(args.output, name="logs"),
                          enable_checkpointing=False, callbacks=trainer_callbacks, num_sanity_val_steps=0,
                          max_time={"minutes": args.max_minutes} if args.max_minutes else None,

@@ -297,3 +297,34 @@ def test_ctrl_c_during_training_is_one_line_exit_130_and_leaves_the_previous_res
     assert {name: (out / name).read_bytes() for name in previous} == previous
     assert sorted(p.name for p in (out / "metrics").iterdir()) == ["epoch_000.json", "epoch_001.json"]
     assert not list(out.glob(".run-*")) and not (tmp_path / "index.faiss.json").exists()
+
+
+class PrecisionWatch(Callback):
+    """Records the Trainer's precision and the dtype autocast gives a matmul inside training_step."""
+
+    def __init__(self) -> None:
+        self.precision = None
+        self.step_dtypes: set[torch.dtype] = set()
+
+    def on_train_start(self, trainer, pl_module):
+        self.precision = trainer.precision
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with trainer.precision_plugin.train_step_context():
+            self.step_dtypes.add((torch.ones(2, 2) @ torch.ones(2, 2)).dtype)
+
+
+@pytest.mark.parametrize("flag, precision, dtype", [(None, "32-true", torch.float32),
+                                                    ("bf16", "bf16-mixed", torch.bfloat16)])
+def test_training_precision_is_fp32_unless_asked(tree_csv, tmp_path, flag, precision, dtype):
+    script = _script()
+    taxonomy = Taxonomy.from_csv(tree_csv)
+    args = script.parse_args([
+        "--output", str(tmp_path / "run"), "--taxonomy", str(tree_csv), "--epochs", "2", "--phase1-end-epoch", "1",
+        "--samples-per-epoch", "32", "--batch-size", "16", "--index", str(tmp_path / "index.faiss"),
+        "--cache-dir", str(tmp_path / "cache"), *(["--precision", flag] if flag else []),
+    ])
+    watch = PrecisionWatch()
+    summary = script.run(args, taxonomy, callbacks=[watch])
+    assert watch.precision == precision and watch.step_dtypes == {dtype}
+    assert summary["settings"]["precision"] == (flag or "32") and np.isfinite(summary["final"]["ndcg@10"])
