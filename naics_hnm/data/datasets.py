@@ -1,15 +1,11 @@
 """Map-style datasets: on-the-fly Phase 1 curriculum sampling and pre-sampled triplets.
 
 An item is a dict with ``anchor_code``, ``positive_code`` (str), ``negative_codes`` and
-``candidate_codes`` (list[str]), the matching dense ids (``anchor_idx``, ``positive_idx``,
-``negative_idx``, ``candidate_idx``; -1 pads) and ``tokens``, a reference to the shared
-:class:`TokenCache` that :func:`naics_hnm.data.collate.collate_fn` gathers from. An item whose codes lack
-tokens is ``None``.
-
-Phase 1 items accept either an int index (using ``dataset.epoch``) or an ``(epoch, index)`` pair
-as yielded by :class:`naics_hnm.data.epoch_sampler.EpochSampler`, so the epoch travels with each index
-into worker processes, persistent or not. A dataset that ``follow``s a sampler keeps no epoch of its
-own: ``epoch`` reads the sampler's and ``set_epoch`` moves it.
+``candidate_codes`` (list[str]), the matching dense ids (``*_idx``; -1 pads) and ``tokens``, the
+shared :class:`TokenCache` that :func:`naics_hnm.data.collate.collate_fn` gathers from; ``None``
+when a code lacks tokens. Phase 1 items take an int index (at ``dataset.epoch``) or an
+``(epoch, index)`` pair from :class:`naics_hnm.data.epoch_sampler.EpochSampler`; a dataset that
+``follow``s a sampler reads its epoch from it.
 """
 
 from __future__ import annotations

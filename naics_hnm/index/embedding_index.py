@@ -1,17 +1,12 @@
 """A faiss-backed index over code embeddings with exact batched ranking of candidate pools.
 
-Row ``i`` of the index is code index ``i``. Three metrics are supported: ``"cosine"`` (rows are
-L2-normalised, then inner product), ``"ip"`` (raw inner product) and ``"l2"`` (squared Euclidean
-distance, as faiss ``IndexFlatL2`` reports it; smaller = more similar). Every query returns
-``(scores, ids)`` arrays, most similar first, padded with id ``-1`` and score ``-inf`` (``+inf`` for
-l2).
-
-The index is exact (``Flat``, the default) or approximate, from a faiss factory string; training
-and the default search parameters of approximate indexes are in :mod:`naics_hnm.index.approximate`.
-Memory: a flat index's :attr:`EmbeddingIndex.vectors` are a zero-copy view of faiss's own storage;
-an approximate index keeps one float32 copy of the vectors beside its codes, which exact
-:meth:`~EmbeddingIndex.rank` and exact re-scoring need. Searches run in batches of queries, so only
-the ``[Q, k]`` outputs grow with Q. The files are described in :mod:`naics_hnm.index.index_file`.
+Row ``i`` of the index is code index ``i``. Metrics: ``"cosine"`` (rows L2-normalised, then inner
+product), ``"ip"`` and ``"l2"`` (squared Euclidean distance; smaller = more similar). Every query
+returns ``(scores, ids)``, most similar first, padded with id ``-1`` and score ``-inf`` (``+inf``
+for l2). The index is exact (``Flat``) or approximate from a faiss factory string
+(:mod:`naics_hnm.index.approximate`); a flat index's :attr:`EmbeddingIndex.vectors` are a view of
+faiss's own storage, an approximate one keeps a float32 copy for exact ranking. Files:
+:mod:`naics_hnm.index.index_file`.
 """
 
 from __future__ import annotations

@@ -3,31 +3,17 @@
 Saving to a path such as ``indexes/x.faiss`` writes, in its folder:
 
 - ``x.faiss.g000042.index``: the faiss index (``faiss.write_index`` of its CPU version);
-- ``x.faiss.g000042.vectors.npy``: the float32 vectors (``allow_pickle=False``), only for
-  approximate indexes, whose own storage cannot give the exact vectors back;
-- ``x.faiss.json``: the sidecar, holding the metadata plus the generation's file names and
-  sha256 checksums.
+- ``x.faiss.g000042.vectors.npy``: the float32 vectors, only for approximate indexes;
+- ``x.faiss.json``: the sidecar, holding the metadata plus the generation's file names and sha256s.
 
-Each payload file is written under a temporary name, fsynced, and renamed to its generation name;
-then the folder is fsynced and the sidecar is written the same way. The sidecar's rename is the one
-commit point: readers go through the sidecar, so they see the whole old set or the whole new set,
-whatever moment the writer is killed at. After the commit, the older generations of that path, the
-files of format 1 and stale temporaries of our naming are deleted.
-
-``path`` itself then becomes a hard link to (or, where links are not possible, a copy of) the
-committed generation's index file, so ``faiss.read_index(path)`` and tools that look for ``path``
-keep working. Loads never read it: they go through the sidecar. No two renames are atomic
-together, so a kill between the sidecar's rename and this one leaves ``path`` one generation
-behind, never a load that mixes two sets; the next save puts it right. Format 1 (index at
-``path``, vectors at ``path + ".vectors.npy"``) is still read, and replaced by the first save.
-
-One writer per path at a time: a save holds ``flock`` on ``.x.faiss.lock`` beside the target (the
-holder's pid written in it) from choosing its generation to the end of its clean-up, and removes it
-before letting go. A second process saving the same path waits for it (up to
-:data:`LOCK_TIMEOUT_S`, then an error naming the path and the holder's pid), so concurrent saves
-commit one after the other and the last one wins. Clean-up only deletes generations older than the
-committed one and temporaries of writers that no longer run. A load that finds the files of the
-sidecar it read already replaced by a newer save reads the new sidecar again.
+Payload files, then the sidecar, are written through fsynced temporaries and renamed; the sidecar's
+rename is the one commit point, so readers (who go through the sidecar) see the whole old set or the
+whole new one. ``path`` itself then becomes a hard link to (or a copy of) the committed index file,
+for tools that read it with faiss; loads never read it. Format 1 (index at ``path``, vectors at
+``path + ".vectors.npy"``) is still read. One writer per path at a time: a save holds ``flock`` on
+``.x.faiss.lock`` (waiting up to :data:`LOCK_TIMEOUT_S` for another), and clean-up only deletes
+older generations and temporaries of writers that no longer run. The guarantees and their tests:
+README, "Reliability".
 """
 
 from __future__ import annotations

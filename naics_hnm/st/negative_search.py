@@ -1,19 +1,14 @@
 """Exact negative search for query vectors over an :class:`EmbeddingIndex` of distinct corpus texts.
 
-An anchor's valid candidates are the corpus texts, most similar first, less its own text and its
-positives (unless ``include_positives``), with a :class:`TextTree` the texts of its codes' relatives
-(and with ``order_filter`` those as near as its farthest positive), and those the score rules drop
-(``max_score``, ``min_score``, margins against its *least* similar positive). ``range_min`` /
-``range_max`` are ranks in that list (``"random"``: drawn by a counter-based generator keyed by
-(seed, anchor text)); a row is searched 4x deeper until it has the ranks it needs or the corpus is
-exhausted. The flat index is scanned by blocks of ``[rows, N]`` scores (128 MiB, the score rules
-masked before the top-k); an approximate one is searched by faiss.
-
-The shared steps are the mining core's: :func:`~naics_hnm.index.ids.search_deeper` deepens,
-:func:`~naics_hnm.index.ids.select_topk` ranks the valid candidates (ties by column),
-:meth:`~naics_hnm.tree.guard.TreeGuard.may_be_negative` and :func:`~naics_hnm.tree.guard.too_near` are
-the tree rules. What is sentence-transformers' own (several positives per anchor, score rules, ranks,
-random sampling) stays here, in :class:`SearchRun`, which the cross-encoder rescoring reuses.
+An anchor's valid candidates are the corpus texts, most similar first, less its own text, its
+positives (unless ``include_positives``), with a :class:`TextTree` its codes' relatives (and with
+``order_filter`` texts as near as its farthest positive), and those the score rules drop (margins
+count against its *least* similar positive). ``range_min`` / ``range_max`` are ranks in that list
+(``"random"``: drawn by a counter-based generator keyed by (seed, anchor text)); a row is searched
+4x deeper until it has the ranks it needs or the corpus is exhausted. Deepening, ranking and the
+tree rules are the mining core's (:func:`~naics_hnm.index.ids.search_deeper`,
+:func:`~naics_hnm.index.ids.select_topk`, :mod:`naics_hnm.tree.guard`); what is
+sentence-transformers' own stays here, in :class:`SearchRun`, which the cross-encoder rescoring reuses.
 """
 
 from __future__ import annotations
