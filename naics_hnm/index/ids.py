@@ -71,7 +71,8 @@ def check_ids(anchor_ids: Any, candidate_ids: Any, positive_ids: Any, device: An
     if candidate_ids is not None:
         candidates = as_id_tensor(candidate_ids, "candidate_ids", device, 2)
         if candidates.shape[0] != b:
-            raise ValueError(f"candidate_ids has {candidates.shape[0]} rows but anchor_ids has {b}; expected [B, C] and [B]")
+            raise ValueError(f"candidate_ids has {candidates.shape[0]} rows but anchor_ids has {b}; "
+                             "expected [B, C] and [B]")
         check_id_range(candidates, "candidate_ids", n, allow_padding=True)
     if positive_ids is not None:
         positives = as_id_tensor(positive_ids, "positive_ids", device, 1)
