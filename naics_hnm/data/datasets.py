@@ -24,6 +24,7 @@ from naics_hnm.data.curriculum import NegativeTable
 from naics_hnm.data.pairs import allowed_mask, tree_pairs
 from naics_hnm.tree.taxonomy import Taxonomy, load_taxonomy
 from naics_hnm.data.token_cache import TokenCache
+from naics_hnm.index.ids import pad_ids
 
 Index = int | tuple[int, int]
 
@@ -167,20 +168,10 @@ class Phase1MapDataset(Dataset):
         """Plain-value triplet rows for ``epoch`` (all pairs by default), for NAICSMapDataset or a file."""
         idx = range(len(self)) if indices is None else indices
         items = self.__getitems__([(epoch, int(i)) for i in idx])
-        return [
-            {
-                "anchor_code": it["anchor_code"],
-                "positive_code": it["positive_code"],
-                "negative_codes": it["negative_codes"],
-                "candidate_codes": it["candidate_codes"],
-                "anchor_idx": it["anchor_idx"],
-                "positive_idx": it["positive_idx"],
-                "negative_idx": [int(v) for v in it["negative_idx"] if v >= 0],
-                "candidate_idx": [int(v) for v in it["candidate_idx"] if v >= 0],
-            }
-            for it in items
-            if it is not None
-        ]
+        plain = ("anchor_code", "positive_code", "negative_codes", "candidate_codes", "anchor_idx", "positive_idx")
+        return [{**{key: it[key] for key in plain},
+                 **{key: [int(v) for v in it[key] if v >= 0] for key in ("negative_idx", "candidate_idx")}}
+                for it in items if it is not None]
 
 
 class NAICSMapDataset(Dataset):
@@ -207,15 +198,10 @@ class NAICSMapDataset(Dataset):
             if len(set(negs)) != len(negs):
                 raise ValueError(f"triplet row {r}: repeated negative in {negs}")
             parsed.append((anchor, positive, negs, cands))
-        k = max((len(p[2]) for p in parsed), default=0)
-        c = max((len(p[3]) for p in parsed), default=0)
         self.anchors = np.array([p[0] for p in parsed], dtype=np.int64)
         self.positives = np.array([p[1] for p in parsed], dtype=np.int64)
-        self.negatives = np.full((len(parsed), k), -1, dtype=np.int64)
-        self.candidates = np.full((len(parsed), c), -1, dtype=np.int64)
-        for r, (_, _, negs, cands) in enumerate(parsed):
-            self.negatives[r, : len(negs)] = negs
-            self.candidates[r, : len(cands)] = cands
+        self.negatives = pad_ids([p[2] for p in parsed])
+        self.candidates = pad_ids([p[3] for p in parsed])
         self._codes = np.array(codes if codes is not None else [str(i) for i in range(n)], dtype=object)
 
     def __len__(self) -> int:

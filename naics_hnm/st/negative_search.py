@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from naics_hnm.data.counter_rng import item_keys, uniforms
 from naics_hnm.index.embedding_index import EmbeddingIndex
-from naics_hnm.index.ids import search_deeper, select_topk_np
+from naics_hnm.index.ids import pad_ids, search_deeper, select_topk_np
 from naics_hnm.tree.guard import TreeGuard, too_near
 from naics_hnm.tree.taxonomy import Taxonomy
 
@@ -102,12 +102,7 @@ def text_codes(texts: Sequence[str], taxonomy: Taxonomy, codes: Mapping[str, Any
                 except KeyError:
                     raise ValueError(f"codes[{text!r}] names code {code!r}, which is not a code of taxonomy "
                                      f"{taxonomy.name!r}") from None
-    rows = [sorted(set(lookup.get(t, ()))) for t in texts]
-    width = max((len(r) for r in rows), default=0)
-    table = np.full((len(rows), max(width, 1)), -1, dtype=np.int64)
-    for i, r in enumerate(rows):
-        table[i, : len(r)] = r
-    return table
+    return pad_ids([sorted(set(lookup.get(t, ()))) for t in texts], min_width=1)
 
 
 @dataclass
