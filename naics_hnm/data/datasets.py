@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from naics_hnm.atomic import atomic_path
+from naics_hnm.atomic import atomic_write_text
 from naics_hnm.data.config import Relation, SamplingConfig, StreamingConfig
 from naics_hnm.data.counter_rng import item_keys
 from naics_hnm.data.curriculum import NegativeTable
@@ -218,10 +218,7 @@ class NAICSMapDataset(Dataset):
 
 def save_triplets(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Write triplet rows as JSON Lines, atomically."""
-    with atomic_path(path) as tmp:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def load_triplets(path: str | Path) -> list[dict[str, Any]]:
