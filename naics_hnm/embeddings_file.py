@@ -106,15 +106,8 @@ def _write_file(file: Path, embeddings: np.ndarray | tuple[int, int], codes: lis
                                           "expected a string, number or array") from None
 
 
-def save_embeddings(
-    path: str | Path,
-    embeddings: Any,
-    codes: Sequence[str],
-    *,
-    model: str | None = None,
-    epoch: int | None = None,
-    extra_attrs: Mapping[str, Any] | None = None,
-) -> Path:
+def save_embeddings(path: str | Path, embeddings: Any, codes: Sequence[str], *, model: str | None = None,
+                    epoch: int | None = None, extra_attrs: Mapping[str, Any] | None = None) -> Path:
     """Write ``embeddings`` [N, d] (numpy or torch) and ``codes`` [N] atomically to ``path``."""
     path = Path(path)
     array = _as_matrix(embeddings)

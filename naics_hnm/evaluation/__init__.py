@@ -17,12 +17,7 @@ from naics_hnm.evaluation.cophenetic import average_ranks, cophenetic_correlatio
 from naics_hnm.evaluation.ndcg import ndcg_at_k, ndcg_per_query
 from naics_hnm.evaluation.placement import check_mask, holdout_split, placement_hits
 from naics_hnm.evaluation.reconstruction import reconstruction
-from naics_hnm.evaluation.rows import (
-    SIMILARITY_DECIMALS,
-    as_unit_rows,
-    comparable,
-    evaluation_codes,
-)
+from naics_hnm.evaluation.rows import SIMILARITY_DECIMALS, as_unit_rows, comparable, evaluation_codes
 from naics_hnm.tree.taxonomy import Taxonomy
 
 __all__ = [

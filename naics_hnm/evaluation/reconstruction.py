@@ -38,9 +38,8 @@ def _query_scores(similarity: np.ndarray, relevant: np.ndarray) -> tuple[np.ndar
     return ranks, float(np.mean(relevant_at_or_above / at_or_above))
 
 
-def reconstruction(
-    embeddings: Any, taxonomy: Taxonomy, *, max_queries: int | None = 1000, seed: int = 0,
-) -> dict[str, float]:
+def reconstruction(embeddings: Any, taxonomy: Taxonomy, *, max_queries: int | None = 1000,
+                   seed: int = 0) -> dict[str, float]:
     """``{"mean_rank", "map", "queries"}`` of tree reconstruction over all codes (see the module docstring)."""
     unit = as_unit_rows(embeddings, len(taxonomy))
     n = len(taxonomy)

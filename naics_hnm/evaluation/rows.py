@@ -58,7 +58,8 @@ def evaluation_codes(taxonomy: Taxonomy) -> np.ndarray:
     return np.flatnonzero(taxonomy.end - taxonomy.pre == 1).astype(np.int64)
 
 
-def select_codes(taxonomy: Taxonomy, ids: Sequence[int] | np.ndarray | None, depth: int | None, what: str) -> np.ndarray:
+def select_codes(taxonomy: Taxonomy, ids: Sequence[int] | np.ndarray | None, depth: int | None,
+                 what: str) -> np.ndarray:
     """Code indices to evaluate: ``ids`` if given, else the codes at ``depth``, else the leaves."""
     n = len(taxonomy)
     if ids is None:

@@ -46,20 +46,9 @@ class EmbeddingIndex:
     such as HNSW, stay on CPU, which is logged) and ``vectors`` on the GPU.
     """
 
-    def __init__(
-        self,
-        cpu_index: faiss.Index,
-        vectors: np.ndarray,
-        metric: str,
-        device: str,
-        *,
-        index_type: str,
-        search_params: dict[str, int] | None = None,
-        codes_fingerprint: str | None = None,
-        model_fingerprint: str | None = None,
-        epoch: int | None = None,
-        reason: str = "",
-    ) -> None:
+    def __init__(self, cpu_index: faiss.Index, vectors: np.ndarray, metric: str, device: str, *, index_type: str,
+                 search_params: dict[str, int] | None = None, codes_fingerprint: str | None = None,
+                 model_fingerprint: str | None = None, epoch: int | None = None, reason: str = "") -> None:
         self._metric = metric
         self._index_type = index_type
         self._codes_fingerprint = codes_fingerprint
@@ -102,19 +91,9 @@ class EmbeddingIndex:
         return index
 
     @classmethod
-    def build(
-        cls,
-        embeddings: Any,
-        metric: str = "cosine",
-        device: str = "auto",
-        *,
-        index_factory: str | None = None,
-        search_params: dict[str, int] | None = None,
-        seed: int = 0,
-        model_fingerprint: str | None = None,
-        epoch: int | None = None,
-        codes: Sequence[str] | None = None,
-    ) -> "EmbeddingIndex":
+    def build(cls, embeddings: Any, metric: str = "cosine", device: str = "auto", *, index_factory: str | None = None,
+              search_params: dict[str, int] | None = None, seed: int = 0, model_fingerprint: str | None = None,
+              epoch: int | None = None, codes: Sequence[str] | None = None) -> "EmbeddingIndex":
         """Index float [N, d] embeddings (numpy or torch on any device); row i = id i.
 
         ``index_factory`` (e.g. ``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF1024,PQ32"``) builds an
@@ -383,14 +362,8 @@ class EmbeddingIndex:
         }
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        device: str = "auto",
-        *,
-        expected_codes: Sequence[str] | None = None,
-        expected_dim: int | None = None,
-    ) -> "EmbeddingIndex":
+    def load(cls, path: str | Path, device: str = "auto", *, expected_codes: Sequence[str] | None = None,
+             expected_dim: int | None = None) -> "EmbeddingIndex":
         """Read an index written by :meth:`save`, checking it against its sidecar and expectations.
 
         ``expected_codes`` (a code list, or anything with ``.codes`` such as a Taxonomy) must match
