@@ -27,8 +27,8 @@ from naics_hnm.index.auto import build_index, choose_index
 from naics_hnm.index.embedding_index import EmbeddingIndex
 from naics_hnm.index.knn import as_float_matrix, normalise_rows
 from naics_hnm.index.metric import get_metric
-from naics_hnm.index.shared_files import (broadcast_text, read_mapped_index, write_flat_index_rows, write_index_together,
-                                          write_npy_rows)
+from naics_hnm.index.shared_files import (broadcast_text, read_mapped_index, write_flat_index_rows,
+                                          write_index_together, write_npy_rows)
 from naics_hnm.index.sharded_search import Shard
 from naics_hnm.mining.neighbours import guarded_neighbours
 from naics_hnm.tree.guard import TreeGuard
