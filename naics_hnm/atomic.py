@@ -50,7 +50,8 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _is_stale(temp: Path, match: re.Match[str], now: float) -> bool:
+def is_stale_temp(temp: Path, match: re.Match[str], now: float) -> bool:
+    """Whether a temporary's writer is gone: older than ``STALE_AFTER_S``, or a dead process of this host."""
     try:
         age = now - temp.stat().st_mtime
     except FileNotFoundError:  # its writer finished or another cleaner removed it
@@ -69,7 +70,7 @@ def remove_stale_temp_files(target: str | Path) -> list[Path]:
     with os.scandir(target.parent) as entries:
         candidates = [(Path(e.path), m) for e in entries if (m := pattern.fullmatch(e.name))]
     for temp, match in candidates:
-        if _is_stale(temp, match, now):
+        if is_stale_temp(temp, match, now):
             temp.unlink(missing_ok=True)
             removed.append(temp)
             log.warning("removed %s, left behind by an interrupted write of %s", temp.name, target)

@@ -45,18 +45,24 @@ class EmbeddingsFile:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def _first_non_finite_row(array: np.ndarray) -> int | None:
+def _check_finite(path: Path, array: np.ndarray, lo: int = 0) -> None:
+    """EmbeddingsFileError naming the first row (numbered from ``lo``) that holds NaN or inf."""
     finite = np.isfinite(array).all(axis=1)
-    return None if finite.all() else int(np.argmin(finite))
+    if not finite.all():
+        raise EmbeddingsFileError(f"{str(path)!r}: embeddings row {lo + int(np.argmin(finite))} holds NaN or inf; "
+                                  "expected finite values")
 
 
-def _first_duplicate(codes: Sequence[str]) -> str | None:
+def _check_code_list(path: Path, codes: list[str], n: int) -> None:
+    """EmbeddingsFileError unless ``codes`` are ``n`` unique codes."""
+    if len(codes) != n:
+        raise EmbeddingsFileError(f"{str(path)!r}: {len(codes)} codes for {n} embedding rows; "
+                                  "expected one code per row")
     seen: set[str] = set()
     for code in codes:
         if code in seen:
-            return code
+            raise EmbeddingsFileError(f"{str(path)!r}: code {code!r} appears more than once; expected unique codes")
         seen.add(code)
-    return None
 
 
 def _as_matrix(embeddings: Any) -> np.ndarray:
@@ -68,11 +74,7 @@ def _as_matrix(embeddings: Any) -> np.ndarray:
 def _checked_attrs(path: Path, codes: Sequence[str], n: int, model: str | None, epoch: int | None,
                    extra_attrs: Mapping[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
     codes = [str(c) for c in codes]
-    if len(codes) != n:
-        raise EmbeddingsFileError(f"{str(path)!r}: {len(codes)} codes for {n} embedding rows; expected one code per row")
-    duplicate = _first_duplicate(codes)
-    if duplicate is not None:
-        raise EmbeddingsFileError(f"{str(path)!r}: code {duplicate!r} appears more than once; expected unique codes")
+    _check_code_list(path, codes, n)
     extra = dict(extra_attrs or {})
     clash = sorted(set(extra) & set(RESERVED_ATTRS))
     if clash:
@@ -100,28 +102,18 @@ def _write_file(file: Path, embeddings: np.ndarray | tuple[int, int], codes: lis
             try:
                 handle.attrs[key] = value
             except (TypeError, ValueError) as error:
-                raise EmbeddingsFileError(
-                    f"attribute {key!r}={value!r} cannot be stored in HDF5 ({error}); expected a string, number or array"
-                ) from None
+                raise EmbeddingsFileError(f"attribute {key!r}={value!r} cannot be stored in HDF5 ({error}); "
+                                          "expected a string, number or array") from None
 
 
-def save_embeddings(
-    path: str | Path,
-    embeddings: Any,
-    codes: Sequence[str],
-    *,
-    model: str | None = None,
-    epoch: int | None = None,
-    extra_attrs: Mapping[str, Any] | None = None,
-) -> Path:
+def save_embeddings(path: str | Path, embeddings: Any, codes: Sequence[str], *, model: str | None = None,
+                    epoch: int | None = None, extra_attrs: Mapping[str, Any] | None = None) -> Path:
     """Write ``embeddings`` [N, d] (numpy or torch) and ``codes`` [N] atomically to ``path``."""
     path = Path(path)
     array = _as_matrix(embeddings)
     if array.ndim != 2:
         raise EmbeddingsFileError(f"{str(path)!r}: embeddings have shape {tuple(array.shape)}; expected [N, d]")
-    bad_row = _first_non_finite_row(array)
-    if bad_row is not None:
-        raise EmbeddingsFileError(f"{str(path)!r}: embeddings row {bad_row} holds NaN or inf; expected finite values")
+    _check_finite(path, array)
     codes, attrs = _checked_attrs(path, codes, array.shape[0], model, epoch, extra_attrs)
     with atomic_path(path) as tmp:
         _write_file(tmp, array, codes, attrs)
@@ -141,9 +133,7 @@ def create_embeddings_file(file: str | Path, shape: tuple[int, int], codes: Sequ
 def write_embedding_rows(file: str | Path, lo: int, rows: Any) -> None:
     """Fill rows ``[lo, lo + len(rows))`` of a file made by :func:`create_embeddings_file` (one writer at a time)."""
     array = _as_matrix(rows)
-    bad_row = _first_non_finite_row(array)
-    if bad_row is not None:
-        raise EmbeddingsFileError(f"{str(file)!r}: embeddings row {lo + bad_row} holds NaN or inf; expected finite values")
+    _check_finite(Path(file), array, lo)
     with h5py.File(file, "r+") as handle:
         handle["embeddings"][lo:lo + len(array)] = array
 
@@ -192,14 +182,12 @@ def _read(path: Path) -> EmbeddingsFile:
             raise EmbeddingsFileError(f"{str(path)!r} lacks dataset(s) {missing}; expected 'embeddings' and 'codes'")
         dataset = handle["embeddings"]
         if dataset.ndim != 2 or dataset.dtype.kind != "f":
-            raise EmbeddingsFileError(
-                f"{str(path)!r}: dataset 'embeddings' has shape {dataset.shape} and dtype {dataset.dtype}; expected float [N, d]"
-            )
+            raise EmbeddingsFileError(f"{str(path)!r}: dataset 'embeddings' has shape {dataset.shape} and dtype "
+                                      f"{dataset.dtype}; expected float [N, d]")
         code_set = handle["codes"]
         if code_set.ndim != 1 or code_set.dtype.kind not in "OS":
-            raise EmbeddingsFileError(
-                f"{str(path)!r}: dataset 'codes' has shape {code_set.shape} and dtype {code_set.dtype}; expected strings [N]"
-            )
+            raise EmbeddingsFileError(f"{str(path)!r}: dataset 'codes' has shape {code_set.shape} and dtype "
+                                      f"{code_set.dtype}; expected strings [N]")
         embeddings = np.asarray(dataset[()], dtype=np.float32)
         codes = [str(c) for c in code_set.asstr()[()]]
         attrs = {key: _plain(value) for key, value in handle.attrs.items()}
@@ -232,19 +220,12 @@ def load_embeddings(path: str | Path, *, expected_codes: Sequence[str] | None = 
         raise EmbeddingsFileError(
             f"{str(path)!r} is not a readable HDF5 embeddings file (truncated or another format?): {error}"
         ) from None
-    if len(loaded.codes) != loaded.embeddings.shape[0]:
-        raise EmbeddingsFileError(
-            f"{str(path)!r}: {len(loaded.codes)} codes for {loaded.embeddings.shape[0]} embedding rows; expected one code per row"
-        )
-    bad_row = _first_non_finite_row(loaded.embeddings)
-    if bad_row is not None:
-        raise EmbeddingsFileError(f"{str(path)!r}: embeddings row {bad_row} holds NaN or inf; expected finite values")
-    duplicate = _first_duplicate(loaded.codes)
-    if duplicate is not None:
-        raise EmbeddingsFileError(f"{str(path)!r}: code {duplicate!r} appears more than once; expected unique codes")
+    _check_code_list(path, loaded.codes, loaded.embeddings.shape[0])
+    _check_finite(path, loaded.embeddings)
     stored = loaded.attrs.get("codes_fingerprint")
     if stored is not None and stored != codes_fingerprint(loaded.codes):
-        raise EmbeddingsFileError(f"{str(path)!r}: codes do not match the file's codes_fingerprint attribute (corrupted?)")
+        raise EmbeddingsFileError(f"{str(path)!r}: codes do not match the file's codes_fingerprint attribute "
+                                  "(corrupted?)")
     if expected_codes is not None:
         _check_codes(path, loaded.codes, expected_codes)
     return loaded

@@ -3,11 +3,9 @@
 With no arguments it embeds NAICS 2022 with the offline pretrained all-MiniLM-L6-v2 and writes
 ``indexes/naics2022_minilm.faiss`` (+ ``.json`` sidecar). ``--checkpoint`` embeds with a Lightning
 checkpoint of :class:`naics_hnm.train.encoder.NAICSEncoder` (or of your module via ``--model-class``);
-``--embeddings`` indexes an HDF5 embeddings file as is. Without ``--index-factory`` the index is
-chosen from the number of codes (exact while cheap, a recall-calibrated IVF above; see
-:mod:`naics_hnm.index.auto`); ``--index-factory`` names one (``Flat`` forces exact), with
-``--search-params`` overriding its measured defaults (see :mod:`naics_hnm.index.approximate`). Bad input ends with one line on stderr and
-a non-zero exit status; the previous index is left untouched.
+``--embeddings`` indexes an HDF5 embeddings file as is. The index is chosen as in
+:mod:`naics_hnm.index.auto` unless ``--index-factory`` names one. Bad input ends with one line on
+stderr and a non-zero exit status; the previous index is left untouched.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from naics_hnm.data.token_cache import TokenCache, gather_tokens
+from naics_hnm.index.ids import pad_ids
 
 
 def _pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
@@ -19,13 +20,7 @@ def _pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
             return stacked
         order = np.argsort(~valid, axis=1, kind="stable")
         return np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(stacked, order, 1), -1)
-    width = max((len(r) for r in rows), default=0)
-    out = np.full((len(rows), width), -1, dtype=np.int64)
-    for i, r in enumerate(rows):
-        r = np.asarray(r, dtype=np.int64)
-        r = r[r >= 0]
-        out[i, : len(r)] = r
-    return out
+    return pad_ids([r[r >= 0] for r in (np.asarray(r, dtype=np.int64) for r in rows)])
 
 
 def collate_fn(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]:

@@ -59,48 +59,24 @@ class StreamingConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", self.seed, "an int in [0, 2**63)")
-        _check(isinstance(self.n_negatives, int) and self.n_negatives >= 1, "n_negatives", self.n_negatives, "an int >= 1")
-        _check(
-            isinstance(self.n_candidates, int) and self.n_candidates >= self.n_negatives,
-            "n_candidates",
-            self.n_candidates,
-            f"an int >= n_negatives ({self.n_negatives})",
-        )
+        _check(isinstance(self.n_negatives, int) and self.n_negatives >= 1, "n_negatives", self.n_negatives,
+               "an int >= 1")
+        _check(isinstance(self.n_candidates, int) and self.n_candidates >= self.n_negatives, "n_candidates",
+               self.n_candidates, f"an int >= n_negatives ({self.n_negatives})")
         relations = (self.positive_relations,) if isinstance(self.positive_relations, str) else tuple(
             self.positive_relations)
         allowed = [r.value for r in Relation]
-        _check(
-            len(relations) > 0 and all(r in allowed for r in relations) and len(set(relations)) == len(relations),
-            "positive_relations",
-            self.positive_relations,
-            f"a non-empty tuple of distinct values from {allowed}",
-        )
-        _check(
-            Relation.LEVELS.value not in relations or len(relations) == 1,
-            "positive_relations",
-            self.positive_relations,
-            "('levels',) alone, or fixed relations without 'levels'",
-        )
+        _check(len(relations) > 0 and all(r in allowed for r in relations) and len(set(relations)) == len(relations),
+               "positive_relations", self.positive_relations, f"a non-empty tuple of distinct values from {allowed}")
+        _check(Relation.LEVELS.value not in relations or len(relations) == 1, "positive_relations",
+               self.positive_relations, "('levels',) alone, or fixed relations without 'levels'")
         object.__setattr__(self, "positive_relations", relations)
-        _check(
-            isinstance(self.level_decay, (int, float)) and math.isfinite(self.level_decay) and self.level_decay > 0,
-            "level_decay",
-            self.level_decay,
-            "a number > 0",
-        )
-        _check(
-            self.max_siblings is None or (isinstance(self.max_siblings, int) and self.max_siblings >= 1),
-            "max_siblings",
-            self.max_siblings,
-            "None or an int >= 1",
-        )
-        _check(
-            not isinstance(self.exclude_codes, str)
-            and all(isinstance(c, str) for c in self.exclude_codes),
-            "exclude_codes",
-            self.exclude_codes,
-            "a sequence of code strings, e.g. ('311111',)",
-        )
+        _check(isinstance(self.level_decay, (int, float)) and math.isfinite(self.level_decay) and self.level_decay > 0,
+               "level_decay", self.level_decay, "a number > 0")
+        _check(self.max_siblings is None or (isinstance(self.max_siblings, int) and self.max_siblings >= 1),
+               "max_siblings", self.max_siblings, "None or an int >= 1")
+        _check(not isinstance(self.exclude_codes, str) and all(isinstance(c, str) for c in self.exclude_codes),
+               "exclude_codes", self.exclude_codes, "a sequence of code strings, e.g. ('311111',)")
         object.__setattr__(self, "exclude_codes", tuple(self.exclude_codes))
 
 
@@ -127,12 +103,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         for name in ("easy_start", "easy_end", "semi_hard_start", "semi_hard_end"):
             value = getattr(self, name)
-            _check(
-                isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0,
-                name,
-                value,
-                "a number in [0, 1]",
-            )
+            _check(isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0, name, value,
+                   "a number in [0, 1]")
         for when in ("start", "end"):
             total = getattr(self, f"easy_{when}") + getattr(self, f"semi_hard_{when}")
             _check(total <= 1.0 + 1e-9, f"easy_{when} + semi_hard_{when}", total, "<= 1 (hard takes the rest)")
@@ -141,9 +113,7 @@ class SamplingConfig:
         try:
             object.__setattr__(self, "schedule", Schedule(self.schedule))
         except ValueError:
-            raise ValueError(
-                f"schedule={self.schedule!r}: expected one of {[s.value for s in Schedule]}"
-            ) from None
+            raise ValueError(f"schedule={self.schedule!r}: expected one of {[s.value for s in Schedule]}") from None
 
     def progress(self, epoch: int, phase1_end_epoch: int) -> float:
         """Curriculum position in [0, 1]: 0 at epoch 0, 1 at the last Phase 1 epoch and after."""

@@ -1,15 +1,11 @@
 """Map-style datasets: on-the-fly Phase 1 curriculum sampling and pre-sampled triplets.
 
 An item is a dict with ``anchor_code``, ``positive_code`` (str), ``negative_codes`` and
-``candidate_codes`` (list[str]), the matching dense ids (``anchor_idx``, ``positive_idx``,
-``negative_idx``, ``candidate_idx``; -1 pads) and ``tokens``, a reference to the shared
-:class:`TokenCache` that :func:`naics_hnm.data.collate.collate_fn` gathers from. An item whose codes lack
-tokens is ``None``.
-
-Phase 1 items accept either an int index (using ``dataset.epoch``) or an ``(epoch, index)`` pair
-as yielded by :class:`naics_hnm.data.epoch_sampler.EpochSampler`, so the epoch travels with each index
-into worker processes, persistent or not. A dataset that ``follow``s a sampler keeps no epoch of its
-own: ``epoch`` reads the sampler's and ``set_epoch`` moves it.
+``candidate_codes`` (list[str]), the matching dense ids (``*_idx``; -1 pads) and ``tokens``, the
+shared :class:`TokenCache` that :func:`naics_hnm.data.collate.collate_fn` gathers from; ``None``
+when a code lacks tokens. Phase 1 items take an int index (at ``dataset.epoch``) or an
+``(epoch, index)`` pair from :class:`naics_hnm.data.epoch_sampler.EpochSampler`; a dataset that
+``follow``s a sampler reads its epoch from it.
 """
 
 from __future__ import annotations
@@ -21,13 +17,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from naics_hnm.atomic import atomic_path
+from naics_hnm.atomic import atomic_write_text
 from naics_hnm.data.config import Relation, SamplingConfig, StreamingConfig
 from naics_hnm.data.counter_rng import item_keys
 from naics_hnm.data.curriculum import NegativeTable
 from naics_hnm.data.pairs import allowed_mask, tree_pairs
 from naics_hnm.tree.taxonomy import Taxonomy, load_taxonomy
 from naics_hnm.data.token_cache import TokenCache
+from naics_hnm.index.ids import pad_ids
 
 Index = int | tuple[int, int]
 
@@ -171,20 +168,10 @@ class Phase1MapDataset(Dataset):
         """Plain-value triplet rows for ``epoch`` (all pairs by default), for NAICSMapDataset or a file."""
         idx = range(len(self)) if indices is None else indices
         items = self.__getitems__([(epoch, int(i)) for i in idx])
-        return [
-            {
-                "anchor_code": it["anchor_code"],
-                "positive_code": it["positive_code"],
-                "negative_codes": it["negative_codes"],
-                "candidate_codes": it["candidate_codes"],
-                "anchor_idx": it["anchor_idx"],
-                "positive_idx": it["positive_idx"],
-                "negative_idx": [int(v) for v in it["negative_idx"] if v >= 0],
-                "candidate_idx": [int(v) for v in it["candidate_idx"] if v >= 0],
-            }
-            for it in items
-            if it is not None
-        ]
+        plain = ("anchor_code", "positive_code", "negative_codes", "candidate_codes", "anchor_idx", "positive_idx")
+        return [{**{key: it[key] for key in plain},
+                 **{key: [int(v) for v in it[key] if v >= 0] for key in ("negative_idx", "candidate_idx")}}
+                for it in items if it is not None]
 
 
 class NAICSMapDataset(Dataset):
@@ -211,15 +198,10 @@ class NAICSMapDataset(Dataset):
             if len(set(negs)) != len(negs):
                 raise ValueError(f"triplet row {r}: repeated negative in {negs}")
             parsed.append((anchor, positive, negs, cands))
-        k = max((len(p[2]) for p in parsed), default=0)
-        c = max((len(p[3]) for p in parsed), default=0)
         self.anchors = np.array([p[0] for p in parsed], dtype=np.int64)
         self.positives = np.array([p[1] for p in parsed], dtype=np.int64)
-        self.negatives = np.full((len(parsed), k), -1, dtype=np.int64)
-        self.candidates = np.full((len(parsed), c), -1, dtype=np.int64)
-        for r, (_, _, negs, cands) in enumerate(parsed):
-            self.negatives[r, : len(negs)] = negs
-            self.candidates[r, : len(cands)] = cands
+        self.negatives = pad_ids([p[2] for p in parsed])
+        self.candidates = pad_ids([p[3] for p in parsed])
         self._codes = np.array(codes if codes is not None else [str(i) for i in range(n)], dtype=object)
 
     def __len__(self) -> int:
@@ -236,10 +218,7 @@ class NAICSMapDataset(Dataset):
 
 def save_triplets(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Write triplet rows as JSON Lines, atomically."""
-    with atomic_path(path) as tmp:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def load_triplets(path: str | Path) -> list[dict[str, Any]]:

@@ -1,16 +1,12 @@
 """A shuffling sampler that sends the epoch along with every index.
 
-Lightning calls ``set_epoch`` on samplers, never on datasets, and persistent DataLoader workers
-keep their own copy of the dataset. This sampler is therefore the one owner of the training epoch
-(like :class:`torch.utils.data.DistributedSampler`): Lightning's fit loop sets it at every epoch
-start, and it yields ``(epoch, index)`` pairs, so the epoch travels with each index through the
-workers' index queues and an item is computed for the epoch it belongs to in any worker, persistent
-or not. Everything else (the dataset's ``epoch``, the loader's and the datamodule's state) reads it
-from here. A resume in the middle of an epoch starts
-after the samples already trained on (:meth:`resume`, driven by
-:class:`naics_hnm.data.resumable_loader.ResumableLoader`). Shuffling follows
-:class:`torch.utils.data.DistributedSampler` (a generator seeded with ``seed + epoch``); it is a
-subclass so that Lightning keeps it under DDP instead of wrapping it, and shards by rank itself.
+Lightning calls ``set_epoch`` on samplers, never on datasets, and persistent DataLoader workers keep
+their own copy of the dataset. This sampler is the one owner of the training epoch: it yields
+``(epoch, index)`` pairs, so each item is computed for its epoch in any worker, persistent or not;
+everything else reads the epoch from here. :meth:`resume` starts a mid-epoch resume after the
+samples already trained on (driven by :class:`naics_hnm.data.resumable_loader.ResumableLoader`).
+Shuffling follows :class:`torch.utils.data.DistributedSampler` (seed ``seed + epoch``), which it
+subclasses so that Lightning keeps it under DDP instead of wrapping it; it shards by rank itself.
 """
 
 from __future__ import annotations

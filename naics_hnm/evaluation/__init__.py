@@ -1,17 +1,11 @@
 """Taxonomy-aware quality of code embeddings: cophenetic correlation, NDCG@k, held-out placement and reconstruction.
 
 All metrics work on cosine similarity of L2-normalised rows (row ``i`` embeds code ``i``) and, by
-default, on the leaves of the tree (:func:`evaluation_codes`; NAICS 2022: its 1,012 six-digit
-codes). The tree is the taxonomy's, of any shape and uneven depth: distance counts edges through
-the lowest common ancestor (LCA), and the LCA depth is 0 when only the virtual root is shared.
-
-Ties follow one rule, :func:`comparable` in :mod:`naics_hnm.evaluation.rows` (similarities rounded
-to 9 decimals, then the lower position first), so every machine ranks the same.
-
-Memory stays bounded for any taxonomy size: similarities are computed for one chunk of queries at
-a time (about ``2**22`` floats), relations only for the top-k hits and nearest codes, and
-everything that needs all corpus codes (ideal DCG, placement eligibility) comes from subtree
-counts over the DFS order, O(queries x depth). No N x N or queries x corpus relation is built.
+default, on the leaves of the tree (:func:`evaluation_codes`). Distance counts edges through the
+lowest common ancestor (LCA); the LCA depth is 0 when only the virtual root is shared. Ties follow
+one rule, :func:`comparable` in :mod:`naics_hnm.evaluation.rows`. Memory stays bounded for any
+taxonomy size: similarities are computed one chunk of queries at a time and nothing N x N (or
+queries x corpus) is built; corpus-wide quantities come from subtree counts over the DFS order.
 """
 from __future__ import annotations
 
@@ -23,12 +17,7 @@ from naics_hnm.evaluation.cophenetic import average_ranks, cophenetic_correlatio
 from naics_hnm.evaluation.ndcg import ndcg_at_k, ndcg_per_query
 from naics_hnm.evaluation.placement import check_mask, holdout_split, placement_hits
 from naics_hnm.evaluation.reconstruction import reconstruction
-from naics_hnm.evaluation.rows import (
-    SIMILARITY_DECIMALS,
-    as_unit_rows,
-    comparable,
-    evaluation_codes,
-)
+from naics_hnm.evaluation.rows import SIMILARITY_DECIMALS, as_unit_rows, comparable, evaluation_codes
 from naics_hnm.tree.taxonomy import Taxonomy
 
 __all__ = [

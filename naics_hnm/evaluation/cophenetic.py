@@ -7,13 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from naics_hnm.evaluation.rows import (
-    BLOCK,
-    as_unit_rows,
-    comparable,
-    sample_codes,
-    select_codes,
-)
+from naics_hnm.evaluation.rows import BLOCK, as_unit_rows, comparable, sample_codes, select_codes
 from naics_hnm.tree.taxonomy import Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -36,15 +30,8 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float((x @ y) / denominator)
 
 
-def cophenetic_correlation(
-    embeddings: Any,
-    taxonomy: Taxonomy,
-    ids: Sequence[int] | np.ndarray | None = None,
-    *,
-    depth: int | None = None,
-    max_codes: int = 4000,
-    seed: int = 0,
-) -> dict[str, float]:
+def cophenetic_correlation(embeddings: Any, taxonomy: Taxonomy, ids: Sequence[int] | np.ndarray | None = None, *,
+                           depth: int | None = None, max_codes: int = 4000, seed: int = 0) -> dict[str, float]:
     """Pearson and Spearman correlation of cosine distance with tree distance over all code pairs.
 
     Pairs are the unordered pairs (upper triangle) of ``ids``, default the codes at ``depth``, or

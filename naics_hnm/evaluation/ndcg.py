@@ -6,14 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from naics_hnm.evaluation.rows import (
-    BLOCK,
-    as_unit_rows,
-    comparable,
-    sample_codes,
-    select_codes,
-    subtree_counter,
-)
+from naics_hnm.evaluation.rows import BLOCK, as_unit_rows, comparable, sample_codes, select_codes, subtree_counter
 from naics_hnm.tree.taxonomy import Taxonomy
 
 
@@ -68,20 +61,14 @@ def _ndcg(unit: np.ndarray, taxonomy: Taxonomy, queries: np.ndarray, corpus: np.
         return np.where(ideal > 0, dcg / ideal, np.nan)
 
 
-def ndcg_per_query(
-    embeddings: Any,
-    taxonomy: Taxonomy,
-    query_ids: Sequence[int] | np.ndarray | None = None,
-    corpus_ids: Sequence[int] | np.ndarray | None = None,
-    k: int = 10,
-    *,
-    depth: int | None = None,
-) -> np.ndarray:
+def ndcg_per_query(embeddings: Any, taxonomy: Taxonomy, query_ids: Sequence[int] | np.ndarray | None = None,
+                   corpus_ids: Sequence[int] | np.ndarray | None = None, k: int = 10, *,
+                   depth: int | None = None) -> np.ndarray:
     """NDCG@k of each query (NaN where the ideal DCG is 0, i.e. the query is skipped).
 
     Queries and corpus default to the codes at ``depth``, or the leaves. Each query ranks every
-    other corpus code by cosine similarity (:func:`comparable`; ties: lower corpus position first). The gain of a
-    corpus code is ``2 ** lca_depth(query, code) - 1`` (root 0, top level 1, ...); the discount is
+    other corpus code by cosine similarity (:func:`comparable`; ties: lower corpus position first).
+    The gain of a corpus code is ``2 ** lca_depth(query, code) - 1`` (root 0, top level 1, ...); the discount is
     ``1 / log2(rank + 1)`` with ranks from 1; the ideal DCG sorts the same gains (the query itself
     excluded) in descending order.
     """
@@ -93,17 +80,9 @@ def ndcg_per_query(
     return _ndcg(unit, taxonomy, queries, corpus, int(k))
 
 
-def ndcg_at_k(
-    embeddings: Any,
-    taxonomy: Taxonomy,
-    query_ids: Sequence[int] | np.ndarray | None = None,
-    corpus_ids: Sequence[int] | np.ndarray | None = None,
-    k: int = 10,
-    *,
-    depth: int | None = None,
-    max_queries: int | None = None,
-    seed: int = 0,
-) -> float:
+def ndcg_at_k(embeddings: Any, taxonomy: Taxonomy, query_ids: Sequence[int] | np.ndarray | None = None,
+              corpus_ids: Sequence[int] | np.ndarray | None = None, k: int = 10, *, depth: int | None = None,
+              max_queries: int | None = None, seed: int = 0) -> float:
     """Mean NDCG@k over the queries with a non-zero ideal DCG (see :func:`ndcg_per_query`).
 
     Above ``max_queries`` queries a seeded sample of that many is scored (None: all).

@@ -6,13 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from naics_hnm.evaluation.rows import (
-    BLOCK,
-    as_unit_rows,
-    comparable,
-    evaluation_codes,
-    subtree_counter,
-)
+from naics_hnm.evaluation.rows import BLOCK, as_unit_rows, comparable, evaluation_codes, subtree_counter
 from naics_hnm.tree.taxonomy import Taxonomy
 
 
@@ -22,9 +16,9 @@ def holdout_split(taxonomy: Taxonomy, fraction: float = 0.2, seed: int = 0) -> n
     A text group is every code sharing one casefolded text (a code with a unique text is a group
     of one). The groups holding at least one leaf, ordered by their smallest code id, are shuffled
     with ``np.random.default_rng(seed).permutation`` and held out whole (every code, at any level)
-    in that order until the held-out leaves first reach the target. Whole groups, so that a held-out text never appears in training (NAICS:
-    '111110' and its one-child parent '11111' share a title); the leaf share can exceed
-    ``fraction`` by the last group's size.
+    in that order until the held-out leaves first reach the target. Whole groups, so that a held-out
+    text never appears in training (NAICS: '111110' and its one-child parent '11111' share a title);
+    the leaf share can exceed ``fraction`` by the last group's size.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction={fraction!r}; expected a number strictly between 0 and 1")
@@ -46,9 +40,8 @@ def holdout_split(taxonomy: Taxonomy, fraction: float = 0.2, seed: int = 0) -> n
 def check_mask(heldout_mask: Any, n_codes: int) -> np.ndarray:
     mask = np.asarray(heldout_mask)
     if mask.dtype != bool or mask.shape != (n_codes,):
-        raise ValueError(
-            f"heldout_mask has dtype {mask.dtype} and shape {tuple(mask.shape)}; expected bool [{n_codes}]"
-        )
+        raise ValueError(f"heldout_mask has dtype {mask.dtype} and shape {tuple(mask.shape)}; "
+                         f"expected bool [{n_codes}]")
     return mask
 
 
@@ -68,10 +61,8 @@ def placement_hits(embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any) -> di
     leaves = evaluation_codes(taxonomy)
     held, trained = leaves[mask[leaves]], leaves[~mask[leaves]]
     if held.size == 0 or trained.size == 0:
-        raise ValueError(
-            f"heldout_mask holds out {held.size} of {leaves.size} leaves; "
-            "expected at least one held-out and one trained leaf"
-        )
+        raise ValueError(f"heldout_mask holds out {held.size} of {leaves.size} leaves; "
+                         "expected at least one held-out and one trained leaf")
     rows = max(1, BLOCK // trained.size)
     trained_unit = unit[trained]
     nearest = np.concatenate([trained[np.argmax(comparable(unit[held[i : i + rows]] @ trained_unit.T), axis=1)]

@@ -1,19 +1,12 @@
 """Tree reconstruction (Nickel & Kiela 2017): do a code's ancestors and descendants rank above the rest?
 
 For each query code ``u`` every other code is ranked by cosine similarity; the relevant codes are
-``u``'s proper ancestors and proper descendants (the transitive closure of the tree, both ways).
-Two numbers, as in the hyperbolic-embedding literature:
-
-- **mean rank**: over every (query, relevant code ``v``) pair, ``1 +`` the number of non-relevant
-  codes ranked at or above ``v`` (1 is perfect);
-- **MAP**: per query, the mean over its relevant codes of the precision at ``v``'s position
-  (relevant codes at or above ``v`` / all codes at or above ``v``), averaged over the queries.
-
-Ties count against the embedding ("at or above"): a constant embedding scores the worst, never the
-best. Similarities go through the package's tie rule (:func:`naics_hnm.evaluation.rows.comparable`).
-Queries without any relevant code (a top-level code without children) are skipped. Above
-``max_queries`` a seeded sample of queries is scored against all codes; similarities are computed
-for one chunk of queries at a time, so nothing grows as N x N.
+``u``'s proper ancestors and descendants. **Mean rank**: over every (query, relevant ``v``) pair,
+``1 +`` the number of non-relevant codes ranked at or above ``v`` (1 is perfect). **MAP**: per
+query, the mean over its relevant codes of the precision at ``v``'s position, averaged over queries.
+Ties count against the embedding ("at or above"), through :func:`naics_hnm.evaluation.rows.comparable`.
+Queries without relevant codes are skipped; above ``max_queries`` a seeded sample of queries is
+scored, one chunk of queries at a time, so nothing grows as N x N.
 """
 
 from __future__ import annotations
@@ -45,9 +38,8 @@ def _query_scores(similarity: np.ndarray, relevant: np.ndarray) -> tuple[np.ndar
     return ranks, float(np.mean(relevant_at_or_above / at_or_above))
 
 
-def reconstruction(
-    embeddings: Any, taxonomy: Taxonomy, *, max_queries: int | None = 1000, seed: int = 0,
-) -> dict[str, float]:
+def reconstruction(embeddings: Any, taxonomy: Taxonomy, *, max_queries: int | None = 1000,
+                   seed: int = 0) -> dict[str, float]:
     """``{"mean_rank", "map", "queries"}`` of tree reconstruction over all codes (see the module docstring)."""
     unit = as_unit_rows(embeddings, len(taxonomy))
     n = len(taxonomy)

@@ -2,11 +2,9 @@
 
 Ties: similarities are compared after rounding to ``SIMILARITY_DECIMALS`` (9) decimals
 (:func:`comparable`), and equal rounded values are ordered by lower corpus position (lower code id
-for placement). Mathematically equal similarities come out of BLAS with different last bits
-depending on the kernel (AVX2 vs AVX-512), the thread count and a row's place in a block; at
-float64 those differences are ~1e-16, far below the rounding step, so every machine ranks the
-same. Genuinely different similarities closer than 1e-9 count as tied, which no metric here can
-notice. The brute-force references in the tests apply the same function.
+for placement). BLAS gives mathematically equal similarities different last bits depending on the
+kernel, the thread count and the blocking (~1e-16 at float64), far below the rounding step, so
+every machine ranks the same. The brute-force references in the tests apply the same function.
 """
 
 from __future__ import annotations
@@ -60,7 +58,8 @@ def evaluation_codes(taxonomy: Taxonomy) -> np.ndarray:
     return np.flatnonzero(taxonomy.end - taxonomy.pre == 1).astype(np.int64)
 
 
-def select_codes(taxonomy: Taxonomy, ids: Sequence[int] | np.ndarray | None, depth: int | None, what: str) -> np.ndarray:
+def select_codes(taxonomy: Taxonomy, ids: Sequence[int] | np.ndarray | None, depth: int | None,
+                 what: str) -> np.ndarray:
     """Code indices to evaluate: ``ids`` if given, else the codes at ``depth``, else the leaves."""
     n = len(taxonomy)
     if ids is None:

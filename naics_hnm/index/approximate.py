@@ -1,38 +1,12 @@
 """Building and tuning approximate faiss indexes: seeded training sample, search parameters.
 
-Training. A factory that needs training is trained on a deterministic sample drawn with
-``numpy.random.default_rng(seed)``: ``min(N, 64 * nlist)`` rows for IVF over flat storage, as 64
-points per inverted list place the k-means centroids well (faiss asks for 39 and would otherwise
-use up to 256), and at least 16384 = 64 x 256 rows where codebooks are trained too (the 256
-centroids of an 8-bit product quantiser; scalar quantisers; transforms). A build is therefore a
-deterministic function of (data, factory, seed), except HNSW, whose graph faiss builds in
-parallel. N below nlist is an error naming both; N below the 39 * nlist that faiss asks for is
-logged as a warning.
-
-Search parameters (``{"nprobe": ..., "efSearch": ..., "k_factor": ...}``). ``nprobe`` (IVF lists
-scanned) and ``efSearch`` (HNSW beam width; faiss uses ``max(efSearch, k)``) are faiss's own.
-``k_factor`` is ours: the index returns ``k * k_factor`` candidates, which are re-scored exactly
-with the float32 vectors kept for ranking; it defaults to 4 where the stored codes are lossy (PQ,
-SQ, transforms) and 1 elsewhere. Scores of lossy indexes are always re-scored, hence exact.
-
-The defaults were chosen by measuring recall@64 against exact inner-product search (cosine, faiss
-1.15.1, 2 CPU cores; queries are 1000 indexed rows, all 2125 for NAICS IVF and HNSW):
-
-- IVF, recall by nprobe. Gaussian mixture N=20000, d=32, 100 clusters, sigma=1 (centre spread 1):
-  IVF64 8: 0.942, 16: 0.977, 32: 0.996; IVF256 8: 0.932, 16: 0.964, 32: 0.985, 64: 0.997.
-  all-MiniLM-L6-v2 embeddings of the 2125 NAICS 2022 codes (d=384): IVF16 8: 0.974, 16: 1.000;
-  IVF32 8: 0.934, 16: 0.986, 24: 0.998; IVF64 16: 0.959, 32: 0.993. Tree-structured mixtures
-  (N=100k-200k, IVF256-IVF4096) reach >= 0.995 from nprobe 4-8. Hence
-  ``nprobe = min(nlist, max(16, 4 * ceil(sqrt(nlist))))``: 16, 24, 32, 64, 128, 256 for nlist
-  16, 32, 64, 256, 1024, 4096. Weakly clustered data needs more (isotropic noise, IVF1024: 0.63
-  at nprobe 128); pass ``search_params`` there.
-- HNSW, recall by efSearch. Mixture above: HNSW16 64: 0.950, 128: 0.975, 256: 0.991; HNSW32 64:
-  0.975, 128: 0.991. NAICS MiniLM: HNSW16 64: 0.979, 128: 0.994; HNSW32 64: 0.996, 128: 0.999.
-  Hence ``efSearch = 128``.
-- Lossy codes, recall by k_factor (1, 2, 4). Mixture d=32 IVF256,PQ16: 0.928, 0.996, 0.997;
-  mixture d=128 IVF256,PQ32: 0.819, 0.996, 1.000; NAICS MiniLM IVF16,PQ32: 0.814, 0.972, 0.998;
-  PQ48: 0.867, 0.993, 1.000. Hence ``k_factor = 4``.
-- Training IVF1024 on N=200000, d=128: 16.6 s on all rows, 5.9 s on the 65536-row sample.
+A factory that needs training is trained on ``min(N, 64 * nlist)`` rows (at least 16384 where
+codebooks are trained too) drawn with ``numpy.random.default_rng(seed)``, so a build is a
+deterministic function of (data, factory, seed), HNSW excepted. Search parameters: ``nprobe``
+(IVF) and ``efSearch`` (HNSW) are faiss's own; ``k_factor`` is ours: the index returns
+``k * k_factor`` candidates, re-scored exactly with the float32 vectors kept for ranking (always
+for lossy codes such as PQ and SQ). The defaults (``nprobe = min(nlist, max(16, 4 ceil(sqrt(nlist))))``,
+``efSearch = 128``, ``k_factor = 4`` for lossy codes) and their measurements: ``docs/index_defaults.md``.
 """
 
 from __future__ import annotations
@@ -57,7 +31,7 @@ DEFAULT_K_FACTOR = 4
 
 
 def default_nprobe(nlist: int) -> int:
-    """The measured default: ``min(nlist, max(16, 4 * ceil(sqrt(nlist))))`` (see module docstring)."""
+    """The measured default: ``min(nlist, max(16, 4 * ceil(sqrt(nlist))))`` (docs/index_defaults.md)."""
     return min(nlist, max(16, 4 * math.ceil(math.sqrt(nlist))))
 
 

@@ -2,29 +2,12 @@
 
 One rule, used by :class:`naics_hnm.mining.miner.HardNegativeMiner` (hence the Lightning callback),
 ``python -m naics_hnm.rebuild_index`` and ``examples/train_naics.py`` when no factory is given:
-
-- ``N <= EXACT_MAX_CODES``: the exact flat index. Its neighbour lists are an all-pairs product,
-  O(N^2 d), which is cheap there (measured, d=32, 2 loaded cores: see ``choose_index``).
-- above: ``IVF{nlist},Flat`` with ``nlist`` the power of two nearest ``4 sqrt(N)``, at most 2048
-  and ``N / 39`` (faiss wants 39 training points per list), whose ``nprobe`` is CALIBRATED on the
-  data at each build: the smallest power of two whose recall@64 on a seeded sample of
-  ``RECALL_SAMPLE`` indexed rows, against exact search of the same rows, reaches
-  ``CALIBRATION_TARGET`` = 0.99: a margin above the 0.95 promised, for the sampling error and
-  because the guarded neighbour lists reach farther than a plain top-64 (measured at 25k codes:
-  plain recall 0.97 at nprobe 4 gave guarded lists 0.955; at 1M, plain 0.990 gave 0.987).
-
-Why at most 2048 lists: on a 1M-code tree (d=32, 2 shared cores, load ~9) IVF1024 trained in
-2.3 s, added in 3.9 s and answered 20k queries for 73 neighbours in 1.7 s at nprobe 4 (recall@64
-0.998); IVF2048 took 27 s, 16 s and 1.8 s (0.997); IVF4096 104 s, 58 s and 2.4 s (0.995). Beyond a
-few thousand lists the coarse quantiser (nlist x d per query and per added vector) and k-means
-(64 x nlist points x nlist centroids) cost more than the shorter lists save. Exact search of
-2,000 of those rows took 10.6 s: 1.5 hours for all 1M, against about 1.5 minutes for IVF.
-
-An explicit factory always wins (``"Flat"`` forces exact search at any N); its search parameters
-are its measured defaults (or the given ones) and only the recall estimate is logged. Explicit
-``search_params`` are never calibrated over. The estimate costs ``RECALL_SAMPLE`` exact searches,
-``RECALL_SAMPLE x N x d`` multiply-adds in bounded chunks (nothing N x N), plus a few approximate
-searches of the sample.
+exact flat search up to ``EXACT_MAX_CODES``; above, ``IVF{nlist},Flat`` (:func:`auto_nlist`) whose
+``nprobe`` is calibrated at each build: the smallest power of two whose recall@64 on
+``RECALL_SAMPLE`` seeded rows, against exact search, reaches ``CALIBRATION_TARGET`` (0.99, a margin
+above the 0.95 promised). An explicit factory always wins (``"Flat"`` forces exact search) and
+explicit ``search_params`` are never calibrated over; only the recall estimate is logged. The
+measurements behind the rule: ``docs/index_defaults.md``.
 """
 
 from __future__ import annotations
@@ -48,7 +31,6 @@ EXACT_MAX_CODES = 20_000
 """Codes up to which the default index is exact (flat)."""
 RECALL_K = 64
 RECALL_SAMPLE = 256
-RECALL_TARGET = 0.95
 CALIBRATION_TARGET = 0.99
 MAX_AUTO_NLIST = 2048
 

@@ -1,17 +1,12 @@
 """A faiss-backed index over code embeddings with exact batched ranking of candidate pools.
 
-Row ``i`` of the index is code index ``i``. Three metrics are supported: ``"cosine"`` (rows are
-L2-normalised, then inner product), ``"ip"`` (raw inner product) and ``"l2"`` (squared Euclidean
-distance, as faiss ``IndexFlatL2`` reports it; smaller = more similar). Every query returns
-``(scores, ids)`` arrays, most similar first, padded with id ``-1`` and score ``-inf`` (``+inf`` for
-l2).
-
-The index is exact (``Flat``, the default) or approximate, from a faiss factory string; training
-and the default search parameters of approximate indexes are in :mod:`naics_hnm.index.approximate`.
-Memory: a flat index's :attr:`EmbeddingIndex.vectors` are a zero-copy view of faiss's own storage;
-an approximate index keeps one float32 copy of the vectors beside its codes, which exact
-:meth:`~EmbeddingIndex.rank` and exact re-scoring need. Searches run in batches of queries, so only
-the ``[Q, k]`` outputs grow with Q. The files are described in :mod:`naics_hnm.index.index_file`.
+Row ``i`` of the index is code index ``i``. Metrics: ``"cosine"`` (rows L2-normalised, then inner
+product), ``"ip"`` and ``"l2"`` (squared Euclidean distance; smaller = more similar). Every query
+returns ``(scores, ids)``, most similar first, padded with id ``-1`` and score ``-inf`` (``+inf``
+for l2). The index is exact (``Flat``) or approximate from a faiss factory string
+(:mod:`naics_hnm.index.approximate`); a flat index's :attr:`EmbeddingIndex.vectors` are a view of
+faiss's own storage, an approximate one keeps a float32 copy for exact ranking. Files:
+:mod:`naics_hnm.index.index_file`.
 """
 
 from __future__ import annotations
@@ -51,20 +46,9 @@ class EmbeddingIndex:
     such as HNSW, stay on CPU, which is logged) and ``vectors`` on the GPU.
     """
 
-    def __init__(
-        self,
-        cpu_index: faiss.Index,
-        vectors: np.ndarray,
-        metric: str,
-        device: str,
-        *,
-        index_type: str,
-        search_params: dict[str, int] | None = None,
-        codes_fingerprint: str | None = None,
-        model_fingerprint: str | None = None,
-        epoch: int | None = None,
-        reason: str = "",
-    ) -> None:
+    def __init__(self, cpu_index: faiss.Index, vectors: np.ndarray, metric: str, device: str, *, index_type: str,
+                 search_params: dict[str, int] | None = None, codes_fingerprint: str | None = None,
+                 model_fingerprint: str | None = None, epoch: int | None = None, reason: str = "") -> None:
         self._metric = metric
         self._index_type = index_type
         self._codes_fingerprint = codes_fingerprint
@@ -107,19 +91,9 @@ class EmbeddingIndex:
         return index
 
     @classmethod
-    def build(
-        cls,
-        embeddings: Any,
-        metric: str = "cosine",
-        device: str = "auto",
-        *,
-        index_factory: str | None = None,
-        search_params: dict[str, int] | None = None,
-        seed: int = 0,
-        model_fingerprint: str | None = None,
-        epoch: int | None = None,
-        codes: Sequence[str] | None = None,
-    ) -> "EmbeddingIndex":
+    def build(cls, embeddings: Any, metric: str = "cosine", device: str = "auto", *, index_factory: str | None = None,
+              search_params: dict[str, int] | None = None, seed: int = 0, model_fingerprint: str | None = None,
+              epoch: int | None = None, codes: Sequence[str] | None = None) -> "EmbeddingIndex":
         """Index float [N, d] embeddings (numpy or torch on any device); row i = id i.
 
         ``index_factory`` (e.g. ``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF1024,PQ32"``) builds an
@@ -388,14 +362,8 @@ class EmbeddingIndex:
         }
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        device: str = "auto",
-        *,
-        expected_codes: Sequence[str] | None = None,
-        expected_dim: int | None = None,
-    ) -> "EmbeddingIndex":
+    def load(cls, path: str | Path, device: str = "auto", *, expected_codes: Sequence[str] | None = None,
+             expected_dim: int | None = None) -> "EmbeddingIndex":
         """Read an index written by :meth:`save`, checking it against its sidecar and expectations.
 
         ``expected_codes`` (a code list, or anything with ``.codes`` such as a Taxonomy) must match

@@ -7,7 +7,7 @@ and ``"ip"``, smaller for ``"l2"``; padding carries :func:`worst_score`. Nothing
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,7 +71,8 @@ def check_ids(anchor_ids: Any, candidate_ids: Any, positive_ids: Any, device: An
     if candidate_ids is not None:
         candidates = as_id_tensor(candidate_ids, "candidate_ids", device, 2)
         if candidates.shape[0] != b:
-            raise ValueError(f"candidate_ids has {candidates.shape[0]} rows but anchor_ids has {b}; expected [B, C] and [B]")
+            raise ValueError(f"candidate_ids has {candidates.shape[0]} rows but anchor_ids has {b}; "
+                             "expected [B, C] and [B]")
         check_id_range(candidates, "candidate_ids", n, allow_padding=True)
     if positive_ids is not None:
         positives = as_id_tensor(positive_ids, "positive_ids", device, 1)
@@ -79,6 +80,15 @@ def check_ids(anchor_ids: Any, candidate_ids: Any, positive_ids: Any, device: An
             raise ValueError(f"positive_ids has shape {tuple(positives.shape)}, expected [B] = [{b}]")
         check_id_range(positives, "positive_ids", n, allow_padding=True)
     return anchors, candidates, positives
+
+
+def pad_ids(rows: Sequence[Any], fill: int = -1, min_width: int = 0) -> np.ndarray:
+    """int64 [len(rows), width]: id rows of any lengths, left-aligned and ``fill`` padded (width >= ``min_width``)."""
+    width = max(max((len(r) for r in rows), default=0), min_width)
+    out = np.full((len(rows), width), fill, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def like_input(template: Any, *arrays: torch.Tensor) -> tuple:

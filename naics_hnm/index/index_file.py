@@ -3,31 +3,17 @@
 Saving to a path such as ``indexes/x.faiss`` writes, in its folder:
 
 - ``x.faiss.g000042.index``: the faiss index (``faiss.write_index`` of its CPU version);
-- ``x.faiss.g000042.vectors.npy``: the float32 vectors (``allow_pickle=False``), only for
-  approximate indexes, whose own storage cannot give the exact vectors back;
-- ``x.faiss.json``: the sidecar, holding the metadata plus the generation's file names and
-  sha256 checksums.
+- ``x.faiss.g000042.vectors.npy``: the float32 vectors, only for approximate indexes;
+- ``x.faiss.json``: the sidecar, holding the metadata plus the generation's file names and sha256s.
 
-Each payload file is written under a temporary name, fsynced, and renamed to its generation name;
-then the folder is fsynced and the sidecar is written the same way. The sidecar's rename is the one
-commit point: readers go through the sidecar, so they see the whole old set or the whole new set,
-whatever moment the writer is killed at. After the commit, the older generations of that path, the
-files of format 1 and stale temporaries of our naming are deleted.
-
-``path`` itself then becomes a hard link to (or, where links are not possible, a copy of) the
-committed generation's index file, so ``faiss.read_index(path)`` and tools that look for ``path``
-keep working. Loads never read it: they go through the sidecar. No two renames are atomic
-together, so a kill between the sidecar's rename and this one leaves ``path`` one generation
-behind, never a load that mixes two sets; the next save puts it right. Format 1 (index at
-``path``, vectors at ``path + ".vectors.npy"``) is still read, and replaced by the first save.
-
-One writer per path at a time: a save holds ``flock`` on ``.x.faiss.lock`` beside the target (the
-holder's pid written in it) from choosing its generation to the end of its clean-up, and removes it
-before letting go. A second process saving the same path waits for it (up to
-:data:`LOCK_TIMEOUT_S`, then an error naming the path and the holder's pid), so concurrent saves
-commit one after the other and the last one wins. Clean-up only deletes generations older than the
-committed one and temporaries of writers that no longer run. A load that finds the files of the
-sidecar it read already replaced by a newer save reads the new sidecar again.
+Payload files, then the sidecar, are written through fsynced temporaries and renamed; the sidecar's
+rename is the one commit point, so readers (who go through the sidecar) see the whole old set or the
+whole new one. ``path`` itself then becomes a hard link to (or a copy of) the committed index file,
+for tools that read it with faiss; loads never read it. Format 1 (index at ``path``, vectors at
+``path + ".vectors.npy"``) is still read. One writer per path at a time: a save holds ``flock`` on
+``.x.faiss.lock`` (waiting up to :data:`LOCK_TIMEOUT_S` for another), and clean-up only deletes
+older generations and temporaries of writers that no longer run. The guarantees and their tests:
+README, "Reliability".
 """
 
 from __future__ import annotations
@@ -44,7 +30,7 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 
-from naics_hnm.atomic import STALE_AFTER_S, create_temp, ensure_folder, exclusive_lock, pid_alive, this_host
+from naics_hnm.atomic import create_temp, ensure_folder, exclusive_lock, is_stale_temp
 from naics_hnm.index.metric import METRICS, get_metric
 
 FORMAT_VERSION = 2
@@ -155,39 +141,37 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     """The validated sidecar of ``path``; format 1 gains the ``index_file`` / ``vectors_file`` it implied."""
     path = Path(path)
     meta_path = sidecar_path(path)
+    where = f"index sidecar {str(meta_path)!r}"
     if not meta_path.is_file():
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} does not exist; expected it beside {str(path)!r}")
+        raise IndexFileError(f"{where} does not exist; expected it beside {str(path)!r}")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} is not valid JSON: {exc}") from exc
+        raise IndexFileError(f"{where} is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict):
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} holds {type(meta).__name__}, expected a JSON object")
+        raise IndexFileError(f"{where} holds {type(meta).__name__}, expected a JSON object")
     required = REQUIRED_KEYS + (("index_file", "generation") if meta.get("format_version") == FORMAT_VERSION else ())
     missing = [key for key in required if key not in meta]
     if missing:
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} lacks key(s) {missing}")
+        raise IndexFileError(f"{where} lacks key(s) {missing}")
     if meta["format_version"] not in READABLE_VERSIONS:
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} has format_version {meta['format_version']!r}, "
-                             f"expected one of {READABLE_VERSIONS}")
+        raise IndexFileError(f"{where} has format_version {meta['format_version']!r}, expected one of "
+                             f"{READABLE_VERSIONS}")
     if meta["metric"] not in METRICS:
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} has metric {meta['metric']!r}, "
-                             f"expected one of {METRICS}")
+        raise IndexFileError(f"{where} has metric {meta['metric']!r}, expected one of {METRICS}")
     for key, least in (("dim", 1), ("ntotal", 0)) + ((("generation", 1),) if meta["format_version"] == 2 else ()):
         value = meta[key]
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
-            raise IndexFileError(f"index sidecar {str(meta_path)!r} has {key} {value!r}, expected an integer >= {least}")
+            raise IndexFileError(f"{where} has {key} {value!r}, expected an integer >= {least}")
     if not isinstance(meta["index_sha256"], str):
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} has index_sha256 {meta['index_sha256']!r}, "
-                             "expected a hex string")
+        raise IndexFileError(f"{where} has index_sha256 {meta['index_sha256']!r}, expected a hex string")
     if meta["format_version"] == 1:
         meta = {**meta, "index_file": path.name, "vectors_file": meta.get("vectors_file") or vectors_path(path).name}
     for key in ("index_file", "vectors_file"):
         _check_member(meta_path, key, meta.get(key), required=key == "index_file")
     params = meta.setdefault("search_params", {})
     if not isinstance(params, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in params.values()):
-        raise IndexFileError(f"index sidecar {str(meta_path)!r} has search_params {params!r}, "
-                             "expected an object of integer values")
+        raise IndexFileError(f"{where} has search_params {params!r}, expected an object of integer values")
     return meta
 
 
@@ -350,20 +334,6 @@ def _next_generation(path: Path, previous: dict[str, Any] | None) -> int:
     return max(seen, default=0) + 1
 
 
-def _writer_gone(file: Path, match: re.Match) -> bool:
-    """Whether the writer of a temporary no longer runs (or it is older than STALE_AFTER_S).
-
-    mkstemp names of earlier versions carry no writer: every writer of this version holds the lock
-    that the caller holds, so they are left over from a killed one.
-    """
-    if match["pid"] is None or match["host"] == this_host() and not pid_alive(int(match["pid"])):
-        return True
-    try:
-        return time.time() - file.stat().st_mtime > STALE_AFTER_S
-    except FileNotFoundError:
-        return False
-
-
 def _remove_stale(path: Path, committed: int) -> None:
     """Delete the set's generations older than ``committed``, format 1 files and dead writers' temporaries."""
     generation, temporary = _own_files(path)
@@ -371,7 +341,8 @@ def _remove_stale(path: Path, committed: int) -> None:
         if (m := generation.fullmatch(file.name)) is not None:
             stale = int(m.group(1)) < committed
         elif (m := temporary.fullmatch(file.name)) is not None:
-            stale = _writer_gone(file, m)
+            # mkstemp names of earlier versions carry no writer: under the lock we hold, theirs is gone
+            stale = m["pid"] is None or is_stale_temp(file, m, time.time())
         else:
             continue
         if stale and file.is_file():

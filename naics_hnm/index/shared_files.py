@@ -1,20 +1,11 @@
 """Files that the ranks of a process group write together, by slices, and then map read-only.
 
-State that grows with N x d must not be copied into every rank's private memory under DDP. Here
-each rank writes only its own rows into one file beside the target; once every rank has written,
-rank 0 renames it over the target (the same temporary naming and clean-up as
-:mod:`naics_hnm.atomic`, so a reader never sees a half-written file), and every rank maps the
-result read-only. Pages of a mapped file live once in the page cache, shared by every process of
-the machine that maps it, so a rank's private memory keeps only what it built itself: ~N / world.
-Ranks on different machines need the folder on a shared file system.
-
-- :func:`write_together`: the collective write (``create`` on rank 0, ``write`` on every rank,
-  optionally one rank after the other for formats that cannot take parallel writers, e.g. HDF5).
-- :func:`write_npy_rows` / :func:`write_flat_index_rows`: a ``.npy`` table and a faiss flat index
-  file (the exact index and the ranking vectors at once) written by row slices;
-  :func:`read_mapped_index` maps a faiss index file (flat or IVF) without copying it.
-
-Every function here is a collective: every rank calls it with the same target, in the same order.
+State that grows with N x d must not be copied into every rank's private memory under DDP: each
+rank writes only its own rows into one temporary file beside the target, rank 0 renames it over the
+target (the naming and clean-up of :mod:`naics_hnm.atomic`), and every rank maps the result
+read-only, so the pages live once in the page cache. Ranks on different machines need the folder on
+a shared file system. Every function here is a collective: every rank calls it with the same target,
+in the same order.
 """
 
 from __future__ import annotations

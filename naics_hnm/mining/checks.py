@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from naics_hnm.index.ids import check_ids, like_input
+from naics_hnm.index.ids import check_ids, like_input, pad_ids
 from naics_hnm.index.metric import check_metric, get_metric
 from naics_hnm.tree.guard import GuardStats, TreeGuard, guard_tensors
 from naics_hnm.tree.taxonomy import Taxonomy
@@ -64,10 +64,7 @@ def exclude_mask(candidates: torch.Tensor, exclude: Any) -> torch.Tensor:
     width = max((r.size for r in rows), default=0)
     if width == 0 or c == 0:
         return torch.zeros((b, c), dtype=torch.bool, device=candidates.device)
-    padded = np.full((b, width), -2, dtype=np.int64)
-    for i, r in enumerate(rows):
-        padded[i, : r.size] = r
-    table = torch.from_numpy(padded).to(candidates.device)
+    table = torch.from_numpy(pad_ids(rows, fill=-2)).to(candidates.device)
     return (candidates.unsqueeze(2) == table.unsqueeze(1)).any(dim=2)
 
 

@@ -1,10 +1,8 @@
 """HardNegativeMiner: the Phase 2+ miner you can hold without Lightning.
 
-``refresh(embeddings, epoch)`` indexes every code's current embedding (flat or a faiss factory
-string, GPU where available) and builds each code's guarded nearest-neighbour list from that
-index in memory-bounded batches; ``mine(anchors, positives, pool)`` widens each anchor's pool with
-its neighbours and returns the ``k`` hardest survivors of the tree guard and the margin, ranked
-exactly. Use it in any training loop::
+``refresh(embeddings, epoch)`` indexes every code's embedding and builds each code's guarded
+nearest-neighbour list; ``mine(anchors, positives, pool)`` widens each anchor's pool with its
+neighbours and returns the ``k`` hardest survivors of the tree guard and the margin, ranked exactly::
 
     miner = HardNegativeMiner(taxonomy, k=8)
     miner.refresh(model_embeddings_of_every_code, epoch)

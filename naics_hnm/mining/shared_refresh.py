@@ -1,21 +1,16 @@
 """A refresh under DDP whose N-sized state lives in shared read-only files: ~N / world private memory per rank.
 
-What one process keeps in memory - the index, the exact ranking vectors and the [N, M] neighbour
-lists - is here written once per machine into files of a shared folder and mapped read-only by
-every rank (see :mod:`naics_hnm.index.shared_files`); a rank's private memory holds only what it
-computed itself:
+The index, the exact ranking vectors and the [N, M] neighbour lists are written once per machine
+into files of a shared folder and mapped read-only by every rank (:mod:`naics_hnm.index.shared_files`):
 
-1. each rank normalises its rows ``[lo, hi)`` of the embeddings and writes them into one faiss flat
-   index file, byte for byte the file of the whole matrix; every rank maps it. It is the exact
-   index and the ranking vectors at once. An approximate index (chosen from N or given) is built
-   once, on rank 0 from the mapped vectors, written, and mapped by every rank with rank 0's
+1. each rank writes its normalised rows ``[lo, hi)`` into one faiss flat index file, byte for byte
+   the file of the whole matrix: the exact index and the ranking vectors at once. An approximate
+   index is built on rank 0 from the mapped vectors and mapped by every rank with rank 0's
    calibrated search parameters;
-2. each rank computes the guarded neighbour lists of its slice of the anchors - slices aligned to
-   ``batch_size``, so that every search batch is the one a single process runs - with the whole
-   mapped index (no collective per search), and writes its rows of the [N, M] table; every rank maps it.
+2. each rank computes the guarded neighbour lists of its slice of the anchors (slices aligned to
+   ``batch_size``, so every search batch is the one a single process runs) and writes its rows.
 
-So every rank holds the index and the table one process would build, bit for bit (the same
-computation on the same bytes), and per-batch mining gathers only the rows a batch needs.
+So every rank holds, bit for bit, the index and the table one process would build.
 """
 
 from __future__ import annotations
@@ -32,8 +27,8 @@ from naics_hnm.index.auto import build_index, choose_index
 from naics_hnm.index.embedding_index import EmbeddingIndex
 from naics_hnm.index.knn import as_float_matrix, normalise_rows
 from naics_hnm.index.metric import get_metric
-from naics_hnm.index.shared_files import (broadcast_text, read_mapped_index, write_flat_index_rows, write_index_together,
-                                          write_npy_rows)
+from naics_hnm.index.shared_files import (broadcast_text, read_mapped_index, write_flat_index_rows,
+                                          write_index_together, write_npy_rows)
 from naics_hnm.index.sharded_search import Shard
 from naics_hnm.mining.neighbours import guarded_neighbours
 from naics_hnm.tree.guard import TreeGuard

@@ -217,16 +217,11 @@ def read_table(path: Path, option: str) -> dict[str, list]:
     """Columns of a .jsonl, .csv or .parquet file; CliError naming the file (and line) on bad input."""
     if not path.is_file():
         raise CliError(f"{option} {str(path)!r}: no such file")
-    suffix = path.suffix
+    read = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}.get(path.suffix)
+    if read is None:
+        raise CliError(f"{option} {str(path)!r}: expected a file ending in {', '.join(FORMATS)}")
     try:
-        if suffix == ".jsonl":
-            columns = _read_jsonl(path, option)
-        elif suffix == ".csv":
-            columns = _read_csv(path, option)
-        elif suffix == ".parquet":
-            columns = _read_parquet(path, option)
-        else:
-            raise CliError(f"{option} {str(path)!r}: expected a file ending in {', '.join(FORMATS)}")
+        columns = read(path, option)
     except UnicodeDecodeError as exc:
         raise CliError(f"{option} {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:

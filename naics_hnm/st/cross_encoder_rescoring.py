@@ -173,8 +173,8 @@ def rescore_negatives(request: SearchRequest, scorer: PairScorer, window: int, p
 
 
 def rescore_with_cross_encoder(cross_encoder: Any, pairs: Any, request: SearchRequest, window: int, *,
-                               batch_size: int, progress: bool,
-                               use_multi_process: Any = False, shard: Any = None) -> tuple[SearchResult, np.ndarray, int]:
+                               batch_size: int, progress: bool, use_multi_process: Any = False,
+                               shard: Any = None) -> tuple[SearchResult, np.ndarray, int]:
     """The hook of :func:`naics_hnm.mine_hard_negatives`: ``(result, positive scores, pairs scored)``.
 
     ``pairs`` is the :class:`~naics_hnm.st.text_corpus.TextPairs` of the run; ``window`` the raw

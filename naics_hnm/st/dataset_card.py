@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from naics_hnm.atomic import atomic_path
+from naics_hnm.atomic import atomic_write_text
 from naics_hnm.st.text_corpus import model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,6 @@ def write_dataset_card(card: Any, output: str | os.PathLike) -> Path:
                              "a Dataset returned by naics_hnm.mine_hard_negatives")
         card = description
     path = card_path_for(output)
-    with atomic_path(path) as temp:
-        temp.write_text(card, encoding="utf-8")
+    atomic_write_text(path, card)
     logger.info("wrote the dataset card %s", path)
     return path

@@ -91,12 +91,8 @@ def gather_scores(shard: Shard, n: int, score: Callable[[np.ndarray], np.ndarray
     size = -(-n // shard.world_size)
     padded = np.zeros(size, dtype=np.float32)
     padded[: mine.size] = score(mine) if mine.size else padded[:0]
-    gathered = shard.all_gather(padded)
-    out = np.empty(n, dtype=np.float32)
-    for r in range(shard.world_size):
-        positions = np.arange(r, n, shard.world_size)
-        out[positions] = gathered[r, : positions.size]
-    return out
+    # gathered[r, j] is the score of position r + j * W: read column by column
+    return np.ascontiguousarray(shard.all_gather(padded).T.reshape(-1)[:n], dtype=np.float32)
 
 
 class ShardedIndex:

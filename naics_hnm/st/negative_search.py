@@ -1,19 +1,14 @@
 """Exact negative search for query vectors over an :class:`EmbeddingIndex` of distinct corpus texts.
 
-An anchor's valid candidates are the corpus texts, most similar first, less its own text and its
-positives (unless ``include_positives``), with a :class:`TextTree` the texts of its codes' relatives
-(and with ``order_filter`` those as near as its farthest positive), and those the score rules drop
-(``max_score``, ``min_score``, margins against its *least* similar positive). ``range_min`` /
-``range_max`` are ranks in that list (``"random"``: drawn by a counter-based generator keyed by
-(seed, anchor text)); a row is searched 4x deeper until it has the ranks it needs or the corpus is
-exhausted. The flat index is scanned by blocks of ``[rows, N]`` scores (128 MiB, the score rules
-masked before the top-k); an approximate one is searched by faiss.
-
-The shared steps are the mining core's: :func:`~naics_hnm.index.ids.search_deeper` deepens,
-:func:`~naics_hnm.index.ids.select_topk` ranks the valid candidates (ties by column),
-:meth:`~naics_hnm.tree.guard.TreeGuard.may_be_negative` and :func:`~naics_hnm.tree.guard.too_near` are
-the tree rules. What is sentence-transformers' own (several positives per anchor, score rules, ranks,
-random sampling) stays here, in :class:`SearchRun`, which the cross-encoder rescoring reuses.
+An anchor's valid candidates are the corpus texts, most similar first, less its own text, its
+positives (unless ``include_positives``), with a :class:`TextTree` its codes' relatives (and with
+``order_filter`` texts as near as its farthest positive), and those the score rules drop (margins
+count against its *least* similar positive). ``range_min`` / ``range_max`` are ranks in that list
+(``"random"``: drawn by a counter-based generator keyed by (seed, anchor text)); a row is searched
+4x deeper until it has the ranks it needs or the corpus is exhausted. Deepening, ranking and the
+tree rules are the mining core's (:func:`~naics_hnm.index.ids.search_deeper`,
+:func:`~naics_hnm.index.ids.select_topk`, :mod:`naics_hnm.tree.guard`); what is
+sentence-transformers' own stays here, in :class:`SearchRun`, which the cross-encoder rescoring reuses.
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ from tqdm.auto import tqdm
 
 from naics_hnm.data.counter_rng import item_keys, uniforms
 from naics_hnm.index.embedding_index import EmbeddingIndex
-from naics_hnm.index.ids import search_deeper, select_topk_np
+from naics_hnm.index.ids import pad_ids, search_deeper, select_topk_np
 from naics_hnm.tree.guard import TreeGuard, too_near
 from naics_hnm.tree.taxonomy import Taxonomy
 
@@ -107,12 +102,7 @@ def text_codes(texts: Sequence[str], taxonomy: Taxonomy, codes: Mapping[str, Any
                 except KeyError:
                     raise ValueError(f"codes[{text!r}] names code {code!r}, which is not a code of taxonomy "
                                      f"{taxonomy.name!r}") from None
-    rows = [sorted(set(lookup.get(t, ()))) for t in texts]
-    width = max((len(r) for r in rows), default=0)
-    table = np.full((len(rows), max(width, 1)), -1, dtype=np.int64)
-    for i, r in enumerate(rows):
-        table[i, : len(r)] = r
-    return table
+    return pad_ids([sorted(set(lookup.get(t, ()))) for t in texts], min_width=1)
 
 
 @dataclass

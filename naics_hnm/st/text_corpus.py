@@ -1,14 +1,9 @@
 """Texts in, embedded once, and out: the (anchor, positive) rows of a dataset as ids of distinct texts.
 
-- In: :func:`collect_pairs` reads two text columns the way sentence-transformers'
-  ``mine_hard_negatives`` does: the corpus is ``corpus + positives`` without repeats (first
-  appearance kept), and rows with the same anchor text form one anchor with all their positives.
-- Embedded: :func:`embed_pairs` embeds each distinct text once, in batches sorted by token length
-  (one model call per batch); a SentenceTransformer through ``encode_query`` / ``encode_document``
-  with its prompts, any other model through ``encode(list[str])`` with the prompt prepended.
-  When queries and documents are encoded alike, an anchor found in the corpus is not embedded again.
-- Out: :func:`output_columns` writes mined ids back as sentence-transformers' columns, in any of
-  its four output formats.
+:func:`collect_pairs` reads two text columns as sentence-transformers' ``mine_hard_negatives`` does
+(corpus = ``corpus + positives`` without repeats; rows with the same anchor text form one anchor);
+:func:`embed_pairs` embeds each distinct text once, longest first, one model call per batch;
+:func:`output_columns` writes mined ids back in any of sentence-transformers' four output formats.
 """
 
 from __future__ import annotations

@@ -42,17 +42,12 @@ def _digest(array: np.ndarray) -> str:
 class HardNegativeMiningCallback(Callback):
     """Phase 2+ hard-negative mining for a datamodule that offers ``mining_data()`` (NAICSDataModule).
 
-    The data reach each epoch through the datamodule's sampler, which Lightning moves at every
-    epoch start (so the Phase 1 curriculum moves, even with persistent workers). From ``start_epoch`` on, every ``refresh_every_n_epochs``
-    epochs, it embeds every code with the model being trained (eval mode, no grad) and refreshes a
-    :class:`HardNegativeMiner`: an index over the embeddings and each code's ``neighbours`` nearest
-    guarded codes. Each training batch's ``candidate_idx`` pool is widened with its anchors'
-    neighbours, ranked exactly, and the ``k`` hardest survivors replace ``negatives`` /
-    ``negative_idx`` / ``negative_mask`` (plus ``negative_scores``) before ``training_step`` sees
-    the batch. Never the anchor, its positive, an ancestor or a descendant; with ``order_filter``
-    only codes whose lowest common ancestor with the anchor is shallower than the positive's; with
-    ``relative_margin`` no candidate above ``(1 - m) * sim(anchor, positive)``.
-
+    From ``start_epoch`` on, every ``refresh_every_n_epochs`` epochs, it embeds every code with the
+    model being trained (eval mode, no grad) and refreshes a :class:`HardNegativeMiner` (an index and
+    each code's ``neighbours`` nearest guarded codes). Each training batch's ``candidate_idx`` pool is
+    widened with its anchors' neighbours, ranked exactly, and the ``k`` hardest survivors replace
+    ``negatives`` / ``negative_idx`` / ``negative_mask`` (plus ``negative_scores``) before
+    ``training_step`` sees the batch. The epoch reaches the data through the datamodule's sampler.
     The refresh embeddings are written to ``embeddings_dir`` (an HDF5 file per refresh, default
     ``<default_root_dir>/hnm_embeddings``); a checkpoint holds only their path and sha256, and a
     resume rebuilds the same index from that file.
@@ -64,10 +59,10 @@ class HardNegativeMiningCallback(Callback):
             ``tokens -> Tensor[n, d]`` defaults to ``pl_module.embed``.
         embed_batch_size: codes per forward pass while refreshing.
         embedding_dtype: "float32" or "float16" for the refresh embeddings held in memory.
-        shard_index: under DDP, each rank embeds only its slice of the codes and the index, the ranking
-            vectors and the neighbour lists are files under ``embeddings_dir/shared`` that every rank
-            maps read-only: private memory per rank ~N / world, negatives equal to one process's
-            (see :mod:`naics_hnm.mining.shared_refresh`). The folder must be shared by every machine.
+        shard_index: under DDP, each rank embeds only its slice of the codes, and the index, the
+            ranking vectors and the neighbour lists are files under ``embeddings_dir/shared`` that
+            every rank maps read-only (:mod:`naics_hnm.mining.shared_refresh`); the folder must be
+            shared by every machine.
         save_dir: when set, each refreshed index is saved there as ``epoch{e}.faiss`` (+ sidecar).
     """
 
@@ -170,9 +165,10 @@ class HardNegativeMiningCallback(Callback):
             for what, folder in (("embeddings_dir", self.embeddings_dir), ("save_dir", self.save_dir)):
                 if folder is not None:
                     ensure_writable_dir(folder, f"HardNegativeMiningCallback({what})")
-        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.first_mined_epoch(trainer) >= trainer.max_epochs:
+        start = self.first_mined_epoch(trainer)
+        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= start:
             log.warning("HardNegativeMiningCallback: mining starts at epoch %d but max_epochs=%d; no epoch is mined",
-                        self.first_mined_epoch(trainer), trainer.max_epochs)
+                        start, trainer.max_epochs)
         self.miner = self._make_miner(trainer)
 
     @override
@@ -318,7 +314,7 @@ class HardNegativeMiningCallback(Callback):
             self.mine_batch(batch, self._data(trainer).token_cache)
 
     def mine_batch(self, batch: dict[str, Any], token_cache: TokenCache) -> None:
-        """Replace the batch's negatives in place with the k hardest guarded candidates (tokens from ``token_cache``)."""
+        """Replace the batch's negatives in place with the k hardest guarded candidates (tokens: ``token_cache``)."""
         if self.miner is None or self.miner.index is None:
             raise RuntimeError("HardNegativeMiningCallback.mine_batch() before the first refresh")
         device = self.index.vectors.device

@@ -196,9 +196,9 @@ class NAICSDataModule(pl.LightningDataModule):
         if self.trainer is not None:
             self.set_epoch(self.trainer.current_epoch)
 
-    def _loader(self, dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_fn,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **kwargs)
+    def _loader(self, dataset, loader: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader:
+        return loader(dataset, batch_size=self.batch_size, collate_fn=collate_fn, num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled loader whose sampler sends the epoch with every index."""
@@ -208,9 +208,8 @@ class NAICSDataModule(pl.LightningDataModule):
             # Lightning creates the loader's first iterator before it calls set_epoch on samplers,
             # and current_epoch still counts completed epochs: the epoch about to run, early
             self.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
-        return ResumableLoader(self.train_dataset, sampler=self._train_sampler, batches_started=self._batches_started,
-                               batch_size=self.batch_size, collate_fn=collate_fn, num_workers=self.num_workers,
-                               persistent_workers=self.num_workers > 0)
+        return self._loader(self.train_dataset, ResumableLoader, sampler=self._train_sampler,
+                            batches_started=self._batches_started)
 
     def _batches_started(self) -> int:
         """Batches of the current epoch the training loop has started (0 outside a Trainer)."""

@@ -1,16 +1,11 @@
 """FrozenPrefix: what an encoder's frozen layers output for every code, computed once.
 
-With the embeddings and the lower transformer layers frozen, their output for a code never
-changes during training, so :class:`~naics_hnm.train.encoder.NAICSEncoder` computes it once per code
-and runs only the trained part per step. Two forms:
-
-- **hidden states** [N, L, H] after the frozen layers, when some layers are still trained;
-- **pooled vectors** [N, H] (mean over the tokens of the last layer) when every layer is frozen
-  and only a head on top is trained. They are small (N x H), so they are also kept in a file next
-  to the token cache, keyed by the token content and the frozen weights: a second run on the same
-  tree (an ablation's other arms, a resumed job) loads them instead of re-encoding every code.
-
-A row is found by its token content, so any token row the cache knows gets its prefix.
+With the embeddings and the lower layers frozen, their output for a code never changes, so
+:class:`~naics_hnm.train.encoder.NAICSEncoder` computes it once per code and runs only the trained
+part per step: **hidden states** [N, L, H] when some layers are still trained, or **pooled vectors**
+[N, H] (mean over the last layer's tokens) when only a head is trained. Pooled vectors are also kept
+in a file next to the token cache, keyed by the token content and the frozen weights, so a second
+run on the same tree loads them. A row is found by its token content.
 """
 
 from __future__ import annotations

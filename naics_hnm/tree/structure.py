@@ -1,8 +1,5 @@
 """Per-code arrays of a rooted forest, built level by level from parent pointers in O(N x depth).
 
-Everything here is vectorised over one tree level at a time, so 1,000,000 codes build in about a
-second and nothing is quadratic in N:
-
 - ``depth``: 1 for top-level codes (a virtual root at depth 0 joins the forest);
 - ``pre`` / ``end``: DFS pre-order numbers with children visited in ascending id, so that the
   subtree of ``a`` is exactly the contiguous position range ``[pre[a], end[a])``;

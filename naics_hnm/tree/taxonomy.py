@@ -1,14 +1,11 @@
 """A code tree (NAICS 2022 by default, or any taxonomy) with vectorised tree relations.
 
 Codes are addressed by a dense index ``0..N-1`` in canonical order (sorted code strings). The tree
-comes from an explicit parent per code (``Taxonomy(codes, parent, texts)``, or a CSV with a
-``parent`` column: codes are then any non-empty strings and the tree is exactly the column's) or,
-without one, from digit prefixes (:mod:`naics_hnm.tree.prefix`; NAICS ranges such as ``31-33``).
-
-Memory is O(N x depth): per-code arrays only (see :mod:`naics_hnm.tree.structure`). Pairwise
-relations (:meth:`Taxonomy.lca_depth`, :meth:`related`, :meth:`tree_distance`,
-:meth:`is_ancestor`) are computed for any broadcastable blocks of (a, c) ids on demand; no N x N
-array is ever built. The torch twin for guards on a device is :class:`naics_hnm.tree.guard.TreeGuard`.
+comes from an explicit parent per code (``Taxonomy(codes, parent, texts)``, or a CSV ``parent``
+column) or, without one, from digit prefixes (:mod:`naics_hnm.tree.prefix`). Memory is
+O(N x depth) (:mod:`naics_hnm.tree.structure`): pairwise relations are computed on demand for
+broadcastable blocks of ids, never as an N x N array. The torch twin is
+:class:`naics_hnm.tree.guard.TreeGuard`.
 """
 
 from __future__ import annotations
