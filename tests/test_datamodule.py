@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from conftest import TINY_ROWS
 from naics_hnm.data.collate import collate_fn
 from naics_hnm.data.config import SamplingConfig, StreamingConfig
+from naics_hnm.train import datamodule as datamodule_module
 from naics_hnm.train.datamodule import NAICSDataModule, default_cache_dir
 from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
 from naics_hnm.data.token_cache import TokenCacheError, read_fingerprint
@@ -169,6 +170,21 @@ def test_loaders_shuffle_train_and_fix_validation(cache_dir):
                 assert torch.equal(x, y)
     val_anchor_order = torch.cat([a for a, _, _ in val_runs[0]])
     assert torch.equal(val_anchor_order, torch.as_tensor(dm.val_dataset.anchors))  # in order, not shuffled
+
+
+def test_validation_pairs_are_capped_and_the_rest_train(cache_dir, monkeypatch):
+    """A large tree keeps at most MAX_VAL_PAIRS validation pairs (presampled in memory); none is lost."""
+    full = make_dm(cache_dir)
+    full.setup()
+    total = len(full.train_dataset) + len(full.val_dataset)
+    monkeypatch.setattr(datamodule_module, "MAX_VAL_PAIRS", 7)
+    capped = make_dm(cache_dir)
+    capped.setup()
+    assert len(capped.val_dataset) == 7 < len(full.val_dataset)
+    assert len(capped.train_dataset) == total - 7
+    val = set(zip(capped.val_dataset.anchors.tolist(), capped.val_dataset.positives.tolist()))
+    train = set(map(tuple, capped.train_dataset.pairs.tolist()))
+    assert len(val) == 7 and not val & train
 
 
 def test_prepare_data_builds_once_and_keys_the_file_by_content(tmp_path):

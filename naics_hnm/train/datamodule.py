@@ -24,6 +24,10 @@ from naics_hnm.tree.taxonomy import Taxonomy, load_taxonomy
 
 log = logging.getLogger(__name__)
 
+MAX_VAL_PAIRS = 10_000
+"""Validation pairs at most: they are presampled once (fixed negatives) and held in memory; a 1M-code
+tree with parent and sibling pairs would otherwise keep 1M of them (107 s and several GiB)."""
+
 
 def default_cache_dir() -> Path:
     """``$NAICS_HNM_CACHE``, else ``~/.cache/naics_hnm``."""
@@ -45,7 +49,8 @@ class NAICSDataModule(pl.LightningDataModule):
         n_negatives, n_candidates, positive_relations, max_siblings: see :class:`StreamingConfig`.
         sampling: the curriculum (:class:`SamplingConfig`).
         exclude_codes: codes kept out of training entirely (e.g. a held-out split).
-        val_fraction: share of pairs kept for validation, with fixed negatives.
+        val_fraction: share of pairs kept for validation, with fixed negatives; at most
+            ``MAX_VAL_PAIRS`` (10,000) pairs, since they are drawn once and kept in memory.
         pairs_per_epoch: train on a fresh shuffled subset of this many pairs per epoch (None: all).
     """
 
@@ -143,7 +148,7 @@ class NAICSDataModule(pl.LightningDataModule):
         allowed = allowed_mask(taxonomy, self.cfg.exclude_codes)
         pairs = tree_pairs(taxonomy, self.cfg.positive_relations, allowed, self.cfg.max_siblings, self.cfg.seed)
         order = np.random.default_rng(self.cfg.seed).permutation(len(pairs))
-        n_val = int(round(self.val_fraction * len(pairs)))
+        n_val = min(int(round(self.val_fraction * len(pairs))), MAX_VAL_PAIRS)
         val_pairs, train_pairs = pairs[np.sort(order[:n_val])], pairs[np.sort(order[n_val:])]
         if len(train_pairs) == 0:
             raise ValueError(f"{taxonomy}: no training pairs ({len(pairs)} (code, positive) pairs of relations "
