@@ -237,8 +237,11 @@ def test_ddp_shared_files_give_exactly_the_negatives_of_one_process(tmp_path):
 
     ranks = _ddp_run(tmp_path, "shard")
     embeddings = load_embeddings(str(ranks[0]["embeddings_file"])).embeddings
+    # the epoch trains on 96 pairs: lists are built for its anchors (both ranks' together) only
+    listed = np.flatnonzero((ranks[0]["neighbours"] >= 0).any(1))
+    assert 0 < len(listed) <= 96 and np.isin(np.concatenate([r["mined_anchor"] for r in ranks]), listed).all()
     one = HardNegativeMiner(Taxonomy.naics2022(), k=4, neighbours=8, device="cpu")
-    one.refresh(embeddings, epoch=1)
+    one.refresh(embeddings, epoch=1, anchors=listed)
     for rank in ranks:
         assert np.array_equal(rank["vectors"], one.index.vectors.numpy())
         assert np.array_equal(rank["neighbours"], one.neighbour_ids.numpy())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -185,6 +186,18 @@ def test_validation_pairs_are_capped_and_the_rest_train(cache_dir, monkeypatch):
     val = set(zip(capped.val_dataset.anchors.tolist(), capped.val_dataset.positives.tolist()))
     train = set(map(tuple, capped.train_dataset.pairs.tolist()))
     assert len(val) == 7 and not val & train
+
+
+def test_epoch_anchors_are_the_anchors_the_epoch_trains_on(cache_dir):
+    dm = make_dm(cache_dir)
+    dm.setup()
+    data = dm.mining_data()
+    for epoch in (0, 4):
+        dm.set_epoch(epoch)
+        seen = torch.cat([a for a, _, _ in _iterate(dm.train_dataloader())]).unique().numpy()
+        assert np.array_equal(data.epoch_anchors(epoch), seen)
+    assert not np.array_equal(data.epoch_anchors(0), data.epoch_anchors(4))
+    assert make_dm(cache_dir, pairs_per_epoch=None).mining_data().epoch_anchors is None  # every code
 
 
 def test_prepare_data_builds_once_and_keys_the_file_by_content(tmp_path):

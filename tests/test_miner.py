@@ -85,6 +85,30 @@ def test_miner_mines_the_widened_pool_exactly():
     assert miner.state_dict() == {"epoch": 4, "k": 6, "metric": "cosine", "neighbours": 10, "index_factory": None}
 
 
+def test_lists_for_given_anchors_now_and_for_others_when_first_widened():
+    """refresh(anchors=...) lists those anchors only (what an epoch over a subset of a large tree uses);
+    another anchor's list is built the first time widen() needs it; every list equals brute force."""
+    tx, x, allowed = tree_and_vectors(5)
+    rng = np.random.default_rng(5)
+    subset = rng.choice(len(tx), 60, replace=False)  # some disallowed: they are never listed
+    miner = HardNegativeMiner(tx, allowed=allowed, k=4, neighbours=10, device="cpu")
+    miner.refresh(x, epoch=2, anchors=subset)
+    table = miner.neighbour_ids.numpy()
+    listed = np.unique(subset[allowed[subset]])
+    assert np.array_equal(np.flatnonzero((table >= 0).any(1)), listed)
+    np.testing.assert_array_equal(table[listed], reference_neighbours(x, "cosine", tx, allowed, listed, 10))
+    others = rng.choice(np.setdiff1d(np.flatnonzero(allowed), listed), 8, replace=False)
+    widened = miner.widen(others).numpy()
+    want = reference_neighbours(x, "cosine", tx, allowed, others, 10)
+    np.testing.assert_array_equal(miner.neighbour_ids.numpy()[others], want)
+    for row in range(len(others)):
+        assert sorted(widened[row][widened[row] >= 0]) == sorted(want[row][want[row] >= 0])
+    full = HardNegativeMiner(tx, allowed=allowed, k=4, neighbours=10, device="cpu")
+    full.refresh(x, epoch=2)
+    positives = np.array([tx.parent[a] for a in others])
+    assert np.array_equal(miner.mine(others, positives)[1], full.mine(others, positives)[1])
+
+
 def test_miner_rejects_bad_arguments():
     tx, x, _ = tree_and_vectors(5, n=50)
     with pytest.raises(ValueError, match=r"HardNegativeMiner\(k=0\)"):

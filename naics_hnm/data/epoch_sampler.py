@@ -46,14 +46,17 @@ class EpochSampler(DistributedSampler):
         self.set_epoch(epoch)
         self._resume = (epoch, skip)
 
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """This rank's indices for ``epoch`` (a pure function of seed, epoch and rank)."""
+    def all_indices(self, epoch: int) -> list[int]:
+        """Every rank's indices for ``epoch`` together, before padding (a pure function of seed and epoch)."""
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + epoch)
-            order = torch.randperm(self.dataset_size, generator=g)[: self.samples_per_epoch].tolist()
-        else:
-            order = list(range(self.samples_per_epoch))
+            return torch.randperm(self.dataset_size, generator=g)[: self.samples_per_epoch].tolist()
+        return list(range(self.samples_per_epoch))
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch`` (a pure function of seed, epoch and rank)."""
+        order = self.all_indices(epoch)
         order += order[: self.total_size - len(order)]
         return order[self.rank : self.total_size : self.num_replicas]
 

@@ -110,6 +110,7 @@ class HardNegativeMiner:
         self._refreshes = 0
         self.index: EmbeddingIndex | None = None
         self.neighbour_ids: torch.Tensor | np.ndarray | None = None  # a read-only mapped array under DDP
+        self._listed: np.ndarray | None = None  # bool [N]: rows of neighbour_ids computed (one process)
         self.epoch: int | None = None
         self.last_timings: dict[str, float] = {}
 
@@ -122,13 +123,20 @@ class HardNegativeMiner:
         return build_index(embeddings, choose_index(len(codes), self.index_factory), search_params=self.search_params,
                            metric=self.metric, device=self.device, codes=codes, epoch=epoch)[0]
 
-    def _anchors(self) -> np.ndarray:
+    def _anchors(self, anchors: Any = None) -> np.ndarray:
+        """The rows to list: ``anchors`` (default: every code) that the guard allows, sorted, distinct."""
         n = len(self.taxonomy)
-        return np.arange(n) if self.guard.allowed is None else np.flatnonzero(self.guard.allowed)
+        rows = np.arange(n) if anchors is None else np.unique(as_id_tensor(anchors, "anchors", "cpu", 1).numpy())
+        return rows if self.guard.allowed is None else rows[self.guard.allowed[rows]]
 
-    def refresh(self, embeddings: Any, epoch: int | None = None, *, progress: bool = False) -> dict[str, float]:
+    def refresh(self, embeddings: Any, epoch: int | None = None, *, anchors: Any = None,
+                progress: bool = False) -> dict[str, float]:
         """Index ``embeddings`` (float [N, d], row i = code i) and rebuild the neighbour lists.
 
+        ``anchors``: the codes whose lists are built now (default: every allowed code), e.g. the
+        anchors of the coming epoch when it trains on a subset of a large tree, so the lists cost
+        what the epoch uses rather than N searches. In one process another anchor's list is built
+        when :meth:`widen` first needs it; under DDP only the given anchors are widened.
         Returns the seconds spent on the index build and on the neighbour lists.
         """
         n = len(self.taxonomy)
@@ -137,25 +145,31 @@ class HardNegativeMiner:
                              f"[{n}, d], one row per code of the taxonomy")
         if self.shard is not None:
             lo, hi = self.shard.rows(n)
-            return self.refresh_local(embeddings[lo:hi], epoch, progress=progress)
+            return self.refresh_local(embeddings[lo:hi], epoch, anchors=anchors, progress=progress)
         t0 = time.perf_counter()
         index = self._build_index(embeddings, epoch)
         t1 = time.perf_counter()
-        neighbour_ids = None
+        self.index, self.neighbour_ids, self._listed = index, None, None
         if self.neighbours:
-            anchors = self._anchors()
-            _, ids, _ = guarded_neighbours(index, anchors, self.neighbours, guard=self.guard,
-                                           batch_size=self.neighbour_batch_size, max_search=self.max_search,
-                                           progress=progress)
-            table = np.full((n, self.neighbours), -1, dtype=np.int32)
-            table[anchors] = ids
-            neighbour_ids = torch.from_numpy(table).to(index.vectors.device)
+            self.neighbour_ids = torch.full((n, self.neighbours), -1, dtype=torch.int32, device=index.vectors.device)
+            self._listed = np.zeros(n, dtype=bool)
+            self._list(self._anchors(anchors), progress)
         t2 = time.perf_counter()
-        self.index, self.neighbour_ids, self.epoch = index, neighbour_ids, epoch
+        self.epoch = epoch
         self.last_timings = {"build": t1 - t0, "neighbours": t2 - t1}
         return dict(self.last_timings)
 
-    def refresh_local(self, rows: Any, epoch: int | None = None, *, progress: bool = False) -> dict[str, float]:
+    def _list(self, anchors: np.ndarray, progress: bool = False) -> None:
+        """Build the neighbour lists of ``anchors`` (sorted allowed ids) into the table (one process)."""
+        _, ids, _ = guarded_neighbours(self.index, anchors, self.neighbours, guard=self.guard,
+                                       batch_size=self.neighbour_batch_size, max_search=self.max_search,
+                                       progress=progress)
+        self.neighbour_ids[torch.from_numpy(anchors).to(self.neighbour_ids.device)] = \
+            torch.from_numpy(ids).to(self.neighbour_ids.device)
+        self._listed[anchors] = True
+
+    def refresh_local(self, rows: Any, epoch: int | None = None, *, anchors: Any = None,
+                      progress: bool = False) -> dict[str, float]:
         """Under DDP (``shard`` given), a collective: this rank's rows ``shard.rows(N)`` of the embeddings.
 
         Every rank ends with the index and neighbour lists one process builds from the whole matrix,
@@ -172,7 +186,8 @@ class HardNegativeMiner:
         t1 = time.perf_counter()
         neighbour_ids = None
         if self.neighbours:
-            neighbour_ids = self.shared.neighbours(index, self._anchors(), self.neighbours, name, guard=self.guard,
+            neighbour_ids = self.shared.neighbours(index, self._anchors(anchors), self.neighbours, name,
+                                                   guard=self.guard,
                                                    batch_size=self.neighbour_batch_size, max_search=self.max_search,
                                                    progress=progress)
         t2 = time.perf_counter()
@@ -190,6 +205,13 @@ class HardNegativeMiner:
 
     def neighbour_rows(self, anchors: torch.Tensor) -> torch.Tensor:
         """int64 [B, M] neighbour lists of ``anchors`` (gathered from the mapped table under DDP)."""
+        if self._listed is not None:
+            ids = anchors.cpu().numpy()
+            todo = np.unique(ids[~self._listed[ids]])
+            if self.guard.allowed is not None:
+                todo = todo[self.guard.allowed[todo]]
+            if len(todo):
+                self._list(todo)
         if isinstance(self.neighbour_ids, torch.Tensor):
             return self.neighbour_ids[anchors].to(torch.int64)
         return torch.from_numpy(self.neighbour_ids[anchors.cpu().numpy()].astype(np.int64)).to(anchors.device)

@@ -217,8 +217,16 @@ class HardNegativeMiningCallback(Callback):
             raise RuntimeError(f"HardNegativeMiningCallback: {info['path']!r} does not hold the embeddings this "
                                "checkpoint was refreshed with (sha256 differs)")
         refresh = self.miner.refresh if self.miner.shard is None else self.miner.refresh_local
-        refresh(embeddings, info["epoch"], progress=trainer.is_global_zero)
+        refresh(embeddings, info["epoch"], anchors=self._served_anchors(trainer, info["epoch"]),
+                progress=trainer.is_global_zero)
         self._previous_top = self._top_neighbours()
+
+    def _served_anchors(self, trainer: pl.Trainer, epoch: int) -> np.ndarray | None:
+        """The anchors of the epochs a refresh at ``epoch`` serves, when the data says (None: every code)."""
+        epoch_anchors = self._data(trainer).epoch_anchors
+        if epoch_anchors is None:
+            return None
+        return np.unique(np.concatenate([epoch_anchors(e) for e in range(epoch, epoch + self.refresh_every_n_epochs)]))
 
     def _embed_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
         """Every code's embedding; under DDP each rank embeds a shard and the shards are all-gathered
@@ -270,7 +278,8 @@ class HardNegativeMiningCallback(Callback):
         embeddings = self._embed_all(trainer, pl_module).float().numpy()
         t1 = time.perf_counter()
         refresh = self.miner.refresh if self.miner.shard is None else self.miner.refresh_local
-        timings = refresh(embeddings, epoch, progress=trainer.is_global_zero)
+        timings = refresh(embeddings, epoch, anchors=self._served_anchors(trainer, epoch),
+                          progress=trainer.is_global_zero)
         t2 = time.perf_counter()
         self._save_embeddings(trainer, embeddings, epoch)
         self.refresh_count += 1

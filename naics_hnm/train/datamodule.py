@@ -174,7 +174,13 @@ class NAICSDataModule(pl.LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         return MiningData(taxonomy=self._taxonomy(), allowed=self.train_dataset.allowed,
-                          token_cache=self.token_cache, phase1_end_epoch=self.phase1_end_epoch)
+                          token_cache=self.token_cache, phase1_end_epoch=self.phase1_end_epoch,
+                          epoch_anchors=None if self.pairs_per_epoch is None else self.epoch_anchors)
+
+    def epoch_anchors(self, epoch: int) -> np.ndarray:
+        """Sorted distinct anchor ids of the training pairs of ``epoch``, every rank's together."""
+        indices = self._sampler("epoch_anchors()").all_indices(epoch)
+        return np.unique(self.train_dataset.pairs[indices, 0])
 
     def _sampler(self, caller: str) -> EpochSampler:
         if self._train_sampler is None:
