@@ -149,24 +149,24 @@ class HardNegativeMiner:
         t0 = time.perf_counter()
         index = self._build_index(embeddings, epoch)
         t1 = time.perf_counter()
-        self.index, self.neighbour_ids, self._listed = index, None, None
-        if self.neighbours:
-            self.neighbour_ids = torch.full((n, self.neighbours), -1, dtype=torch.int32, device=index.vectors.device)
-            self._listed = np.zeros(n, dtype=bool)
-            self._list(self._anchors(anchors), progress)
+        table = listed = None
+        if self.neighbours:  # built aside: a refresh that fails leaves the previous index and lists in place
+            table = torch.full((n, self.neighbours), -1, dtype=torch.int32, device=index.vectors.device)
+            listed = np.zeros(n, dtype=bool)
+            self._list(index, table, listed, self._anchors(anchors), progress)
         t2 = time.perf_counter()
-        self.epoch = epoch
+        self.index, self.neighbour_ids, self._listed, self.epoch = index, table, listed, epoch
         self.last_timings = {"build": t1 - t0, "neighbours": t2 - t1}
         return dict(self.last_timings)
 
-    def _list(self, anchors: np.ndarray, progress: bool = False) -> None:
-        """Build the neighbour lists of ``anchors`` (sorted allowed ids) into the table (one process)."""
-        _, ids, _ = guarded_neighbours(self.index, anchors, self.neighbours, guard=self.guard,
+    def _list(self, index: EmbeddingIndex, table: torch.Tensor, listed: np.ndarray, anchors: np.ndarray,
+              progress: bool = False) -> None:
+        """Write the neighbour lists of ``anchors`` (sorted allowed ids) into ``table`` and mark them ``listed``."""
+        _, ids, _ = guarded_neighbours(index, anchors, self.neighbours, guard=self.guard,
                                        batch_size=self.neighbour_batch_size, max_search=self.max_search,
                                        progress=progress)
-        self.neighbour_ids[torch.from_numpy(anchors).to(self.neighbour_ids.device)] = \
-            torch.from_numpy(ids).to(self.neighbour_ids.device)
-        self._listed[anchors] = True
+        table[torch.from_numpy(anchors).to(table.device)] = torch.from_numpy(ids).to(table.device)
+        listed[anchors] = True
 
     def refresh_local(self, rows: Any, epoch: int | None = None, *, anchors: Any = None,
                       progress: bool = False) -> dict[str, float]:
@@ -205,13 +205,11 @@ class HardNegativeMiner:
 
     def neighbour_rows(self, anchors: torch.Tensor) -> torch.Tensor:
         """int64 [B, M] neighbour lists of ``anchors`` (gathered from the mapped table under DDP)."""
-        if self._listed is not None:
+        if self._listed is not None:  # one process: lists not built at the refresh are built on first use
             ids = anchors.cpu().numpy()
-            todo = np.unique(ids[~self._listed[ids]])
-            if self.guard.allowed is not None:
-                todo = todo[self.guard.allowed[todo]]
+            todo = self._anchors(ids[~self._listed[ids]])
             if len(todo):
-                self._list(todo)
+                self._list(self.index, self.neighbour_ids, self._listed, todo)
         if isinstance(self.neighbour_ids, torch.Tensor):
             return self.neighbour_ids[anchors].to(torch.int64)
         return torch.from_numpy(self.neighbour_ids[anchors.cpu().numpy()].astype(np.int64)).to(anchors.device)
