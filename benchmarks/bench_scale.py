@@ -3,6 +3,7 @@
     python benchmarks/bench_scale.py                 # 2k, 100k, 1M codes (about 15 min on 2 cores)
     python benchmarks/bench_scale.py --quick         # 2k, 100k
     python benchmarks/bench_scale.py --sizes 2000 1000000 --output /tmp/scale.json
+    python benchmarks/bench_scale.py --sizes 1000000 --main-job   # + the main job end to end (~35 min)
 
 Trees come from :func:`naics_hnm.tree.synthetic.synthetic_tree` (letter codes that say nothing
 about the tree, leaves at depth 5..7, short inherited titles). EACH SIZE RUNS IN ITS OWN
@@ -25,6 +26,9 @@ the current and peak RSS and the load average after it:
    items' 48-code pools, with torch's default threads and with one thread, interleaved batch by
    batch with a ``--small-size``-code copy of the pipeline in the same process (the ratio is the
    target); mined ids checked.
+6. ``main_job`` (only with ``--main-job``): ``examples/train_naics.py --taxonomy <the size's CSV>`` at
+   its defaults in a subprocess with fresh caches, the one-off frozen-encoder pass included
+   (``scale_main_job.py``): minutes, the pass's seconds, the job's peak RSS and its final metrics.
 
 The summary (``scale_report.py``) prints the table across sizes and the targets at the largest
 size; the results go to ``--output`` as JSON. A failing stage is reported with its error line;
@@ -188,7 +192,7 @@ def child_flags(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name)
         if value is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
-    return flags
+    return flags + (["--main-job"] if args.main_job else [])
 
 
 def main() -> None:
@@ -211,6 +215,9 @@ def main() -> None:
                         help="refresh with IVF<auto nlist>,Flat at this nprobe instead of the default (calibrated)")
     parser.add_argument("--index-factory", default=None, help="refresh with this factory instead of the default")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--main-job", action="store_true",
+                        help="also run examples/train_naics.py at its defaults on each size's tree, end to end "
+                             "(about 30 min at 1M codes; scale_main_job.py)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per size")
     parser.add_argument("--tmp-dir", default=None, help="folder for the CSVs and token caches (default: system temp)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)

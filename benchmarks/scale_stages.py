@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from harness import current_rss_mib, peak_rss_mib, recall_at, timed
+from scale_main_job import main_job_stage
 from scale_reference import (BATCH, DIM, K, M, brute_force_neighbours, check_negatives, make_small_fixture,
                              mining_batches, reference_item, tree_vectors)
 
@@ -44,6 +45,7 @@ class SizeRun:
     flat_guard: Any = None
     flat_sample: np.ndarray | None = None
     miner: Any = None
+    csv_path: Path | None = None
 
     @property
     def anchors(self) -> np.ndarray:
@@ -72,6 +74,11 @@ def run_size(n: int, args: argparse.Namespace, rec: Any, tmp: Path) -> None:
     run.flat_index = None
     gc.collect()
     _stage(run, "mining", ("phase1", "refresh_default"), mining_stage)
+    if args.main_job:
+        run.taxonomy = run.dm = run.ds = run.miner = run.vectors = run.small = None
+        gc.collect()
+        _stage(run, "main_job", ("load",),
+               lambda r, st: main_job_stage(r.csv_path, r.tmp / "main_job", r.args.seed, st))
     rec.flush()
 
 
@@ -96,7 +103,7 @@ def load_stage(run: SizeRun) -> None:
     from naics_hnm.tree.synthetic import synthetic_tree
     from naics_hnm.tree.taxonomy import Taxonomy
 
-    csv_path = run.tmp / f"synthetic_{run.n}.csv"
+    csv_path = run.csv_path = run.tmp / f"synthetic_{run.n}.csv"
     gen_s, tree = timed(lambda: synthetic_tree(run.n, depth=(5, 7), seed=run.args.seed, code_style="letters"))
     write_s, _ = timed(lambda: tree.write_csv(csv_path))
     tree = None

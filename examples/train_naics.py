@@ -58,6 +58,9 @@ MODES = ("random", "curriculum", "mined")
 LARGE_TREE = 20_000
 """Codes above which the encoder is frozen whole and only a head trains (the fine-tuned top layers
 would need hours per pass over the tree on a 2-core CPU)."""
+EVERY_EPOCH_EVAL = 200_000
+"""Codes up to which every epoch is evaluated; above, only the last epoch (one evaluation of a
+1M-code tree takes about 4 minutes on a 2-core CPU: 5,000 sampled queries against every leaf)."""
 APPROXIMATE_INDEX = EXACT_MAX_CODES
 """Codes above which the mining index is IVF (the library's rule: :func:`naics_hnm.index.auto.choose_index`)."""
 
@@ -109,8 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "exact up to 20,000 codes, IVF<4 sqrt(N), at most 2048>,Flat above")
     p.add_argument("--nprobe", type=int, default=None,
                    help="IVF lists searched per query; auto: 32 for the auto IVF index, else faiss-side defaults")
-    p.add_argument("--eval-every", type=int, default=1,
-                   help="evaluate (and print a row) every n epochs; the last epoch always")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate (and print a row) every n epochs; the last epoch always; auto: 1 up to "
+                        f"{EVERY_EPOCH_EVAL:,} codes, above only the last")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--precision", choices=("32", "bf16"), default="32",
                    help="training steps in fp32 (default) or under bf16 autocast (Lightning bf16-mixed); embedding "
@@ -134,6 +138,8 @@ def choose_settings(args: argparse.Namespace, taxonomy: Taxonomy) -> dict:
         args.freeze_layers = 6 if large else 4
     if args.head is None:
         args.head = "mlp" if large else "none"
+    if args.eval_every is None:
+        args.eval_every = 1 if n <= EVERY_EPOCH_EVAL else args.epochs
     if args.samples_per_epoch is None and large:
         args.samples_per_epoch = 100_000
     if args.index_factory is None and n > APPROXIMATE_INDEX:

@@ -244,10 +244,11 @@ def test_ndcg_memory_stays_bounded():
 # ---------------------------------------------------------------- placement
 
 
-def brute_placement(embeddings, case: Case, mask) -> dict[str, float]:
+def brute_placement(embeddings, case: Case, mask, held=None) -> dict[str, float]:
     unit = unit_rows(embeddings)
     similarity = comparable(unit @ unit.T)
-    held = case.leaves[mask[case.leaves]]
+    everyone = case.leaves[mask[case.leaves]]
+    held = everyone if held is None else held
     trained = case.leaves[~mask[case.leaves]]
     trained_ancestors = set()
     for t in trained:
@@ -269,7 +270,7 @@ def brute_placement(embeddings, case: Case, mask) -> dict[str, float]:
         out[name] = hit[eligible].mean() if eligible.any() else float("nan")
         out[f"{name}_all"] = hit.mean()
         out[f"{name}_eligible"] = eligible.mean()
-    out["heldout_leaves"] = float(held.size)
+    out["heldout_leaves"] = float(everyone.size)
     return out
 
 
@@ -294,6 +295,23 @@ def test_placement_hits_match_brute_force(key):
                 assert got[name] == pytest.approx(expected[name], nan_ok=True), (key, trial, tied, name)
         checked += 1
     assert checked or key == "chain"
+
+
+def test_placement_samples_heldout_leaves_with_a_seed():
+    """Above max_queries the rates are those of a seeded sample of held-out leaves; the count stays all of them."""
+    case = get_case("random-7")  # 250 codes
+    n = len(case.tx)
+    mask = np.random.default_rng(4).random(n) < 0.5
+    held = case.leaves[mask[case.leaves]]
+    emb = embeddings_for(case, 1, False)
+    sample = np.sort(np.random.default_rng(9).choice(held, held.size // 3, replace=False))
+    got = placement_hits(emb, case.tx, mask, max_queries=held.size // 3, seed=9)
+    expected = brute_placement(emb, case, mask, held=sample)
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], nan_ok=True), name
+    assert got["heldout_leaves"] == held.size
+    assert placement_hits(emb, case.tx, mask, max_queries=held.size) == placement_hits(emb, case.tx, mask)
+    assert got != placement_hits(emb, case.tx, mask)
 
 
 def test_placement_brute_force_cases_are_not_vacuous():

@@ -162,7 +162,15 @@ def test_default_split_and_size_based_settings(tree_csv):
     chosen = script.choose_settings(big, Sized())
     assert chosen["head"] == "mlp" and chosen["freeze_layers"] == 6
     assert chosen["index_factory"] == "IVF2048,Flat" and chosen["nprobe"] == 32
-    assert chosen["samples_per_epoch"] == 100_000
+    assert chosen["samples_per_epoch"] == 100_000 and chosen["eval_every"] == 1 and settings["eval_every"] == 1
+
+    class Huge(Sized):
+        def __len__(self):
+            return 1_000_000
+
+    huge = script.choose_settings(script.parse_args(["--output", "unused"]), Huge())
+    assert huge["eval_every"] == huge["epochs"] == 8  # one evaluation, after the last epoch
+    assert script.choose_settings(script.parse_args(["--output", "u", "--eval-every", "2"]), Huge())["eval_every"] == 2
     held = script.heldout_codes(script.parse_args(["--output", "x", "--taxonomy", str(tree_csv)]), taxonomy)
     assert held and set(held) <= set(taxonomy.codes)
 

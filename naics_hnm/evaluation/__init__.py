@@ -39,7 +39,8 @@ def evaluate_embeddings(
     ``reconstruction_mean_rank`` (all codes; a seeded sample of ``reconstruction_queries`` queries
     above that; see :mod:`naics_hnm.evaluation.reconstruction`) and, with ``heldout_mask``:
     ``heldout_ndcg@k`` (held-out leaves as queries, sampled likewise, against all leaves),
-    ``heldout_parent_hit``, ``heldout_grandparent_hit``, ``heldout_parent_hit_all``,
+    ``heldout_parent_hit`` (placement rates over the same sample of held-out leaves),
+    ``heldout_grandparent_hit``, ``heldout_parent_hit_all``,
     ``heldout_grandparent_hit_all``, ``heldout_parent_eligible``, ``heldout_grandparent_eligible``
     (see :func:`placement_hits`) and ``heldout_codes`` (the number of held-out leaves).
     """
@@ -57,7 +58,7 @@ def evaluate_embeddings(
     metrics["reconstruction_map"] = rebuilt["map"]
     metrics["reconstruction_mean_rank"] = rebuilt["mean_rank"]
     if mask is not None:
-        hits = placement_hits(unit, taxonomy, mask)
+        hits = placement_hits(unit, taxonomy, mask, max_queries=max_queries, seed=seed)
         metrics[f"heldout_ndcg@{k}"] = ndcg_at_k(unit, taxonomy, query_ids=leaves[mask[leaves]], corpus_ids=leaves,
                                                  k=k, max_queries=max_queries, seed=seed)
         for name in ("parent", "grandparent"):

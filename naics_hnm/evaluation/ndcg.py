@@ -6,19 +6,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from naics_hnm.evaluation.rows import BLOCK, as_unit_rows, comparable, sample_codes, select_codes, subtree_counter
+from naics_hnm.evaluation.nearest import nearest_columns
+from naics_hnm.evaluation.rows import BLOCK, as_unit_rows, sample_codes, select_codes, subtree_counter
 from naics_hnm.tree.taxonomy import Taxonomy
-
-
-def _top_k(similarity: np.ndarray, k: int) -> np.ndarray:
-    """Column positions of each row's k largest values, by (value descending, position ascending)."""
-    n = similarity.shape[1]
-    kth = np.partition(similarity, n - k, axis=1)[:, n - k]  # the k-th largest value per row
-    rows, cols = np.nonzero(similarity >= kth[:, None])  # at least k per row; ties at kth give more
-    order = np.lexsort((cols, -similarity[rows, cols], rows))
-    rows, cols = rows[order], cols[order]
-    rank = np.arange(rows.size) - np.searchsorted(rows, rows)  # rank within the row
-    return cols[rank < k].reshape(similarity.shape[0], k)
 
 
 def _ideal_dcg(taxonomy: Taxonomy, queries: np.ndarray, corpus: np.ndarray, cum_discount: np.ndarray) -> np.ndarray:
@@ -43,19 +33,13 @@ def _ndcg(unit: np.ndarray, taxonomy: Taxonomy, queries: np.ndarray, corpus: np.
     k = min(k, corpus.size)
     discount = 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
     ideal = _ideal_dcg(taxonomy, queries, corpus, np.concatenate([[0.0], np.cumsum(discount)]))
-    position = np.full(len(taxonomy), -1, dtype=np.int64)
-    position[corpus] = np.arange(corpus.size)
-    corpus_unit = unit[corpus]
-    rows = max(1, BLOCK // max(corpus.size, k * (taxonomy.max_depth + 1)))
+    top = corpus[nearest_columns(unit, queries, corpus, k)]  # a query never ranks itself
+    rows = max(1, BLOCK // (k * (taxonomy.max_depth + 1)))
     dcg = np.empty(queries.size, dtype=np.float64)
     for start in range(0, queries.size, rows):
-        chunk = queries[start : start + rows]
-        similarity = comparable(unit[chunk] @ corpus_unit.T)
-        own = position[chunk]
-        similarity[np.flatnonzero(own >= 0), own[own >= 0]] = -np.inf  # a query never ranks itself
-        top = corpus[_top_k(similarity, k)]
-        gains = np.exp2(taxonomy.lca_depth(chunk[:, None], top).astype(np.float64)) - 1.0
-        gains[top == chunk[:, None]] = 0.0
+        chunk, chunk_top = queries[start : start + rows], top[start : start + rows]
+        gains = np.exp2(taxonomy.lca_depth(chunk[:, None], chunk_top).astype(np.float64)) - 1.0
+        gains[chunk_top == chunk[:, None]] = 0.0
         dcg[start : start + chunk.size] = gains @ discount
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(ideal > 0, dcg / ideal, np.nan)

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from naics_hnm.evaluation.rows import BLOCK, as_unit_rows, comparable, evaluation_codes, subtree_counter
+from naics_hnm.evaluation.nearest import nearest_columns
+from naics_hnm.evaluation.rows import as_unit_rows, evaluation_codes, sample_codes, subtree_counter
 from naics_hnm.tree.taxonomy import Taxonomy
 
 
@@ -45,7 +46,8 @@ def check_mask(heldout_mask: Any, n_codes: int) -> np.ndarray:
     return mask
 
 
-def placement_hits(embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any) -> dict[str, float]:
+def placement_hits(embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any, *, max_queries: int | None = None,
+                   seed: int = 0) -> dict[str, float]:
     """Share of held-out leaves whose nearest trained leaf shares their parent / grandparent.
 
     Each held-out leaf ``h`` is matched to its nearest (cosine, :func:`comparable`; ties: lowest id) leaf not held
@@ -54,7 +56,8 @@ def placement_hits(embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any) -> di
     exists (depth(h) >= 2, resp. >= 3) and its subtree holds a trained leaf, i.e. a hit is
     possible at all. Returns ``parent`` / ``grandparent`` (hit rate among the eligible; NaN if
     none), ``parent_all`` / ``grandparent_all`` (over all held-out leaves, ineligible = miss),
-    ``parent_eligible`` / ``grandparent_eligible`` (eligible share) and ``heldout_leaves``.
+    ``parent_eligible`` / ``grandparent_eligible`` (eligible share) and ``heldout_leaves`` (all of
+    them). Above ``max_queries`` held-out leaves the rates are over a seeded sample of that many.
     """
     unit = as_unit_rows(embeddings, len(taxonomy))
     mask = check_mask(heldout_mask, len(taxonomy))
@@ -63,10 +66,9 @@ def placement_hits(embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any) -> di
     if held.size == 0 or trained.size == 0:
         raise ValueError(f"heldout_mask holds out {held.size} of {leaves.size} leaves; "
                          "expected at least one held-out and one trained leaf")
-    rows = max(1, BLOCK // trained.size)
-    trained_unit = unit[trained]
-    nearest = np.concatenate([trained[np.argmax(comparable(unit[held[i : i + rows]] @ trained_unit.T), axis=1)]
-                              for i in range(0, held.size, rows)])
+    heldout_leaves = held.size
+    held = sample_codes(held, max_queries, seed, "max_queries")
+    nearest = trained[nearest_columns(unit, held, trained, 1)[:, 0]]
     shared = taxonomy.lca_depth(held, nearest)
     depth = taxonomy.depth[held].astype(np.int64)
     count_trained = subtree_counter(taxonomy, trained)
@@ -80,5 +82,5 @@ def placement_hits(embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any) -> di
         out[name] = float(hit[eligible].mean()) if eligible.any() else float("nan")
         out[f"{name}_all"] = float(hit.mean())
         out[f"{name}_eligible"] = float(eligible.mean())
-    out["heldout_leaves"] = float(held.size)
+    out["heldout_leaves"] = float(heldout_leaves)
     return out

@@ -15,8 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from naics_hnm.evaluation.rows import BLOCK, as_unit_rows, comparable, sample_codes
+from naics_hnm.evaluation.rows import WIDE_BLOCK, as_unit_rows, comparable, sample_codes
 from naics_hnm.tree.taxonomy import Taxonomy
+
+
+FEW_RELEVANT = 32
+"""Up to this many relevant codes a query counts the codes at or above each one instead of sorting its row."""
 
 
 def _relevant(taxonomy: Taxonomy, u: int) -> np.ndarray:
@@ -30,9 +34,11 @@ def _query_scores(similarity: np.ndarray, relevant: np.ndarray) -> tuple[np.ndar
 
     ``similarity`` is the query's row with the query itself at -inf (so it is never at or above a code).
     """
-    others = similarity.size - 1
     scores = similarity[relevant]
-    at_or_above = others - np.searchsorted(np.sort(similarity[np.isfinite(similarity)]), scores, side="left")
+    if scores.size <= FEW_RELEVANT:  # one pass per relevant code beats sorting the row
+        at_or_above = np.array([np.count_nonzero(similarity >= s) for s in scores.tolist()], dtype=np.int64)
+    else:
+        at_or_above = similarity.size - np.searchsorted(np.sort(similarity), scores, side="left")
     relevant_at_or_above = scores.size - np.searchsorted(np.sort(scores), scores, side="left")
     ranks = 1 + at_or_above - relevant_at_or_above
     return ranks, float(np.mean(relevant_at_or_above / at_or_above))
@@ -47,7 +53,7 @@ def reconstruction(embeddings: Any, taxonomy: Taxonomy, *, max_queries: int | No
     queries = sample_codes(np.flatnonzero(has_relevant).astype(np.int64), max_queries, seed, "max_queries")
     if queries.size == 0:
         raise ValueError("no code has an ancestor or a descendant (a flat list of codes); reconstruction is undefined")
-    rows = max(1, BLOCK // n)
+    rows = max(1, WIDE_BLOCK // n)  # rows against all N codes: the corpus is read once per chunk
     rank_sum, rank_count, precisions = 0.0, 0, []
     for start in range(0, queries.size, rows):
         chunk = queries[start : start + rows]

@@ -16,6 +16,7 @@ import numpy as np
 from naics_hnm.tree.taxonomy import Taxonomy
 
 BLOCK = 2**22  # floats of one chunk of similarities (32 MiB in float64)
+WIDE_BLOCK = 2**25  # floats of a chunk whose rows span a large corpus (256 MiB in float64): enough rows per read
 SIMILARITY_DECIMALS = 9  # the tie rule: see the module docstring
 
 

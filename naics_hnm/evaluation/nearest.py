@@ -1,0 +1,102 @@
+"""Each query's k nearest corpus codes under the tie rule, fast: a float32 shortlist, rescored in float64.
+
+:func:`nearest_columns` is what NDCG and held-out placement rank with. It returns exactly what a
+float64 row-by-row ranking returns (:func:`comparable` similarity descending, then lower corpus
+position), without a float64 pass over queries x corpus:
+
+1. float32 similarities of a chunk of queries against the corpus, and each row's
+   ``k + SHORTLIST_SLACK`` largest (the shortlist);
+2. the shortlist rescored in float64 and ranked by the tie rule;
+3. a row is accepted only if no code outside its shortlist can reach its k-th exact value:
+   float32 dot products of unit rows are within ``float32_error(d)`` of the float64 ones (any
+   summation order), so every code outside is at most the shortlist's smallest float32 value
+   plus that bound. Rows that fail (many near-equal codes) are ranked from their full float64 row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from naics_hnm.evaluation.rows import BLOCK, comparable
+
+SHORTLIST_SLACK = 16
+"""Shortlist columns beyond k: near-ties around the k-th code stay inside it."""
+
+MIN_ROWS = 64
+"""Queries per float32 chunk at least: each chunk reads the whole corpus, so few rows would be memory-bound."""
+
+ROUNDING = 10.0 ** -9
+"""What :func:`comparable`'s rounding may move two values together (two half steps of 1e-9)."""
+
+
+
+def float32_error(dim: int) -> float:
+    """A bound on |float32 - float64| for the dot product of two unit rows of width ``dim``.
+
+    Casting each entry to float32 moves a product by at most 2u|a_i b_i| and a sum of ``dim``
+    terms in any order by at most ``dim * u * sum |a_i b_i| / (1 - dim * u)`` (u = 2**-24);
+    ``sum |a_i b_i| <= 1`` for unit rows. Doubled for the rows' norms not being exactly 1 in float32.
+    """
+    u = 2.0**-24
+    return 2.0 * (dim + 2) * u / (1.0 - (dim + 2) * u)
+
+
+def _by_tie_rule(values: np.ndarray, columns: np.ndarray, k: int) -> np.ndarray:
+    """Per row, ``columns`` of the k best ``values`` (value descending, then column ascending)."""
+    rows = np.repeat(np.arange(values.shape[0]), values.shape[1])
+    order = np.lexsort((columns.ravel(), -values.ravel(), rows))
+    return columns.ravel()[order].reshape(values.shape)[:, :k]
+
+
+def _full_rows(unit: np.ndarray, queries: np.ndarray, corpus: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """The float64 reference: every corpus column of each query, ranked by the tie rule."""
+    corpus_unit = unit[corpus]
+    out = np.empty((queries.size, k), dtype=np.int64)
+    rows = max(1, BLOCK // corpus.size)
+    for start in range(0, queries.size, rows):
+        similarity = comparable(unit[queries[start : start + rows]] @ corpus_unit.T)
+        mine = own[start : start + rows]
+        inside = np.flatnonzero(mine >= 0)
+        similarity[inside, mine[inside]] = -np.inf
+        columns = np.broadcast_to(np.arange(similarity.shape[1]), similarity.shape)
+        out[start : start + similarity.shape[0]] = _by_tie_rule(similarity, columns, k)
+    return out
+
+
+def nearest_columns(unit: np.ndarray, queries: np.ndarray, corpus: np.ndarray, k: int,
+                    position: np.ndarray | None = None) -> np.ndarray:
+    """int64 [Q, k]: positions in ``corpus`` of each query's k most similar corpus codes.
+
+    ``unit``: float64 unit rows of every code; ``queries`` / ``corpus``: code ids; ``position``:
+    each code's position in ``corpus`` or -1 (a query never ranks itself: its own column counts
+    as -inf). Needs ``k <= corpus.size``. Equal to ranking each full float64 row by the tie rule.
+    """
+    if position is None:
+        position = np.full(unit.shape[0], -1, dtype=np.int64)
+        position[corpus] = np.arange(corpus.size)
+    corpus32 = np.empty((corpus.size, unit.shape[1]), dtype=np.float32)
+    for start in range(0, corpus.size, BLOCK // unit.shape[1]):  # no float64 copy of the corpus
+        corpus32[start : start + BLOCK // unit.shape[1]] = unit[corpus[start : start + BLOCK // unit.shape[1]]]
+    width = min(corpus.size, k + SHORTLIST_SLACK)
+    bound = float32_error(unit.shape[1]) + ROUNDING
+    rows = min(queries.size, max(MIN_ROWS, 4 * BLOCK // corpus.size))  # 64 MiB of float32, or MIN_ROWS rows
+    block = np.empty((rows, corpus.size), dtype=np.float32)  # reused: no fresh pages per chunk
+    out = np.empty((queries.size, k), dtype=np.int64)
+    for start in range(0, queries.size, rows):
+        chunk = queries[start : start + rows]
+        own = position[chunk]
+        inside = np.flatnonzero(own >= 0)
+        fast = np.matmul(unit[chunk].astype(np.float32), corpus32.T, out=block[: chunk.size])
+        fast[inside, own[inside]] = -np.inf
+        low, shortlist = torch.topk(torch.from_numpy(fast), width, dim=1)
+        shortlist = shortlist.numpy()
+        exact = comparable(np.einsum("qd,qcd->qc", unit[chunk], unit[corpus[shortlist]]))
+        exact[shortlist == own[:, None]] = -np.inf
+        best = _by_tie_rule(exact, shortlist, k)
+        kth = np.sort(exact, axis=1)[:, width - k]  # each row's k-th largest exact value
+        doubtful = (low[:, -1].numpy().astype(np.float64) + bound >= kth) & (width < corpus.size)
+        if doubtful.any():
+            best[doubtful] = _full_rows(unit, chunk[doubtful], corpus, own[doubtful], k)
+        out[start : start + chunk.size] = best
+    return out
