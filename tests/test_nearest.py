@@ -21,15 +21,15 @@ def brute_nearest(unit: np.ndarray, queries: np.ndarray, corpus: np.ndarray, k: 
 
 @pytest.fixture
 def full_rows_calls(monkeypatch):
-    """Counts the rows that fell back to their full float64 row."""
+    """Counts the rows whose shortlist could not decide them (widened to every code near their k-th)."""
     calls = []
-    original = nearest_module._full_rows
+    original = nearest_module._widened
 
-    def counted(unit, queries, corpus, own, k):
-        calls.append(queries.size)
-        return original(unit, queries, corpus, own, k)
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
 
-    monkeypatch.setattr(nearest_module, "_full_rows", counted)
+    monkeypatch.setattr(nearest_module, "_widened", counted)
     return calls
 
 
@@ -46,7 +46,7 @@ def test_equals_the_float64_ranking(k, dim, full_rows_calls):
     assert sum(full_rows_calls) < 30  # random vectors: the shortlist decides nearly every row
 
 
-def test_exact_ties_fall_back_to_the_full_row(full_rows_calls):
+def test_exact_ties_widen_the_shortlist(full_rows_calls):
     """200 codes share one vector: more equal values than the shortlist holds; the lowest positions win."""
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(1000, 8))

@@ -10,7 +10,9 @@ position), without a float64 pass over queries x corpus:
 3. a row is accepted only if no code outside its shortlist can reach its k-th exact value:
    float32 dot products of unit rows are within ``float32_error(d)`` of the float64 ones (any
    summation order), so every code outside is at most the shortlist's smallest float32 value
-   plus that bound. Rows that fail (many near-equal codes) are ranked from their full float64 row.
+   plus that bound. A row that fails (more near-equal codes than the shortlist holds) is ranked
+   from every code whose float32 value is within the bound of its k-th exact value, rescored in
+   float64: the true top k is among them.
 """
 
 from __future__ import annotations
@@ -49,19 +51,13 @@ def _by_tie_rule(values: np.ndarray, columns: np.ndarray, k: int) -> np.ndarray:
     return columns.ravel()[order].reshape(values.shape)[:, :k]
 
 
-def _full_rows(unit: np.ndarray, queries: np.ndarray, corpus: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    """The float64 reference: every corpus column of each query, ranked by the tie rule."""
-    corpus_unit = unit[corpus]
-    out = np.empty((queries.size, k), dtype=np.int64)
-    rows = max(1, BLOCK // corpus.size)
-    for start in range(0, queries.size, rows):
-        similarity = comparable(unit[queries[start : start + rows]] @ corpus_unit.T)
-        mine = own[start : start + rows]
-        inside = np.flatnonzero(mine >= 0)
-        similarity[inside, mine[inside]] = -np.inf
-        columns = np.broadcast_to(np.arange(similarity.shape[1]), similarity.shape)
-        out[start : start + similarity.shape[0]] = _by_tie_rule(similarity, columns, k)
-    return out
+def _widened(unit: np.ndarray, query: int, corpus: np.ndarray, own: int, fast_row: np.ndarray, floor: float,
+             k: int) -> np.ndarray:
+    """One doubtful row: every column whose float32 value reaches ``floor``, rescored in float64, best k."""
+    columns = np.flatnonzero(fast_row >= floor)
+    exact = comparable(unit[corpus[columns]] @ unit[query])
+    exact[columns == own] = -np.inf
+    return _by_tie_rule(exact[None, :], columns[None, :], k)[0]
 
 
 def nearest_columns(unit: np.ndarray, queries: np.ndarray, corpus: np.ndarray, k: int,
@@ -96,7 +92,7 @@ def nearest_columns(unit: np.ndarray, queries: np.ndarray, corpus: np.ndarray, k
         best = _by_tie_rule(exact, shortlist, k)
         kth = np.sort(exact, axis=1)[:, width - k]  # each row's k-th largest exact value
         doubtful = (low[:, -1].numpy().astype(np.float64) + bound >= kth) & (width < corpus.size)
-        if doubtful.any():
-            best[doubtful] = _full_rows(unit, chunk[doubtful], corpus, own[doubtful], k)
+        for row in np.flatnonzero(doubtful):  # every code within the bound of the k-th: a superset of the top k
+            best[row] = _widened(unit, chunk[row], corpus, own[row], fast[row], kth[row] - bound, k)
         out[start : start + chunk.size] = best
     return out

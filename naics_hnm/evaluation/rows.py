@@ -39,19 +39,21 @@ def as_unit_rows(embeddings: Any, n_codes: int) -> np.ndarray:
         return embeddings
     if hasattr(embeddings, "detach"):
         embeddings = embeddings.detach().cpu().float().numpy()
-    array = np.asarray(embeddings, dtype=np.float64)
+    array = np.array(embeddings, dtype=np.float64)  # our own copy: normalised in place below
     if array.ndim != 2 or array.shape[0] != n_codes:
         raise ValueError(
             f"embeddings have shape {tuple(array.shape)}; expected [{n_codes}, d] "
             f"(one row per code of a taxonomy with {n_codes} codes)"
         )
-    finite = np.isfinite(array).all(axis=1)
+    step = max(1, BLOCK // max(1, array.shape[1]))  # row blocks: no second [n, d] temporary
+    finite = np.concatenate([np.isfinite(array[i : i + step]).all(axis=1) for i in range(0, n_codes, step)])
     if not finite.all():
         raise ValueError(f"embeddings row {int(np.argmin(finite))} holds NaN or inf; expected finite values")
-    norms = np.linalg.norm(array, axis=1)
+    norms = np.concatenate([np.linalg.norm(array[i : i + step], axis=1) for i in range(0, n_codes, step)])
     if (norms == 0).any():
         raise ValueError(f"embeddings row {int(np.argmin(norms))} is all zeros; cosine similarity needs a non-zero row")
-    return (array / norms[:, None]).view(_UnitRows)
+    array /= norms[:, None]
+    return array.view(_UnitRows)
 
 
 def evaluation_codes(taxonomy: Taxonomy) -> np.ndarray:

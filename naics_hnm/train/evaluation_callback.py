@@ -25,8 +25,8 @@ class TaxonomyEvaluationCallback(Callback):
         k: NDCG cut-off.
         every_n_epochs: evaluate every n validation epochs (the last epoch always counts).
         embed_batch_size: codes per forward pass.
-        max_queries: NDCG queries per evaluation; above that many leaves (or held-out leaves) a
-            seeded sample is scored, so large taxonomies stay fast. None: every leaf.
+        max_queries: NDCG and placement queries per evaluation; above that many leaves (or held-out
+            leaves) a seeded sample is scored, so large taxonomies stay fast. None: every leaf.
     """
 
     def __init__(self, k: int = 10, every_n_epochs: int = 1, embed_batch_size: int = 512,
