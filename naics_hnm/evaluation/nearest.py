@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from naics_hnm.evaluation.rows import BLOCK, comparable
+from naics_hnm.index.ids import select_topk_np
 
 SHORTLIST_SLACK = 16
 """Shortlist columns beyond k: near-ties around the k-th code stay inside it."""
@@ -45,10 +46,8 @@ def float32_error(dim: int) -> float:
 
 
 def _by_tie_rule(values: np.ndarray, columns: np.ndarray, k: int) -> np.ndarray:
-    """Per row, ``columns`` of the k best ``values`` (value descending, then column ascending)."""
-    rows = np.repeat(np.arange(values.shape[0]), values.shape[1])
-    order = np.lexsort((columns.ravel(), -values.ravel(), rows))
-    return columns.ravel()[order].reshape(values.shape)[:, :k]
+    """Per row, ``columns`` of the k best ``values``: the library's one top-k, ties to the lower column."""
+    return select_topk_np(values, columns, np.ones(values.shape, dtype=bool), k, "cosine", ties="id")[1]
 
 
 def _widened(unit: np.ndarray, query: int, corpus: np.ndarray, own: int, fast_row: np.ndarray, floor: float,
@@ -72,8 +71,9 @@ def nearest_columns(unit: np.ndarray, queries: np.ndarray, corpus: np.ndarray, k
         position = np.full(unit.shape[0], -1, dtype=np.int64)
         position[corpus] = np.arange(corpus.size)
     corpus32 = np.empty((corpus.size, unit.shape[1]), dtype=np.float32)
-    for start in range(0, corpus.size, BLOCK // unit.shape[1]):  # no float64 copy of the corpus
-        corpus32[start : start + BLOCK // unit.shape[1]] = unit[corpus[start : start + BLOCK // unit.shape[1]]]
+    step = BLOCK // unit.shape[1]
+    for start in range(0, corpus.size, step):  # no float64 copy of the corpus
+        corpus32[start : start + step] = unit[corpus[start : start + step]]
     width = min(corpus.size, k + SHORTLIST_SLACK)
     bound = float32_error(unit.shape[1]) + ROUNDING
     rows = min(queries.size, max(MIN_ROWS, 4 * BLOCK // corpus.size))  # 64 MiB of float32, or MIN_ROWS rows

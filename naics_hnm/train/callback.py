@@ -222,11 +222,12 @@ class HardNegativeMiningCallback(Callback):
         self._previous_top = self._top_neighbours()
 
     def _served_anchors(self, trainer: pl.Trainer, epoch: int) -> np.ndarray | None:
-        """The anchors of the epochs a refresh at ``epoch`` serves, when the data says (None: every code)."""
+        """The anchors of the epochs a refresh at ``epoch`` serves, when the data says (None: every code);
+        repeats are left to the miner, which lists each code once."""
         epoch_anchors = self._data(trainer).epoch_anchors
         if epoch_anchors is None:
             return None
-        return np.unique(np.concatenate([epoch_anchors(e) for e in range(epoch, epoch + self.refresh_every_n_epochs)]))
+        return np.concatenate([epoch_anchors(e) for e in range(epoch, epoch + self.refresh_every_n_epochs)])
 
     def _embed_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
         """Every code's embedding; under DDP each rank embeds a shard and the shards are all-gathered
