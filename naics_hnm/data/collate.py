@@ -26,10 +26,8 @@ def _pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
 def collate_fn(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     """Collate dataset items into the training batch; ``None`` items are dropped.
 
-    Returns ``anchor``/``positive`` token dicts [B, L], ``negatives`` token dict [B, K, L] with
-    ``negative_mask`` [B, K] (False = padding), and ``anchor_idx`` [B], ``positive_idx`` [B],
-    ``negative_idx`` [B, K], ``candidate_idx`` [B, C] (int64, -1 pad), plus the code strings.
-    The input items are not modified.
+    Returns ``anchor``/``positive`` token dicts [B, L], ``negatives`` [B, K, L] with ``negative_mask`` [B, K], the
+    ``*_idx`` id tensors (int64, -1 pad: anchor/positive [B], negative [B, K], candidate [B, C]) and the code strings.
     """
     items = [item for item in batch if item is not None]
     if not items:

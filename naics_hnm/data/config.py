@@ -34,17 +34,13 @@ class StreamingConfig:
     """What a Phase 1 item holds and how its randomness is keyed.
 
     Attributes:
-        seed: keys every draw together with (epoch, index); same seed, same negatives.
-        n_negatives: K, negatives selected per item for Phase 1 training.
-        n_candidates: C, size of the oversampled pool per item that Phase 2+ ranks (>= K).
-        positive_relations: which tree relations form (anchor, positive) pairs; ``("levels",)``
-            instead makes one item per anchor whose positive is drawn each epoch: a level d
-            (weight ``level_decay**d``), then a code whose LCA with the anchor is at depth d.
-        level_decay: weight base of the levels (> 1 favours near relatives).
-        max_siblings: at most this many sibling positives per anchor (a fixed, seeded choice);
-            None keeps all of them.
-        exclude_codes: codes that never appear as anchor, positive, negative or candidate
-            (for example a held-out evaluation split).
+        seed: keys every draw together with (epoch, index).
+        n_negatives: K, negatives selected per item; n_candidates: C >= K, the pool that Phase 2+ ranks.
+        positive_relations: tree relations that form (anchor, positive) pairs; ``("levels",)`` instead draws
+            each epoch a level d (weight ``level_decay**d``, > 1 favours near relatives), then a code whose
+            LCA with the anchor is at depth d.
+        max_siblings: at most this many sibling positives per anchor (a seeded choice); None keeps all.
+        exclude_codes: codes that never appear in an item (e.g. a held-out split).
         taxonomy: CSV path of the taxonomy, or None for NAICS 2022.
     """
 
@@ -84,12 +80,9 @@ class StreamingConfig:
 class SamplingConfig:
     """The Phase 1 difficulty curriculum.
 
-    Negatives fall into three buckets by their lowest common ancestor (LCA) with the anchor:
-    hard = LCA is the anchor's parent (the nearest codes that are not ancestors or descendants),
-    easy = LCA is the root (another top-level code), semi-hard = everything in between. The share
-    of each bucket moves from ``*_start`` at epoch 0 to ``*_end`` at the last Phase 1 epoch; hard
-    takes the rest. A bucket that runs short is filled from its neighbour (hard -> semi-hard ->
-    easy and back), so an item never fails for lack of negatives in one bucket.
+    Negatives are hard (LCA with the anchor = its parent), easy (LCA = the root) or semi-hard (in between). Easy and
+    semi-hard shares move from ``*_start`` at epoch 0 to ``*_end`` at the last Phase 1 epoch; hard takes the rest.
+    A bucket that runs short is filled from its neighbours, so an item never fails for lack of one bucket.
     """
 
     easy_start: float = 0.70

@@ -1,8 +1,6 @@
 """Counter-based random numbers keyed by (seed, epoch, index, stream, column).
 
-Every value is a pure function of its key (SplitMix64 finaliser over the key), like a fresh
-generator seeded from (seed, epoch, index) per item, but vectorised over a whole batch: the same item
-gets the same numbers in any worker, in any batch composition and after a restart.
+Every value is a pure function of its key (SplitMix64 finaliser), vectorised over a batch.
 """
 
 from __future__ import annotations

