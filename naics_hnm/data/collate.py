@@ -35,18 +35,13 @@ def collate_fn(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     tokens = items[0]["tokens"]
     if not isinstance(tokens, TokenCache) or any(item["tokens"] is not tokens for item in items):
         raise ValueError("collate_fn: every item must reference the same TokenCache under 'tokens'")
-    anchor_idx = np.array([item["anchor_idx"] for item in items], dtype=np.int64)
-    positive_idx = np.array([item["positive_idx"] for item in items], dtype=np.int64)
-    negative_idx = _pad_rows([item["negative_idx"] for item in items])
-    candidate_idx = _pad_rows([item["candidate_idx"] for item in items])
-    negative_mask = negative_idx >= 0
+    ids = {key: np.array([item[key] for item in items], dtype=np.int64) for key in ("anchor_idx", "positive_idx")}
+    ids.update({key: _pad_rows([item[key] for item in items]) for key in ("negative_idx", "candidate_idx")})
+    groups = {"anchor": ids["anchor_idx"], "positive": ids["positive_idx"], "negatives": ids["negative_idx"]}
     return {
-        **gather_tokens(tokens, {"anchor": anchor_idx, "positive": positive_idx, "negatives": negative_idx}),
-        "negative_mask": torch.from_numpy(negative_mask),
-        "anchor_idx": torch.from_numpy(anchor_idx),
-        "positive_idx": torch.from_numpy(positive_idx),
-        "negative_idx": torch.from_numpy(negative_idx),
-        "candidate_idx": torch.from_numpy(candidate_idx),
+        **gather_tokens(tokens, groups),
+        "negative_mask": torch.from_numpy(ids["negative_idx"] >= 0),
+        **{key: torch.from_numpy(value) for key, value in ids.items()},
         "anchor_code": [item["anchor_code"] for item in items],
         "positive_code": [item["positive_code"] for item in items],
     }

@@ -33,15 +33,11 @@ def _check(condition: bool, name: str, value: object, expected: str) -> None:
 class StreamingConfig:
     """What a Phase 1 item holds and how its randomness is keyed.
 
-    Attributes:
-        seed: keys every draw together with (epoch, index).
-        n_negatives: K, negatives selected per item; n_candidates: C >= K, the pool that Phase 2+ ranks.
-        positive_relations: tree relations that form (anchor, positive) pairs; ``("levels",)`` instead draws
-            each epoch a level d (weight ``level_decay**d``, > 1 favours near relatives), then a code whose
-            LCA with the anchor is at depth d.
-        max_siblings: at most this many sibling positives per anchor (a seeded choice); None keeps all.
-        exclude_codes: codes that never appear in an item (e.g. a held-out split).
-        taxonomy: CSV path of the taxonomy, or None for NAICS 2022.
+    ``seed`` keys every draw with (epoch, index); K = ``n_negatives`` per item, C = ``n_candidates`` >= K for Phase 2+.
+    ``positive_relations`` form the (anchor, positive) pairs; ``("levels",)`` instead draws each epoch a level d
+    (weight ``level_decay**d``), then a code whose LCA with the anchor is at depth d. ``max_siblings`` keeps a seeded
+    choice of siblings per anchor (None: all); ``exclude_codes`` never appear in an item; ``taxonomy`` is a CSV
+    path, or None for NAICS 2022.
     """
 
     seed: int = 42

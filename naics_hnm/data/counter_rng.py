@@ -39,7 +39,7 @@ def uniforms(keys: np.ndarray, stream: int, n: int) -> np.ndarray:
 
 def later_duplicates(pos: np.ndarray, excluded_pos: np.ndarray) -> np.ndarray:
     """True where a position repeats an earlier column of its row or equals the excluded one."""
-    b, n = pos.shape
+    n = pos.shape[1]
     full = np.concatenate([excluded_pos[:, None], pos], axis=1)
     full = np.where(full < 0, -np.arange(1, n + 2)[None, :] - 10, full)
     order = np.argsort(full, axis=1, kind="stable")

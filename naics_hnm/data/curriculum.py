@@ -156,8 +156,7 @@ class NegativeTable:
         dense = 2 * (first + rest) > available
         _fill_dense(keys, starts, sizes, excluded_pos, slot_bucket, rank, dense, pos)
         _fill_sparse(keys, starts, sizes, excluded_pos, slot_bucket, dense, pos)
-        codes = level_ranges.codes_at(np.arange(b), np.maximum(pos, 0))
-        return np.where(pos >= 0, codes, -1)
+        return np.where(pos >= 0, level_ranges.codes_at(np.arange(b), np.maximum(pos, 0)), -1)
 
 
 def _fill_dense(keys, starts, sizes, excluded_pos, slot_bucket, rank, dense, pos) -> None:

@@ -13,9 +13,8 @@ from torch.utils.data import DistributedSampler
 class EpochSampler(DistributedSampler):
     """Yields ``(epoch, index)`` pairs, shuffled as DistributedSampler (seed ``seed + epoch``) and sharded by rank."""
 
-    def __init__(self, dataset_size: int, *, seed: int = 0, shuffle: bool = True,
-                 samples_per_epoch: int | None = None, num_replicas: int | None = None,
-                 rank: int | None = None) -> None:
+    def __init__(self, dataset_size: int, *, seed: int = 0, shuffle: bool = True, samples_per_epoch: int | None = None,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
         if not (isinstance(dataset_size, int) and dataset_size >= 1):
             raise ValueError(f"dataset_size={dataset_size!r}: expected an int >= 1")
         if samples_per_epoch is not None and not (isinstance(samples_per_epoch, int) and samples_per_epoch >= 1):
@@ -42,8 +41,7 @@ class EpochSampler(DistributedSampler):
     def all_indices(self, epoch: int) -> list[int]:
         """Every rank's indices for ``epoch`` together, before padding (a pure function of seed and epoch)."""
         if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
             return torch.randperm(self.dataset_size, generator=g)[: self.samples_per_epoch].tolist()
         return list(range(self.samples_per_epoch))
 

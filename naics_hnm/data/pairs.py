@@ -51,8 +51,6 @@ def sibling_pairs(parent: np.ndarray, allowed: np.ndarray, max_siblings: int | N
     """
     members = np.flatnonzero(allowed & (parent >= 0))
     members = members[np.argsort(parent[members], kind="stable")]
-    if len(members) == 0:
-        return []
     group_start = np.flatnonzero(np.r_[True, parent[members][1:] != parent[members][:-1]])
     group_size = np.diff(np.r_[group_start, len(members)])
     member_group = np.repeat(np.arange(len(group_size)), group_size)
@@ -76,11 +74,9 @@ def sibling_pairs(parent: np.ndarray, allowed: np.ndarray, max_siblings: int | N
 def _all_siblings(members, rows, start, size, self_pos) -> np.ndarray:
     """Every (anchor, sibling) pair of the member ``rows``."""
     reps = size[rows] - 1
-    total = int(reps.sum())
-    within = np.arange(total) - np.repeat(np.cumsum(reps) - reps, reps)
+    within = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps)
     within = within + (within >= np.repeat(self_pos[rows], reps))  # skip the anchor itself
-    anchors = np.repeat(members[rows], reps)
-    return np.stack([anchors, members[np.repeat(start[rows], reps) + within]], axis=1)
+    return np.stack([np.repeat(members[rows], reps), members[np.repeat(start[rows], reps) + within]], axis=1)
 
 
 def _sampled_siblings(members, rows, start, size, self_pos, m: int, seed: int) -> np.ndarray:
@@ -94,8 +90,7 @@ def _sampled_siblings(members, rows, start, size, self_pos, m: int, seed: int) -
             break
         draw = np.floor(uniforms(keys[todo], round_, m) * (size[rows[todo], None] - 1)).astype(np.int64)
         draw += draw >= self_pos[rows[todo], None]
-        sub = picked[todo]
-        sub = np.where(sub < 0, draw, sub)
+        sub = np.where(picked[todo] < 0, draw, picked[todo])
         sub[later_duplicates(sub, np.full(len(todo), -1))] = -1
         picked[todo] = sub
     if (picked < 0).any():

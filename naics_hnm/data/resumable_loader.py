@@ -32,6 +32,5 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Move the sampler to the saved position (the first iterator may be created right after this)."""
         epoch, batches = state_dict.get("epoch"), state_dict.get("batches", 0)
-        if epoch is None:
-            return
-        self.sampler.resume(int(epoch), int(batches) * int(self.batch_size))
+        if epoch is not None:
+            self.sampler.resume(int(epoch), int(batches) * int(self.batch_size))

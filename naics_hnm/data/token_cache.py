@@ -336,8 +336,7 @@ def _parse(path: Path, data: bytes) -> tuple[dict[str, Any], np.ndarray, np.ndar
             if missing:
                 raise TokenCacheError(f"token cache {str(path)!r} lacks dataset(s) {missing}: not a naics_hnm cache")
             attrs = {key: value.item() if isinstance(value, np.generic) else value for key, value in f.attrs.items()}
-            input_ids = f["input_ids"][()]
-            lengths = f["lengths"][()]
+            input_ids, lengths = f["input_ids"][()], f["lengths"][()]
             codes = [c.decode() if isinstance(c, bytes) else str(c) for c in f["codes"][()]]
     except _HDF5_ERRORS as err:
         raise TokenCacheError(f"token cache {str(path)!r} is not a readable HDF5 file ({err})") from None
