@@ -1,7 +1,4 @@
-"""Counter-based random numbers keyed by (seed, epoch, index, stream, column).
-
-Every value is a pure function of its key (SplitMix64 finaliser), vectorised over a batch.
-"""
+"""Counter-based random numbers: each value a pure function (SplitMix64) of (seed, epoch, index, stream, column)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Map-style datasets: on-the-fly Phase 1 curriculum sampling and pre-sampled triplets.
 
-An item holds the ``*_code(s)``, their dense ``*_idx`` (-1 pads) and the shared ``tokens`` cache, or is ``None``
-when a code lacks tokens. Phase 1 takes int indices (at ``dataset.epoch``) or ``(epoch, index)`` pairs.
+Items hold codes, dense ids (-1 pads) and the shared ``tokens`` cache, or are ``None`` when a code lacks tokens.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""Tokenised code texts: an HDF5 cache on disk and a padded in-memory table.
+"""Tokenised code texts: an HDF5 cache on disk (``input_ids``, ``lengths``, ``codes``) and a padded in-memory table.
 
-The file holds ``input_ids`` int32 [N, L], ``lengths`` int32 [N] and ``codes``, with the fingerprint of
-(texts, tokenizer, max length) in its attributes and name; its 512-byte user block holds the sha256 of the rest.
+The file's name and attributes carry the fingerprint of (texts, tokenizer, max length); its user block, a checksum.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from naics_hnm.atomic import atomic_write_bytes, exclusive_lock
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
-_REQUIRED_ATTRS = ("fingerprint", "pad_token_id", "vocab_size", "max_length", "n_codes")
 _USER_BLOCK = 512  # bytes before the HDF5 data, ignored by HDF5: they hold the checksum of the rest
 _SEAL_PREFIX = b"naics_hnm token cache "
 _HDF5_ERRORS = (OSError, RuntimeError, KeyError, TypeError)  # what h5py raises for damaged files
@@ -195,8 +193,7 @@ def gather_tokens(token_cache: TokenCache, groups: Mapping[str, Any]) -> dict[st
 def tokenize(texts: Sequence[str], tokenizer, max_length: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded int32 token ids [N, L] and lengths [N] of ``texts``, tokenised ``chunk`` texts at a time."""
     texts = list(texts)
-    pad = tokenizer.pad_token_id or 0
-    input_ids = np.full((len(texts), max_length), pad, dtype=np.int32)
+    input_ids = np.full((len(texts), max_length), tokenizer.pad_token_id or 0, dtype=np.int32)
     lengths = np.zeros(len(texts), dtype=np.int32)
     for start in range(0, len(texts), chunk):
         encoded = tokenizer(texts[start : start + chunk], truncation=True, max_length=max_length, padding=False,
@@ -348,7 +345,7 @@ def _check_layout(path: Path, attrs: Mapping[str, Any], input_ids: np.ndarray, l
     if attrs.get("format_version") != FORMAT_VERSION:
         raise TokenCacheError(f"token cache {str(path)!r} has format_version={attrs.get('format_version')!r}, "
                               f"expected {FORMAT_VERSION}")
-    missing = [key for key in _REQUIRED_ATTRS if key not in attrs]
+    missing = [k for k in ("fingerprint", "pad_token_id", "vocab_size", "max_length", "n_codes") if k not in attrs]
     if missing:
         raise TokenCacheError(f"token cache {str(path)!r} lacks attribute(s) {missing}: not a naics_hnm cache")
     n = int(attrs["n_codes"])
