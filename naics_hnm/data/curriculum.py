@@ -119,8 +119,7 @@ class NegativeTable:
         use_anc = anc_ok[rows, level] & (j == n_at - 1)
         list_pos = np.minimum(off[rows, level + 1] + j, np.maximum(off[:, -1] - 1, 0))
         drawn = level_ranges.codes_at(rows, list_pos[:, None])[:, 0]
-        pos = np.where(use_anc, anc[rows, level], drawn)
-        return np.where(total > 0, pos, -1)
+        return np.where(total > 0, np.where(use_anc, anc[rows, level], drawn), -1)
 
     def position(self, anchors: np.ndarray, codes: np.ndarray, level_ranges: LevelRanges | None = None) -> np.ndarray:
         """List position of ``codes`` in their anchor's list, -1 if not a valid negative."""

@@ -327,6 +327,7 @@ def read_fingerprint(path: str | Path) -> str | None:
 
 
 def _parse(path: Path, data: bytes) -> tuple[dict[str, Any], np.ndarray, np.ndarray, list[str]]:
+    """The file's attributes, ``input_ids``, ``lengths`` and ``codes``, their layout checked."""
     try:
         with h5py.File(io.BytesIO(data), "r") as f:
             missing = [k for k in ("input_ids", "lengths", "codes") if k not in f]
@@ -337,11 +338,6 @@ def _parse(path: Path, data: bytes) -> tuple[dict[str, Any], np.ndarray, np.ndar
             codes = [c.decode() if isinstance(c, bytes) else str(c) for c in f["codes"][()]]
     except _HDF5_ERRORS as err:
         raise TokenCacheError(f"token cache {str(path)!r} is not a readable HDF5 file ({err})") from None
-    return attrs, input_ids, lengths, codes
-
-
-def _check_layout(path: Path, attrs: Mapping[str, Any], input_ids: np.ndarray, lengths: np.ndarray,
-                  codes: list[str]) -> None:
     if attrs.get("format_version") != FORMAT_VERSION:
         raise TokenCacheError(f"token cache {str(path)!r} has format_version={attrs.get('format_version')!r}, "
                               f"expected {FORMAT_VERSION}")
@@ -352,6 +348,7 @@ def _check_layout(path: Path, attrs: Mapping[str, Any], input_ids: np.ndarray, l
     if input_ids.ndim != 2 or lengths.ndim != 1 or not (input_ids.shape[0] == lengths.shape[0] == len(codes) == n):
         raise TokenCacheError(f"token cache {str(path)!r} is inconsistent: {input_ids.shape[0]} rows, "
                               f"{lengths.shape[0]} lengths, {len(codes)} codes, n_codes={n}")
+    return attrs, input_ids, lengths, codes
 
 
 def _content_problem(attrs: Mapping[str, Any], input_ids: np.ndarray, lengths: np.ndarray) -> str | None:
@@ -377,7 +374,6 @@ def load_token_cache(path: str | Path, expected_fingerprint: str | None = None,
     path = Path(path)
     data, sealed = _verified_bytes(path)
     attrs, input_ids, lengths, codes = _parse(path, data)
-    _check_layout(path, attrs, input_ids, lengths, codes)
     problem = "its checksum block is missing" if not sealed else _content_problem(attrs, input_ids, lengths)
     if problem is not None:
         raise TokenCacheError(f"token cache {str(path)!r} is corrupt ({problem}): prepare_data() rebuilds it")
