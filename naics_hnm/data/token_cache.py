@@ -231,9 +231,7 @@ def _seal_problem(data: bytes) -> str | None:
     size = int(match[2])
     if len(data) != size:
         return f"truncated: {len(data)} of {size} bytes" if len(data) < size else f"{len(data) - size} extra bytes"
-    if _digest(data) != match[1].decode():
-        return "checksum mismatch"
-    return None
+    return "checksum mismatch" if _digest(data) != match[1].decode() else None
 
 
 def _hdf5_image(input_ids: np.ndarray, lengths: np.ndarray, codes: Sequence[str], attrs: Mapping[str, Any]) -> bytes:
