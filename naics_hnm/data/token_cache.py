@@ -181,8 +181,7 @@ class TokenCache(Mapping):
 
 
 def gather_tokens(token_cache: TokenCache, groups: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-    """Tokens of each group of code ids (any shape, -1 = padding), all trimmed to one width: the
-    longest code among them (at least 1). The batch's ``anchor`` / ``positive`` / ``negatives``."""
+    """Tokens of each group of code ids (any shape, -1 = padding), all trimmed to the longest code among them."""
     arrays = {key: np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids).astype(np.int64, copy=False)
               for key, ids in groups.items()}
     lengths = token_cache._numpy()[1]
