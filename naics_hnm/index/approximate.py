@@ -51,8 +51,8 @@ def build_faiss_index(x: np.ndarray, metric_type: int, index_factory: str, seed:
     except RuntimeError as exc:
         raise ValueError(f"index_factory={index_factory!r} is not a faiss factory string for dim {d}: "
                          f"{_faiss_message(exc)}") from exc
-    ivf = faiss.try_extract_index_ivf(index)
-    nlist = int(ivf.nlist) if ivf is not None else 0
+    traits = SearchTraits.of(index)
+    nlist = traits.nlist
     if n < nlist:
         suggested = 2 ** int(math.log2(max(1, n // FAISS_MIN_POINTS_PER_LIST)))
         raise ValueError(f"index_factory={index_factory!r} has nlist={nlist} inverted lists but there are only "
@@ -63,8 +63,7 @@ def build_faiss_index(x: np.ndarray, metric_type: int, index_factory: str, seed:
                        index_factory, n, nlist, FAISS_MIN_POINTS_PER_LIST * nlist)
     try:
         if not index.is_trained:
-            codebooks = not SearchTraits.of(index).exact_storage
-            sample = training_sample(x, train_size(n, nlist, codebooks), seed)
+            sample = training_sample(x, train_size(n, nlist, codebooks=not traits.exact_storage), seed)
             start = time.perf_counter()
             index.train(sample)
             logger.info("trained %r on %d of %d vectors (seed %d) in %.2fs", index_factory, len(sample), n, seed,

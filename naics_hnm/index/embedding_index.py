@@ -293,7 +293,15 @@ class EmbeddingIndex:
     def _read_set(path: Path, meta: dict[str, Any], expected_codes: Sequence[str] | None,
                   expected_dim: int | None) -> tuple[faiss.Index, np.ndarray, dict[str, Any], dict[str, int]]:
         """The faiss index, vectors and search parameters of the set ``meta`` describes, all checked."""
-        _check_expected(path, meta, expected_codes, expected_dim)
+        if expected_dim is not None and int(expected_dim) != meta["dim"]:
+            raise IndexFileError(f"index {str(path)!r} has dim {meta['dim']}, expected dim {expected_dim}")
+        if expected_codes is not None:
+            codes = getattr(expected_codes, "codes", expected_codes)
+            want = codes_fingerprint(list(codes))
+            if meta["codes_fingerprint"] != want:
+                raise IndexFileError(f"index {str(path)!r} was built for code list fingerprint "
+                                     f"{meta['codes_fingerprint']}, expected {want} (the given {len(codes)} codes); "
+                                     "rebuild the index")
         index = read_index_file(path, meta)
         vectors = _storage_view(index) if isinstance(index, faiss.IndexFlat) else read_vectors_file(path, meta)
         try:
@@ -321,19 +329,6 @@ class EmbeddingIndex:
         return cls(index, vectors, meta["metric"], resolved, index_type=meta["index_type"], search_params=params,
                    codes_fingerprint=meta["codes_fingerprint"], model_fingerprint=meta["model_fingerprint"],
                    epoch=meta["epoch"], reason=reason)
-
-
-def _check_expected(path: Path, meta: dict[str, Any], expected_codes: Sequence[str] | None,
-                    expected_dim: int | None) -> None:
-    if expected_dim is not None and int(expected_dim) != meta["dim"]:
-        raise IndexFileError(f"index {str(path)!r} has dim {meta['dim']}, expected dim {expected_dim}")
-    if expected_codes is not None:
-        codes = getattr(expected_codes, "codes", expected_codes)
-        want = codes_fingerprint(list(codes))
-        if meta["codes_fingerprint"] != want:
-            raise IndexFileError(f"index {str(path)!r} was built for code list fingerprint "
-                                 f"{meta['codes_fingerprint']}, expected {want} (the given {len(codes)} codes); "
-                                 "rebuild the index")
 
 
 def knn_rows(index: EmbeddingIndex, row_ids: Any, k: int, batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:

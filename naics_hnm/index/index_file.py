@@ -25,6 +25,7 @@ READABLE_VERSIONS = (1, 2)
 REQUIRED_KEYS = ("format_version", "metric", "dim", "ntotal", "index_type", "codes_fingerprint",
                  "model_fingerprint", "epoch", "index_sha256")
 LOCK_TIMEOUT_S = 600.0  # seconds a save waits for another process saving the same path
+READ_ATTEMPTS = 5
 
 
 class IndexFileError(ValueError):
@@ -39,13 +40,6 @@ def sidecar_path(path: str | Path) -> Path:
 def vectors_path(path: str | Path) -> Path:
     """Where format 1 kept the vectors of an approximate index: ``path + ".vectors.npy"``."""
     return Path(str(path) + ".vectors.npy")
-
-
-def generation_paths(path: str | Path, generation: int) -> tuple[Path, Path]:
-    """``(index file, vectors file)`` of one generation of the set named ``path``."""
-    stem = f"{Path(path).name}.g{generation:06d}"
-    folder = Path(path).parent
-    return folder / f"{stem}.index", folder / f"{stem}.vectors.npy"
 
 
 def faiss_metric(metric: str) -> int:
@@ -72,7 +66,8 @@ def write_index_files(path: str | Path, index: faiss.Index, vectors: np.ndarray 
     with exclusive_lock(path, timeout=LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout,
                         hidden=True, remove=True):
         generation = _next_generation(path)
-        index_file, vectors_file = generation_paths(path, generation)
+        stem = f"{path.name}.g{generation:06d}"
+        index_file, vectors_file = path.parent / f"{stem}.index", path.parent / f"{stem}.vectors.npy"
         sidecar = {**meta, "format_version": FORMAT_VERSION, "generation": generation,
                    "index_file": index_file.name, "vectors_file": None, "vectors_sha256": None}
         written: list[Path] = []
@@ -147,9 +142,6 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     if not isinstance(params, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in params.values()):
         raise IndexFileError(f"{where} has search_params {params!r}, expected an object of integer values")
     return meta
-
-
-READ_ATTEMPTS = 5
 
 
 def read_index_set(path: str | Path, read: Callable[[dict[str, Any]], Any]) -> Any:
