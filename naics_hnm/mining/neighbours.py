@@ -1,10 +1,7 @@
 """Guarded nearest neighbours of indexed codes: the pool-widening lists of Phase 2+.
 
-Each anchor's ``m`` most similar codes that the tree guard keeps (never the anchor, an ancestor,
-a descendant or a disallowed code) come from the index itself - flat or approximate - in batches
-of queries, so memory is O(batch x depth) beyond the [N, m] result. A row whose first ``depth``
-neighbours are mostly guarded away (an internal code with a large subtree) is searched again
-deeper, up to ``max_search``; what is still short is padded with -1 and counted.
+Each anchor's ``m`` most similar codes that the tree guard keeps come from the index in batches of queries (memory
+O(batch x depth) beyond the [N, m] result); rows left short are searched deeper, up to ``max_search``, then padded.
 """
 
 from __future__ import annotations
@@ -36,12 +33,10 @@ class NeighbourReport:
 def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *, guard: TreeGuard | None = None,
                        batch_size: int = 8192, max_search: int = 4096, search: SearchFn | None = None,
                        progress: bool = False) -> tuple[np.ndarray, np.ndarray, NeighbourReport]:
-    """``(scores [B, m], ids [B, m] int32, report)``: each anchor's ``m`` nearest guarded codes.
+    """``(scores [B, m], ids [B, m] int32, report)``: each anchor's ``m`` nearest guarded codes, best first; -1 pads.
 
-    Scores follow the index metric (similarity, or squared distance for l2), best first; -1 pads.
-    With a flat index the result equals a brute-force search over all guarded codes (for rows not
-    cut short by ``max_search``). ``search(queries_ids, k) -> (scores, ids)`` replaces the index
-    search (the sharded DDP search plugs in here).
+    Scores follow the index metric (squared distance for l2). ``search(query_ids, k) -> (scores, ids)`` replaces the
+    index search (the sharded DDP search plugs in here).
     """
     if not (isinstance(m, int) and m >= 1):
         raise ValueError(f"m={m!r}: expected an int >= 1")
