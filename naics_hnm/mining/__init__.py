@@ -1,7 +1,6 @@
 """The mining core: input checks (:mod:`.checks`), :func:`mine_candidates` (:mod:`.candidates`), guarded neighbour
 lists (:mod:`.neighbours`) and :class:`HardNegativeMiner` (:mod:`.miner`). Old ``naics_hnm.mining.<name>`` imports
-of :mod:`.candidates` names still work, with a DeprecationWarning.
-"""
+of :mod:`.candidates` names still work, with a DeprecationWarning."""
 
 from __future__ import annotations
 

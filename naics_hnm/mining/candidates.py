@@ -1,8 +1,6 @@
-"""The standalone hard-negative miner over any :class:`EmbeddingIndex` and any id space.
-
-Pool mode (``candidate_ids`` given) scores, guards and ranks every candidate. Global mode searches ``k + slack``
-nearest rows, guards them and searches deeper for anchors left short: the brute-force result, for a flat index.
-"""
+"""The standalone hard-negative miner over any :class:`EmbeddingIndex` and any id space. Pool mode (``candidate_ids``
+given) scores, guards and ranks every candidate; global mode searches ``k + slack`` nearest rows, guards them and
+searches deeper for anchors left short: the brute-force result, for a flat index."""
 
 from __future__ import annotations
 
@@ -48,8 +46,7 @@ def mine_candidates(index: EmbeddingIndex, anchor_ids: Any, candidate_ids: Any =
     bool mask [B, C] in pool mode). ``taxonomy`` (a Taxonomy or a :class:`TreeGuard`) adds the tree guard (no
     ancestor, descendant or disallowed code); ``order_filter`` keeps only codes whose LCA with the anchor is
     shallower than the positive's; ``relative_margin=m`` drops candidates more similar than ``(1 - m)`` times the
-    positive (:func:`margin_mask`). Pads with -1 / -inf (+inf for l2); numpy or torch like the input ids.
-    """
+    positive (:func:`margin_mask`). Pads with -1 / -inf (+inf for l2); numpy or torch like the input ids."""
     request = _validate(index, anchor_ids, candidate_ids, k, positive_ids, exclude, relative_margin, order_filter,
                         taxonomy)
     with torch.no_grad():

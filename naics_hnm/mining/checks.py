@@ -1,7 +1,5 @@
-"""Public guard and margin masks over batches of (anchor, candidate) ids, numpy or torch; ``True`` means keep.
-
-The false-negative rule lives in :mod:`naics_hnm.tree.guard`; here are its input checks and the positive-aware margin.
-"""
+"""Public guard and margin masks over batches of (anchor, candidate) ids, numpy or torch; ``True`` means keep. The
+false-negative rule lives in :mod:`naics_hnm.tree.guard`; here are its input checks and the positive-aware margin."""
 
 from __future__ import annotations
 
@@ -68,8 +66,7 @@ def guard_mask(anchor_ids: Any, candidate_ids: Any, *, positive_ids: Any = None,
 
     ``taxonomy`` (a Taxonomy or a :class:`TreeGuard`) adds the tree rules: no ancestor, descendant or disallowed
     code, and with ``order_filter`` no code as near the anchor as its positive. ``positive_ids`` -1: no positive.
-    ``exclude``: a bool mask [B, C] or B id collections. Output is numpy or torch like ``candidate_ids``.
-    """
+    ``exclude``: a bool mask [B, C] or B id collections. Output is numpy or torch like ``candidate_ids``."""
     if candidate_ids is None:
         raise TypeError("candidate_ids=None: expected integer ids [B, C]")
     device = candidate_ids.device if isinstance(candidate_ids, torch.Tensor) else "cpu"
@@ -97,11 +94,8 @@ def check_exclude(exclude: Any, b: int) -> None:
 
 
 def margin_mask(candidate_scores: Any, positive_scores: Any, relative_margin: float, metric: str) -> Any:
-    """Positive-aware relative margin (NV-Retriever TopK-PercPos); True = keep.
-
-    Similarities: keep ``s <= pos - m * |pos|``; l2 distances: keep ``d >= pos + m * |pos|``; a non-finite ``pos``
-    keeps its whole row.
-    """
+    """Positive-aware relative margin (NV-Retriever TopK-PercPos); True = keep. Similarities: keep
+    ``s <= pos - m * |pos|``; l2 distances: keep ``d >= pos + m * |pos|``; a non-finite ``pos`` keeps its whole row."""
     m = check_margin(relative_margin)
     check_metric(metric)
     scores, pos = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))

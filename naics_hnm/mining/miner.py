@@ -1,8 +1,6 @@
 """HardNegativeMiner: the Phase 2+ miner without Lightning (:mod:`naics_hnm.train.callback` is thin hooks around it).
-
 ``miner.refresh(embeddings_of_every_code, epoch)`` indexes every code and builds guarded neighbour lists;
-``scores, ids, stats = miner.mine(anchor_ids, positive_ids, pool_ids)`` returns the k hardest of each widened pool.
-"""
+``scores, ids, stats = miner.mine(anchor_ids, positive_ids, pool_ids)`` returns the k hardest of each widened pool."""
 
 from __future__ import annotations
 
@@ -60,8 +58,7 @@ class HardNegativeMiner:
     Args:
         taxonomy: the code tree (ids are its dense indices).
         allowed: optional bool [N]; codes outside it are never mined (held-out codes).
-        k: negatives per anchor.
-        metric: "cosine", "ip" or "l2".
+        k: negatives per anchor. metric: "cosine", "ip" or "l2".
         relative_margin: positive-aware margin (drop candidates above ``(1 - m) * sim(anchor, positive)``); None: off.
         order_filter: keep only codes whose LCA with the anchor is shallower than the positive's.
         neighbours: M nearest guarded codes per anchor added to each pool (0: rank the pool only).
@@ -69,8 +66,7 @@ class HardNegativeMiner:
             None: :func:`naics_hnm.index.auto.choose_index` picks from the number of codes.
         device: "auto" (faiss GPU when available, logged), "cpu" or "cuda".
         shard, shared_dir: under DDP, the index and neighbour lists are files in ``shared_dir`` mapped read-only by
-            every rank; ``refresh`` and :meth:`refresh_local` are then collectives (:mod:`.shared_refresh`).
-    """
+            every rank; ``refresh`` and :meth:`refresh_local` are then collectives (:mod:`.shared_refresh`)."""
 
     def __init__(self, taxonomy: Taxonomy, *, allowed: np.ndarray | None = None, k: int = 8,
                  metric: str = "cosine", relative_margin: float | None = 0.05, order_filter: bool = True,
@@ -104,11 +100,6 @@ class HardNegativeMiner:
     def taxonomy(self) -> Taxonomy:
         return self.guard.taxonomy
 
-    def _build_index(self, embeddings: Any, epoch: int | None) -> EmbeddingIndex:
-        codes = self.taxonomy.codes
-        return build_index(embeddings, choose_index(len(codes), self.index_factory), search_params=self.search_params,
-                           metric=self.metric, device=self.device, codes=codes, epoch=epoch)[0]
-
     def _anchors(self, anchors: Any = None) -> np.ndarray:
         """The rows to list: ``anchors`` (default: every code) that the guard allows, sorted, distinct."""
         n = len(self.taxonomy)
@@ -118,11 +109,9 @@ class HardNegativeMiner:
     def refresh(self, embeddings: Any, epoch: int | None = None, *, anchors: Any = None,
                 progress: bool = False) -> dict[str, float]:
         """Index ``embeddings`` (float [N, d], row i = code i) and rebuild the neighbour lists; returns the seconds
-        spent on each.
-
-        ``anchors``: the codes whose lists are built now (default: every allowed code). In one process another
-        anchor's list is built when :meth:`widen` first needs it; under DDP only the given anchors are widened.
-        """
+        spent on each. ``anchors``: the codes whose lists are built now (default: every allowed code). In one
+        process another anchor's list is built when :meth:`widen` first needs it; under DDP only the given anchors
+        are widened."""
         n = len(self.taxonomy)
         if tuple(getattr(embeddings, "shape", ())[:1]) != (n,):
             raise ValueError(f"refresh(embeddings of shape {tuple(getattr(embeddings, 'shape', ()))}): expected "
@@ -131,7 +120,8 @@ class HardNegativeMiner:
             lo, hi = self.shard.rows(n)
             return self.refresh_local(embeddings[lo:hi], epoch, anchors=anchors, progress=progress)
         t0 = time.perf_counter()
-        index = self._build_index(embeddings, epoch)
+        index, _ = build_index(embeddings, choose_index(n, self.index_factory), search_params=self.search_params,
+                               metric=self.metric, device=self.device, codes=self.taxonomy.codes, epoch=epoch)
         t1 = time.perf_counter()
         table = listed = None
         if self.neighbours:  # built aside: a refresh that fails leaves the previous index and lists in place
@@ -207,11 +197,9 @@ class HardNegativeMiner:
 
     def mine(self, anchors: Any, positives: Any, pool: Any = None, *,
              widen: bool = True) -> tuple[Any, Any, GuardStats]:
-        """``(scores [B, k], ids [B, k], stats)``: the k hardest guarded codes of each widened pool.
-
-        Never the anchor, its positive (-1: none), an ancestor, a descendant or a disallowed code, nor (with the order
-        filter) a code as near as the positive, nor one above the margin. Numpy or torch like ``anchors``.
-        """
+        """``(scores [B, k], ids [B, k], stats)``: the k hardest guarded codes of each widened pool: never the anchor,
+        its positive (-1: none), an ancestor, a descendant or a disallowed code, nor (with the order filter) a code as
+        near as the positive, nor one above the margin. Numpy or torch like ``anchors``."""
         if self.index is None:
             raise RuntimeError("HardNegativeMiner.mine() before refresh(): index the embeddings first")
         candidates = self.widen(anchors, pool) if widen else pool

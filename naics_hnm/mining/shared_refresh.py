@@ -2,8 +2,7 @@
 
 Each rank writes its rows of one flat faiss index file (an approximate index is built on rank 0) and the neighbour
 lists of its slice of the anchors (slices aligned to ``batch_size``); every rank maps, bit for bit, what one process
-would build (:mod:`naics_hnm.index.shared_files`).
-"""
+would build (:mod:`naics_hnm.index.shared_files`)."""
 
 from __future__ import annotations
 

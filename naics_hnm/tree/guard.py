@@ -1,9 +1,6 @@
-"""The false-negative rule, written once: :class:`TreeGuard` over (anchor, candidate) id blocks.
-
-A candidate is dropped when it is padding (-1), the anchor, the positive, related to the anchor (ancestor or
-descendant), outside ``allowed``, excluded, or - with the order filter - at least as near the anchor in the tree as
-the positive. Per-code data is packed into one int32 row per code (one gather per candidate); nothing is N x N.
-"""
+"""The false-negative rule, written once: :class:`TreeGuard` over (anchor, candidate) id blocks. A candidate is
+dropped when it is padding (-1), the anchor, the positive, related to the anchor (ancestor or descendant), outside
+``allowed``, excluded, or - with the order filter - at least as near the anchor in the tree as the positive."""
 
 from __future__ import annotations
 
@@ -30,11 +27,6 @@ def pack_rows(taxonomy: Taxonomy, allowed: np.ndarray | None) -> np.ndarray:
     packed[:, ALLOWED] = 1 if allowed is None else allowed
     packed[:, PACKED_COLUMNS:] = path
     return packed
-
-
-def _related_rows(a: Any, c: Any) -> Any:
-    """a == c or one an ancestor of the other, from packed rows (broadcast over leading dims)."""
-    return spans_related(a[..., PRE], a[..., END], c[..., PRE], c[..., END])
 
 
 def _lca_rows(a: Any, c: Any) -> Any:
@@ -68,10 +60,8 @@ class GuardStats:
 
 
 class TreeGuard:
-    """Tree relations and the false-negative rule of ``taxonomy`` (ids: its dense indices), numpy or torch.
-
-    ``allowed``: optional bool [N]; False codes are never kept as candidates (e.g. held-out codes).
-    """
+    """Tree relations and the false-negative rule of ``taxonomy`` (ids: its dense indices), numpy or torch;
+    ``allowed``: optional bool [N], False codes are never kept as candidates (e.g. held-out codes)."""
 
     def __init__(self, taxonomy: Taxonomy, allowed: np.ndarray | None = None) -> None:
         if not isinstance(taxonomy, Taxonomy):
@@ -127,10 +117,8 @@ class TreeGuard:
         return np.take(packed, ids, axis=0)
 
     def keep_mask(self, anchors: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """bool [B, C] for numpy ids (-1 pads): valid, not the anchor, not related, allowed.
-
-        The same as ``guard_tensors(anchors, candidates, tree=self)[0]``, with one int64 gather per candidate.
-        """
+        """bool [B, C] for numpy ids (-1 pads): valid, not the anchor, not related, allowed; the same as
+        ``guard_tensors(anchors, candidates, tree=self)[0]``, with one int64 gather per candidate."""
         anchors = np.asarray(anchors)[:, None]
         valid = candidates >= 0
         safe = np.where(valid, candidates, 0)
@@ -175,21 +163,18 @@ def guard_tensors(anchors: torch.Tensor, candidates: torch.Tensor, positives: to
                   exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, GuardStats]:
     """``(keep [B, C], stats)`` for validated int64 tensors on one device; -1 pads.
 
-    Without ``tree`` only the anchor, positive and exclude rules apply. ``positives`` -1: no positive for that
-    row. ``exclude``: bool [B, C]. A removal counts under the first rule, in the order of :class:`GuardStats`.
-    """
+    Without ``tree`` only the anchor, positive and exclude rules apply. ``positives`` -1: no positive for that row.
+    ``exclude``: bool [B, C]. A removal counts under the first rule, in the order of :class:`GuardStats`."""
     if order_filter and (positives is None or tree is None):
         raise ValueError("order_filter=True needs positive ids and a taxonomy")
     valid = candidates >= 0
-    safe = candidates.clamp(min=0)
-    rows = anchors.unsqueeze(1)
-    rules: list[tuple[str, torch.Tensor]] = [("removed_self", candidates == rows)]
+    rules: list[tuple[str, torch.Tensor]] = [("removed_self", candidates == anchors.unsqueeze(1))]
     if positives is not None:
         has_pos = (positives >= 0).unsqueeze(1)
         rules.append(("removed_positive", (candidates == positives.unsqueeze(1)) & has_pos))
     if tree is not None:
-        cand, anc = tree.rows(safe), tree.rows(anchors).unsqueeze(1)  # one packed-row gather per candidate
-        rules.append(("removed_related", _related_rows(anc, cand)))
+        cand, anc = tree.rows(candidates.clamp(min=0)), tree.rows(anchors).unsqueeze(1)  # one gather per candidate
+        rules.append(("removed_related", spans_related(anc[..., PRE], anc[..., END], cand[..., PRE], cand[..., END])))
         if tree.allowed is not None:
             rules.append(("removed_disallowed", cand[..., ALLOWED] == 0))
         if order_filter:

@@ -1,8 +1,6 @@
-"""The tree of a digit-code taxonomy without a parent column, inferred from code prefixes.
-
-A code's parent is its longest proper prefix that is a code; a range ``LO-HI`` (NAICS ``31-33``) stands for every
-prefix in it. A code without such a prefix is top level if it has at most two digits or is among the shortest codes.
-"""
+"""The tree of a digit-code taxonomy without a parent column, inferred from code prefixes: a code's parent is its
+longest proper prefix that is a code; a range ``LO-HI`` (NAICS ``31-33``) stands for every prefix in it. A code
+without such a prefix is top level if it has at most two digits or is among the shortest codes."""
 
 from __future__ import annotations
 
@@ -30,10 +28,8 @@ def stands_for(code: str) -> list[str]:
 
 def prefix_parents(codes: Sequence[str], where: Callable[[int], str] = str) -> list[str | None]:
     """Parent code of each code (None = top level) by the digit-prefix rule; ``where(i)`` names code i's row.
-
     :class:`PrefixTreeError` for a code not digits or a range, two codes standing for one prefix, or a long code
-    whose prefixes are not codes.
-    """
+    whose prefixes are not codes."""
     owner: dict[str, int] = {}
     for i, code in enumerate(codes):
         if not (_DIGITS.match(code) or _RANGE.match(code)):

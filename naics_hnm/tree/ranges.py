@@ -2,8 +2,7 @@
 
 In DFS order the codes whose LCA with anchor ``a`` is at depth ``t`` are two ranges, ``[pre[A_t] + 1, pre[A_t+1])``
 and ``[end[A_t+1], end[A_t])`` (``A_t``: a's depth-t ancestor; the root has pre -1, end N); disallowed codes are
-squeezed out. Negatives listed level by level, then in DFS order, get a *list position*.
-"""
+squeezed out. Negatives listed level by level, then in DFS order, get a *list position*."""
 
 from __future__ import annotations
 
@@ -15,9 +14,7 @@ from naics_hnm.tree.taxonomy import Taxonomy
 
 class LevelRanges:
     """List positions <-> codes for one batch of anchors (built by :meth:`TreeIndex.ranges`), O(B x depth).
-
-    ``offsets``: int64 [B, L+1]; level t of row b spans list positions ``[offsets[b, t], offsets[b, t+1])``.
-    """
+    ``offsets``: int64 [B, L+1]; level t of row b spans list positions ``[offsets[b, t], offsets[b, t+1])``."""
 
     def __init__(self, owner: "TreeIndex", anchors: np.ndarray) -> None:
         self._owner = owner
@@ -39,8 +36,7 @@ class LevelRanges:
     def codes_at(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Code ids at list ``positions`` [R, K] of batch ``rows`` [R] (positions must be valid)."""
         off = self.offsets[rows]
-        level = (positions[:, :, None] >= off[:, None, 1:]).sum(axis=2)
-        level = np.minimum(level, off.shape[1] - 2)
+        level = np.minimum((positions[:, :, None] >= off[:, None, 1:]).sum(axis=2), off.shape[1] - 2)
         local = positions - np.take_along_axis(off, level, axis=1)
         len1 = np.take_along_axis(self.len1[rows], level, axis=1)
         squeezed = np.where(local < len1, np.take_along_axis(self.lo1[rows], level, axis=1) + local,

@@ -2,8 +2,7 @@
 
 ``depth`` (1: top level), ``pre`` / ``end`` (DFS numbers, children in ascending id: the subtree of ``a`` is positions
 ``[pre[a], end[a])``), ``dfs_order`` (position -> id), ``ancestor_path`` int32 [N, D+1] (column t: the ancestor at
-depth t; column 0 the virtual root written N, -1 past the code's depth).
-"""
+depth t; column 0 the virtual root written N, -1 past the code's depth)."""
 
 from __future__ import annotations
 
@@ -90,10 +89,8 @@ def _on_cycle(parent: np.ndarray, start: int) -> int:
 
 def build_tree(parent: np.ndarray, name: Callable[[int], str] = str) -> TreeArrays:
     """Depth, DFS numbering and ancestor paths of the forest ``parent`` (int64 [N], -1 = top level).
-
     ``name(i)`` formats code i in errors. :class:`TreeError` for a self-parent, a parent out of range, a cycle, or
-    more than ``MAX_DEPTH`` levels.
-    """
+    more than ``MAX_DEPTH`` levels."""
     parent = np.ascontiguousarray(parent, dtype=np.int64)
     n = len(parent)
     bad = np.flatnonzero((parent < -1) | (parent >= n))

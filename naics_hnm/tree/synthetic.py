@@ -1,8 +1,6 @@
-"""Deterministic synthetic code trees (codes, parents, titles) for tests and scale benchmarks.
-
-:func:`synthetic_tree` builds realistic forests of up to millions of codes level by level with NumPy;
-:func:`random_tree` makes small irregular forests (chains, wide nodes, lone roots) for property tests.
-"""
+"""Deterministic synthetic code trees (codes, parents, titles) for tests and scale benchmarks: :func:`synthetic_tree`
+builds realistic forests of up to millions of codes level by level with NumPy; :func:`random_tree` makes small
+irregular forests (chains, wide nodes, lone roots) for property tests."""
 
 from __future__ import annotations
 
@@ -56,8 +54,7 @@ def synthetic_tree(n_codes: int, *, depth: tuple[int, int] = (5, 7), seed: int =
     10 to 30 top-level codes when ``forest`` (fewer if ``n_codes`` is too small for a chain of ``depth[0]`` each; all
     codes if ``depth`` is ``(1, 1)``), else one. Rows in pre-order. Code styles: ``letters`` (``QXB.A7-3``, unrelated
     to the parent's code: the tree is only in the parent column), ``icd`` (``A00`` -> ``A004`` -> ``A004K``), ``mesh``
-    (``C04`` -> ``C04.588``). Titles: 3-6 words, 1-2 new then the parent's first. Same arguments, same tree.
-    """
+    (``C04`` -> ``C04.588``). Titles: 3-6 words, 1-2 new then the parent's first. Same arguments, same tree."""
     if not isinstance(n_codes, int) or n_codes < 1:
         raise ValueError(f"n_codes must be a positive int, got {n_codes!r}")
     lo, hi = depth
@@ -75,9 +72,8 @@ def synthetic_tree(n_codes: int, *, depth: tuple[int, int] = (5, 7), seed: int =
     else:
         roots = min(int(rng.integers(10, 31)), n_codes // lo) if forest else 1
     sizes = _level_sizes(n_codes, roots, lo, hi)
-    parent_of = [np.zeros(0, np.int64)]
-    for d in range(1, len(sizes)):
-        parent_of.append(_assign_parents(rng, sizes[d - 1], sizes[d], all_branch=d < lo))
+    parent_of = [np.zeros(0, np.int64)] + [_assign_parents(rng, sizes[d - 1], sizes[d], all_branch=d < lo)
+                                           for d in range(1, len(sizes))]
     counts = [np.bincount(parent_of[d], minlength=sizes[d - 1]) for d in range(1, len(sizes))]
     codes = np.concatenate(_level_codes(rng, code_style, sizes, parent_of, counts))
     words, lengths = _titles(rng, sizes, parent_of)
@@ -89,11 +85,9 @@ def synthetic_tree(n_codes: int, *, depth: tuple[int, int] = (5, 7), seed: int =
 
 
 def random_tree(rng: np.random.Generator | int, n: int, max_depth: int = 8) -> SyntheticTree:
-    """A small irregular forest of ``n`` codes and depth at most ``max_depth``, rows in random order.
-
-    ``rng``: a NumPy Generator (advanced in place) or a seed. Codes are distinct strings of 1 to 6 upper-case letters
-    (one may be a prefix of an unrelated code); a parent may come after its children.
-    """
+    """A small irregular forest of ``n`` codes and depth at most ``max_depth``, rows in random order. ``rng``: a
+    NumPy Generator (advanced in place) or a seed. Codes are distinct strings of 1 to 6 upper-case letters (one may be
+    a prefix of an unrelated code); a parent may come after its children."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if not isinstance(max_depth, int) or max_depth < 1:
@@ -210,10 +204,8 @@ def _level_codes(rng: np.random.Generator, style: str, sizes: list[int], parent_
 
 
 def _fill(rng: np.random.Generator, template: str, size: int) -> np.ndarray:
-    """``size`` distinct random codes shaped like ``template`` (L: letter, D: digit, else literal).
-
-    The rightmost L/D positions, enough for 16 x ``size`` values, spell a sample without replacement.
-    """
+    """``size`` distinct random codes shaped like ``template`` (L: letter, D: digit, else literal): the rightmost L/D
+    positions, enough for 16 x ``size`` values, spell a sample without replacement."""
     positions = [col for col in range(len(template) - 1, -1, -1) if template[col] in "LD"]
     space, n_unique = 1, 0
     while n_unique < len(positions) and space < 16 * size:

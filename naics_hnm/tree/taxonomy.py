@@ -1,8 +1,6 @@
-"""A code tree (NAICS 2022 by default, or any taxonomy) with vectorised tree relations.
-
-Codes have dense ids ``0..N-1`` in sorted code order. The tree comes from a parent per code or, without one, from
-digit prefixes (:mod:`naics_hnm.tree.prefix`). Memory is O(N x depth): relations are computed per block of ids.
-"""
+"""A code tree (NAICS 2022 by default, or any taxonomy) with vectorised tree relations. Codes have dense ids
+``0..N-1`` in sorted code order; the tree comes from a parent per code or, without one, from digit prefixes
+(:mod:`naics_hnm.tree.prefix`). Memory is O(N x depth): relations are computed per block of ids."""
 
 from __future__ import annotations
 
@@ -39,8 +37,7 @@ class Taxonomy:
     Attributes: ``codes``, ``titles``, ``descriptions``, ``examples`` in sorted order; ``parent`` int64[N] (-1: top
     level); ``depth`` int16[N] (1: top level); ``pre``, ``end``: the subtree of ``a`` is DFS positions
     ``[pre[a], end[a])``; ``dfs_order`` int64[N]; ``ancestor_path`` int32[N, D+1] (column t: the ancestor at depth t,
-    column 0 the root written N).
-    """
+    column 0 the root written N)."""
 
     def __init__(self, codes: Sequence[str], parent: Sequence[str | None] | None, texts: Sequence[str],
                  name: str = "custom", *, descriptions: Sequence[str] | None = None,

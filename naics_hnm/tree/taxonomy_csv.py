@@ -1,7 +1,5 @@
 """Reading a taxonomy CSV: header checks, UTF-8 errors and row errors that name the file and line.
-
-:class:`TaxonomyError` lives here; :mod:`naics_hnm.tree.taxonomy` re-exports it.
-"""
+:class:`TaxonomyError` lives here; :mod:`naics_hnm.tree.taxonomy` re-exports it."""
 
 from __future__ import annotations
 
