@@ -46,9 +46,8 @@ def exclude_mask(candidates: torch.Tensor, exclude: Any) -> torch.Tensor:
     rows = []
     for i, ids in enumerate(exclude):
         if ids is None:
-            rows.append(np.empty(0, dtype=np.int64))
-            continue
-        if isinstance(ids, torch.Tensor):
+            ids = ()
+        elif isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
         arr = np.asarray(list(ids) if isinstance(ids, (set, frozenset)) else ids).reshape(-1)
         if arr.size and not np.issubdtype(arr.dtype, np.integer):

@@ -1,5 +1,4 @@
 """A refresh under DDP whose N-sized state lives in shared read-only files: ~N / world private memory per rank.
-
 Each rank writes its rows of one flat faiss index file (an approximate index is built on rank 0) and the neighbour
 lists of its slice of the anchors (slices aligned to ``batch_size``); every rank maps, bit for bit, what one process
 would build (:mod:`naics_hnm.index.shared_files`)."""

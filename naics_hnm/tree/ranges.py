@@ -1,8 +1,7 @@
-"""Each anchor's valid negatives as position ranges in DFS order: the curriculum without N x N tables.
-
-In DFS order the codes whose LCA with anchor ``a`` is at depth ``t`` are two ranges, ``[pre[A_t] + 1, pre[A_t+1])``
-and ``[end[A_t+1], end[A_t])`` (``A_t``: a's depth-t ancestor; the root has pre -1, end N); disallowed codes are
-squeezed out. Negatives listed level by level, then in DFS order, get a *list position*."""
+"""Each anchor's valid negatives as position ranges in DFS order: the curriculum without N x N tables. The codes
+whose LCA with anchor ``a`` is at depth ``t`` are two ranges, ``[pre[A_t] + 1, pre[A_t+1])`` and
+``[end[A_t+1], end[A_t])`` (``A_t``: a's depth-t ancestor; the root has pre -1, end N); disallowed codes are squeezed
+out. Negatives listed level by level, then in DFS order, get a *list position*."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Per-code arrays of a rooted forest, built level by level from parent pointers in O(N x depth).
-
-``depth`` (1: top level), ``pre`` / ``end`` (DFS numbers, children in ascending id: the subtree of ``a`` is positions
+"""Per-code arrays of a rooted forest, built level by level from parent pointers in O(N x depth): ``depth`` (1: top
+level), ``pre`` / ``end`` (DFS numbers, children in ascending id: the subtree of ``a`` is positions
 ``[pre[a], end[a])``), ``dfs_order`` (position -> id), ``ancestor_path`` int32 [N, D+1] (column t: the ancestor at
 depth t; column 0 the virtual root written N, -1 past the code's depth)."""
 

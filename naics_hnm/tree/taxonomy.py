@@ -34,10 +34,8 @@ class Taxonomy:
         texts: per code, the non-empty title to embed. name: a short name (cache file names, logs).
         descriptions, examples: optional extra text per code, appended to the title when embedded.
 
-    Attributes: ``codes``, ``titles``, ``descriptions``, ``examples`` in sorted order; ``parent`` int64[N] (-1: top
-    level); ``depth`` int16[N] (1: top level); ``pre``, ``end``: the subtree of ``a`` is DFS positions
-    ``[pre[a], end[a])``; ``dfs_order`` int64[N]; ``ancestor_path`` int32[N, D+1] (column t: the ancestor at depth t,
-    column 0 the root written N)."""
+    Attributes: ``codes``, ``titles``, ``descriptions``, ``examples`` in sorted order; ``parent`` (-1: top level) and
+    ``depth``, ``pre``, ``end``, ``dfs_order``, ``ancestor_path`` as described in :mod:`naics_hnm.tree.structure`."""
 
     def __init__(self, codes: Sequence[str], parent: Sequence[str | None] | None, texts: Sequence[str],
                  name: str = "custom", *, descriptions: Sequence[str] | None = None,
