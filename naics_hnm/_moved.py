@@ -1,8 +1,7 @@
 """Old flat module paths (``naics_hnm.callback``, ``naics_hnm.taxonomy``, ...) keep working.
 
-Importing ``naics_hnm.<old>`` imports the module's new home, registers that same module object under
-the old name and emits a DeprecationWarning naming the new path. ``naics_hnm.mining`` is now the
-mining package; it forwards the old module's names itself (see :mod:`naics_hnm.mining`).
+``naics_hnm.<old>`` is the module object at its new path, imported with a DeprecationWarning naming that path.
+``naics_hnm.mining`` forwards the old mining module's names itself.
 """
 
 from __future__ import annotations
