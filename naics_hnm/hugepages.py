@@ -1,7 +1,5 @@
-"""Large per-code arrays on transparent huge pages, so random per-candidate reads stay in the TLB.
-
-Arrays are allocated 2 MiB-aligned and advised ``MADV_HUGEPAGE`` on Linux; elsewhere, or for small arrays, this is
-a plain ``numpy.empty``. The result is an ordinary numpy array either way.
+"""Large per-code arrays on transparent huge pages (2 MiB-aligned, ``MADV_HUGEPAGE`` on Linux), so random reads stay
+in the TLB; elsewhere, or for small arrays, a plain ``numpy.empty``. The result is an ordinary numpy array either way.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""bfloat16 autocast for embedding (inference) passes on CPUs with AVX-512 BF16 or AMX, decided in one place.
+"""bfloat16 autocast for embedding (inference) passes on CPUs with AVX-512 BF16 or AMX; elsewhere fp32 as ever.
 
-Elsewhere (no bf16 instructions, CUDA devices) nothing changes. Opt out with ``NAICS_HNM_BF16=0`` (also
-``off``/``false``/``no``) or ``bf16=False`` on :func:`naics_hnm.embedding.embed_codes`.
+Opt out with ``NAICS_HNM_BF16=0`` (also ``off``/``false``/``no``) or ``bf16=False`` on :func:`embed_codes`.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.nda
                        progress=not args.quiet, desc="embedding codes").cpu().numpy()
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> str:
     from naics_hnm.index.auto import build_index, choose_index
     from naics_hnm.embeddings_file import load_embeddings
     from naics_hnm.index.index_file import check_index_path, current_index_file, sidecar_path
@@ -181,10 +181,11 @@ def run(args: argparse.Namespace) -> dict:
                            epoch=None if epoch in (None, -1) else int(epoch))
     index.save(args.output)
     t2 = time.perf_counter()
-    return {"n": index.ntotal, "dim": index.dim, "device": index.device, "metric": args.metric,
-            "index_type": index.index_type, "search_params": index.search_params, "source": source,
-            "embed_s": t1 - t0, "build_s": t2 - t1, "path": str(args.output),
-            "files": [sidecar_path(args.output).name, current_index_file(args.output).name]}
+    params = f", search params {index.search_params}" if index.search_params else ""
+    files = f"{sidecar_path(args.output).name} + {current_index_file(args.output).name}"
+    return (f"Indexed {index.ntotal} codes (dim {index.dim}, metric {args.metric}, {index.index_type}{params}) from "
+            f"{source} on {index.device}: embedding/loading {t1 - t0:.1f}s, index build + save {t2 - t1:.2f}s. Index "
+            f"written to {args.output} (files {files}).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,11 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"rebuild_index: error: {message}", file=sys.stderr)
         return 2
-    params = f", search params {summary['search_params']}" if summary["search_params"] else ""
-    print(f"Indexed {summary['n']} codes (dim {summary['dim']}, metric {summary['metric']}, "
-          f"{summary['index_type']}{params}) from {summary['source']} on {summary['device']}: "
-          f"embedding/loading {summary['embed_s']:.1f}s, index build + save {summary['build_s']:.2f}s. "
-          f"Index written to {summary['path']} (files {' + '.join(summary['files'])}).")
+    print(summary)
     return 0
 
 

@@ -31,10 +31,8 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def cophenetic_correlation(embeddings: Any, taxonomy: Taxonomy, ids: Sequence[int] | np.ndarray | None = None, *,
                            depth: int | None = None, max_codes: int = 4000, seed: int = 0) -> dict[str, float]:
-    """``{"pearson", "spearman"}`` correlation of cosine distance with tree distance over all code pairs.
-
-    Codes: ``ids``, else those at ``depth``, else the leaves; a seeded sample of ``max_codes`` above that.
-    """
+    """``{"pearson", "spearman"}`` correlation of cosine distance with tree distance over all pairs of ``ids``, else
+    of the codes at ``depth``, else of the leaves (a seeded sample of ``max_codes`` above that)."""
     unit = as_unit_rows(embeddings, len(taxonomy))
     selected = sample_codes(select_codes(taxonomy, ids, depth, "ids"), max_codes, seed, "max_codes")
     if selected.size < 3:

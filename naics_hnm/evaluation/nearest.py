@@ -19,11 +19,7 @@ ROUNDING = 10.0 ** -9  # how far comparable()'s rounding may move two values tog
 
 
 def float32_error(dim: int) -> float:
-    """A bound on |float32 - float64| for the dot product of two unit rows of width ``dim``.
-
-    Rounding the entries and a sum of ``dim`` terms in any order (u = 2**-24), with ``sum |a_i b_i| <= 1``;
-    doubled for the rows' norms not being exactly 1 in float32.
-    """
+    """A bound on |float32 - float64| for the dot product of two unit rows of width ``dim`` (any summation order)."""
     u = 2.0**-24
     return 2.0 * (dim + 2) * u / (1.0 - (dim + 2) * u)
 
@@ -44,10 +40,10 @@ def _widened(unit: np.ndarray, query: int, corpus: np.ndarray, own: int, fast_ro
 
 def nearest_columns(unit: np.ndarray, queries: np.ndarray, corpus: np.ndarray, k: int,
                     position: np.ndarray | None = None) -> np.ndarray:
-    """int64 [Q, k]: positions in ``corpus`` of each query's k most similar corpus codes (``k <= corpus.size``).
+    """int64 [Q, k]: positions in ``corpus`` (code ids) of each query's k most similar codes (``k <= corpus.size``).
 
-    ``unit``: float64 unit rows of every code; ``queries`` / ``corpus``: code ids; ``position``: each code's
-    position in ``corpus`` or -1 (a query never ranks itself: its own column counts as -inf).
+    ``unit``: float64 unit rows of every code; ``position``: each code's position in ``corpus`` or -1 (a query never
+    ranks itself).
     """
     if position is None:
         position = np.full(unit.shape[0], -1, dtype=np.int64)
