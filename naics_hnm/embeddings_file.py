@@ -177,10 +177,9 @@ def _read(path: Path) -> EmbeddingsFile:
         if code_set.ndim != 1 or code_set.dtype.kind not in "OS":
             raise EmbeddingsFileError(f"{str(path)!r}: dataset 'codes' has shape {code_set.shape} and dtype "
                                       f"{code_set.dtype}; expected strings [N]")
-        embeddings = np.asarray(dataset[()], dtype=np.float32)
-        codes = [str(c) for c in code_set.asstr()[()]]
-        attrs = {key: _plain(value) for key, value in handle.attrs.items()}
-    return EmbeddingsFile(embeddings=embeddings, codes=codes, attrs=attrs)
+        return EmbeddingsFile(embeddings=np.asarray(dataset[()], dtype=np.float32),
+                              codes=[str(c) for c in code_set.asstr()[()]],
+                              attrs={key: _plain(value) for key, value in handle.attrs.items()})
 
 
 def _check_codes(path: Path, codes: list[str], expected: Sequence[str]) -> None:
