@@ -1,8 +1,5 @@
-"""Old flat module paths (``naics_hnm.callback``, ``naics_hnm.taxonomy``, ...) keep working.
-
-Importing ``naics_hnm.<old>`` imports the module's new home, registers that same module object under
-the old name and emits a DeprecationWarning naming the new path. ``naics_hnm.mining`` is now the
-mining package; it forwards the old module's names itself (see :mod:`naics_hnm.mining`).
+"""Old flat module paths (``naics_hnm.callback``, ...) keep working: each is the module object at its new path,
+imported with a DeprecationWarning naming that path. ``naics_hnm.mining`` forwards the old module's names itself.
 """
 
 from __future__ import annotations
@@ -23,9 +20,8 @@ _HOMES = {  # package: its modules' old flat names (old:new where the module was
     "train": "datamodule mining_data callback encoder frozen_prefix losses evaluation_callback training_report:report",
     "st": "hard_negatives negative_search text_corpus",
 }
-MOVED = {old: f"{package}.{new or old}" for package, names in _HOMES.items()
+MOVED = {old: f"{package}.{new or old}" for package, names in _HOMES.items()  # old name -> new, under naics_hnm.
          for old, _, new in (name.partition(":") for name in names.split())}
-"""Old module name (under ``naics_hnm.``) -> new module name (under ``naics_hnm.``)."""
 
 
 class _MovedModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -36,9 +32,7 @@ class _MovedModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def find_spec(self, fullname: str, path=None, target=None) -> importlib.machinery.ModuleSpec | None:
         package, _, old = fullname.rpartition(".")
-        if package != "naics_hnm" or old not in MOVED:
-            return None
-        return importlib.machinery.ModuleSpec(fullname, self)
+        return importlib.machinery.ModuleSpec(fullname, self) if package == "naics_hnm" and old in MOVED else None
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         new = "naics_hnm." + MOVED[spec.name.rpartition(".")[2]]

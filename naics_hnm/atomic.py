@@ -1,10 +1,5 @@
-"""Atomic file writes: write to a temporary file beside the target, then ``os.replace``.
-
-A temporary file is named ``.{target name}.{host}.{pid}.{random}.tmp``. A writer killed before its
-``os.replace`` leaves it behind; the next write to the same target removes it once its writer is gone
-(a process of this host that no longer runs, or any writer whose file is older than ``STALE_AFTER_S``).
-:func:`exclusive_lock` lets processes take turns at work on one target (waiting for good, or up to a
-timeout that ends in an error naming the holder's pid).
+"""Atomic file writes (a temporary ``.{target name}.{host}.{pid}.{random}.tmp`` beside the target, then
+``os.replace``), removal of the temporaries of killed writers, and :func:`exclusive_lock` for work on one target.
 """
 
 from __future__ import annotations
@@ -56,9 +51,7 @@ def is_stale_temp(temp: Path, match: re.Match[str], now: float) -> bool:
         age = now - temp.stat().st_mtime
     except FileNotFoundError:  # its writer finished or another cleaner removed it
         return False
-    if age > STALE_AFTER_S:
-        return True
-    return match["host"] == this_host() and not pid_alive(int(match["pid"]))
+    return age > STALE_AFTER_S or (match["host"] == this_host() and not pid_alive(int(match["pid"])))
 
 
 def remove_stale_temp_files(target: str | Path) -> list[Path]:
@@ -101,11 +94,7 @@ def create_temp(target: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it replaces ``target``.
-
-    On any error the temporary file is removed and ``target`` is left as it was. Temporary files of
-    earlier writes to ``target`` that were killed are removed first.
-    """
+    """Yield a temporary path beside ``target`` that replaces it on success; on any error ``target`` stays as it was."""
     target = Path(target)
     ensure_folder(target.parent)
     remove_stale_temp_files(target)
@@ -124,11 +113,10 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 
 def atomic_write_bytes(target: str | Path, data: bytes) -> None:
     """Write ``data`` to ``target`` atomically, flushed to disk before it replaces ``target``."""
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 class LockTimeoutError(TimeoutError):
@@ -174,11 +162,8 @@ def exclusive_lock(target: str | Path, *, timeout: float | None = None, hidden: 
                    remove: bool = False) -> Iterator[Path]:
     """Hold an inter-process lock (``flock`` on ``{target}.lock``) for work on ``target``; yield the lock path.
 
-    ``hidden``: the lock file is ``.{target name}.lock``. ``remove``: the holder deletes the lock
-    file before it lets go (a waiter that then finds its file unlinked opens the new one), otherwise
-    the file stays in place. The holder's pid and host are written into the file, and a waiter that
-    gives up after ``timeout`` seconds (None: it waits for good) raises :class:`LockTimeoutError`
-    naming them. The lock ends with the block or with the process.
+    ``hidden``: the lock file is ``.{target name}.lock``; ``remove``: the holder deletes it before letting go. A waiter
+    gives up after ``timeout`` seconds (None: never) with a :class:`LockTimeoutError` naming the holder's pid and host.
     """
     target = Path(target)
     ensure_folder(target.parent)

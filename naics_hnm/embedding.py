@@ -38,14 +38,11 @@ def embed_codes(embed_fn: EmbedFn, token_cache: TokenCache, ids: torch.Tensor | 
                 batch_size: int = 512, device: torch.device | str = "cpu", module: torch.nn.Module | None = None,
                 progress: bool = False, desc: str = "embedding codes",
                 dtype: torch.dtype = torch.float32, bf16: bool | None = None) -> torch.Tensor:
-    """CPU [len(ids), d] embeddings of ``ids`` (default: every code), in the order of ``ids``.
+    """CPU ``dtype`` [len(ids), d] embeddings of ``ids`` (default: every code), in the order of ``ids``.
 
-    Each distinct token sequence is embedded once, longest first, in batches of ``batch_size``;
-    every batch is written straight into one preallocated ``dtype`` array (float16 halves it), so
-    peak memory is that array plus one batch. ``module`` (usually the LightningModule) is put in
-    eval mode while embedding and restored after. On a CPU with native bf16 the forward passes run
-    under bf16 autocast (``bf16=False`` or ``NAICS_HNM_BF16=0`` opts out; see
-    :mod:`naics_hnm.precision`); the output is ``dtype`` either way.
+    Each distinct token sequence is embedded once, longest first, in batches of ``batch_size``, straight into one
+    preallocated array. ``module`` (usually the LightningModule) is in eval mode meanwhile. On a CPU with native
+    bf16 the passes run under bf16 autocast unless ``bf16=False`` (see :mod:`naics_hnm.precision`).
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
@@ -78,10 +75,7 @@ def embed_codes(embed_fn: EmbedFn, token_cache: TokenCache, ids: torch.Tensor | 
 
 
 def distinct_token_rows(token_cache: TokenCache, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes with identical tokens embed identically: (one id per distinct token row, row of each id).
-
-    NAICS 2022 has 2,125 codes but 1,432 distinct titles, so a refresh runs a third fewer sequences.
-    """
+    """Codes with identical tokens embed identically: (one id per distinct token row, row of each id)."""
     table, lengths = token_cache._numpy()
     first: dict[bytes, int] = {}
     distinct: list[int] = []

@@ -1,10 +1,6 @@
-"""The HDF5 embeddings file: one row per code, the codes beside them, and who produced them.
-
-Layout (``format_version`` 1): dataset ``embeddings`` float32 [N, d]; dataset ``codes`` UTF-8
-variable-length strings [N] in the same order; attributes ``model`` (name or path, '' if unknown),
-``epoch`` (-1 if unknown), ``created`` (ISO 8601 UTC), ``format_version`` and ``codes_fingerprint``
-(sha256 of the newline-joined codes, equal to ``Taxonomy.fingerprint`` for the same id space), plus
-any caller attributes.
+"""The HDF5 embeddings file: dataset ``embeddings`` float32 [N, d], dataset ``codes`` UTF-8 strings [N] in the same
+order, attributes ``model`` ('' if unknown), ``epoch`` (-1 if unknown), ``created`` (ISO 8601 UTC),
+``format_version``, ``codes_fingerprint`` (as ``Taxonomy.fingerprint``) and any caller attributes.
 """
 
 from __future__ import annotations
@@ -79,15 +75,9 @@ def _checked_attrs(path: Path, codes: Sequence[str], n: int, model: str | None, 
     clash = sorted(set(extra) & set(RESERVED_ATTRS))
     if clash:
         raise EmbeddingsFileError(f"extra_attrs {clash} clash with reserved attributes {list(RESERVED_ATTRS)}")
-    attrs = {
-        "model": "" if model is None else str(model),
-        "epoch": -1 if epoch is None else int(epoch),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "format_version": FORMAT_VERSION,
-        "codes_fingerprint": codes_fingerprint(codes),
-        **extra,
-    }
-    return codes, attrs
+    return codes, {"model": "" if model is None else str(model), "epoch": -1 if epoch is None else int(epoch),
+                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "format_version": FORMAT_VERSION, "codes_fingerprint": codes_fingerprint(codes), **extra}
 
 
 def _write_file(file: Path, embeddings: np.ndarray | tuple[int, int], codes: list[str], attrs: dict[str, Any]) -> None:
@@ -123,8 +113,7 @@ def save_embeddings(path: str | Path, embeddings: Any, codes: Sequence[str], *, 
 
 def create_embeddings_file(file: str | Path, shape: tuple[int, int], codes: Sequence[str], *,
                            model: str | None = None, epoch: int | None = None) -> None:
-    """Write, in place at ``file`` (a temporary name: the caller renames it), an embeddings file of
-    ``shape`` whose rows the writers then fill by slices with :func:`write_embedding_rows` (under DDP)."""
+    """Write at ``file`` (a temporary name) an embeddings file of ``shape``; :func:`write_embedding_rows` fills it."""
     file = Path(file)
     codes, attrs = _checked_attrs(file, codes, shape[0], model, epoch, None)
     _write_file(file, (int(shape[0]), int(shape[1])), codes, attrs)
@@ -188,10 +177,9 @@ def _read(path: Path) -> EmbeddingsFile:
         if code_set.ndim != 1 or code_set.dtype.kind not in "OS":
             raise EmbeddingsFileError(f"{str(path)!r}: dataset 'codes' has shape {code_set.shape} and dtype "
                                       f"{code_set.dtype}; expected strings [N]")
-        embeddings = np.asarray(dataset[()], dtype=np.float32)
-        codes = [str(c) for c in code_set.asstr()[()]]
-        attrs = {key: _plain(value) for key, value in handle.attrs.items()}
-    return EmbeddingsFile(embeddings=embeddings, codes=codes, attrs=attrs)
+        return EmbeddingsFile(embeddings=np.asarray(dataset[()], dtype=np.float32),
+                              codes=[str(c) for c in code_set.asstr()[()]],
+                              attrs={key: _plain(value) for key, value in handle.attrs.items()})
 
 
 def _check_codes(path: Path, codes: list[str], expected: Sequence[str]) -> None:
@@ -201,10 +189,8 @@ def _check_codes(path: Path, codes: list[str], expected: Sequence[str]) -> None:
     differ = np.flatnonzero(np.asarray(codes, dtype=object) != np.asarray(expected, dtype=object))
     if differ.size:
         first = int(differ[0])
-        raise EmbeddingsFileError(
-            f"{str(path)!r}: {differ.size} of {len(codes)} codes differ from the expected codes; "
-            f"first at row {first}: {codes[first]!r}, expected {expected[first]!r}"
-        )
+        raise EmbeddingsFileError(f"{str(path)!r}: {differ.size} of {len(codes)} codes differ from the expected codes; "
+                                  f"first at row {first}: {codes[first]!r}, expected {expected[first]!r}")
 
 
 def load_embeddings(path: str | Path, *, expected_codes: Sequence[str] | None = None) -> EmbeddingsFile:
@@ -217,9 +203,8 @@ def load_embeddings(path: str | Path, *, expected_codes: Sequence[str] | None = 
     try:
         loaded = _read(path)
     except OSError as error:
-        raise EmbeddingsFileError(
-            f"{str(path)!r} is not a readable HDF5 embeddings file (truncated or another format?): {error}"
-        ) from None
+        raise EmbeddingsFileError(f"{str(path)!r} is not a readable HDF5 embeddings file (truncated or another "
+                                  f"format?): {error}") from None
     _check_code_list(path, loaded.codes, loaded.embeddings.shape[0])
     _check_finite(path, loaded.embeddings)
     stored = loaded.attrs.get("codes_fingerprint")

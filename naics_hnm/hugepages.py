@@ -1,10 +1,5 @@
-"""Large per-code arrays on transparent huge pages, so random per-candidate reads stay in the TLB.
-
-Per-batch mining reads rows of per-code arrays (vectors, packed tree rows) at random ids; on a
-1M-code tree those span hundreds of MB and 4 KiB pages make almost every read miss the TLB. Arrays
-are allocated 2 MiB-aligned and advised ``MADV_HUGEPAGE`` (Linux, transparent huge pages
-``madvise`` or ``always``; measured 2.9x faster gathers). Elsewhere, or for small arrays, this is a
-plain ``numpy.empty``; the result is an ordinary numpy array either way.
+"""Large per-code arrays on transparent huge pages (2 MiB-aligned, ``MADV_HUGEPAGE`` on Linux), so random reads stay
+in the TLB; elsewhere, or for small arrays, a plain ``numpy.empty``. The result is an ordinary numpy array either way.
 """
 
 from __future__ import annotations
@@ -41,8 +36,7 @@ def hugepage_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray
     offset = (-buffer.ctypes.data) % HUGE_PAGE
     array = buffer[offset:offset + nbytes].view(dtype).reshape(shape)
     if not _madvise(array.ctypes.data, nbytes - nbytes % HUGE_PAGE or nbytes):
-        log.debug("madvise(MADV_HUGEPAGE) refused for %d bytes (errno %d): ordinary pages", nbytes,
-                  ctypes.get_errno())
+        log.debug("madvise(MADV_HUGEPAGE) refused for %d bytes (errno %d): ordinary pages", nbytes, ctypes.get_errno())
     return array
 
 

@@ -1,15 +1,6 @@
-"""bfloat16 autocast for embedding passes on CPUs that compute it natively, decided in one place.
+"""bfloat16 autocast for embedding (inference) passes on CPUs with AVX-512 BF16 or AMX; elsewhere fp32 as ever.
 
-On a CPU with AVX-512 BF16 or AMX (checked at run time), :func:`embedding_autocast` runs the
-block under ``torch.autocast("cpu", dtype=torch.bfloat16)``: the matrix products of a transformer
-forward pass then run in bf16 with fp32 accumulation. Measured on all-MiniLM-L6-v2 (2,048 texts,
-2 threads, ``benchmarks/bench_encoder.py``): about 2.7x the fp32 texts/s with every output's cosine to fp32
->= 0.999. Callers return float32 whatever the autocast computed. Elsewhere (no bf16 instructions,
-CUDA devices, or opted out) nothing changes: fp32 as before.
-
-Opt out with ``NAICS_HNM_BF16=0`` in the environment (also ``off``/``false``/``no``), or ``bf16=False``
-on :func:`naics_hnm.embedding.embed_codes`. Only inference passes use it (refresh, frozen-prefix
-and evaluation embeddings); training steps stay fp32.
+Opt out with ``NAICS_HNM_BF16=0`` (also ``off``/``false``/``no``) or ``bf16=False`` on :func:`embed_codes`.
 """
 
 from __future__ import annotations
@@ -67,11 +58,7 @@ _logged: set[tuple[bool, str]] = set()
 
 
 def use_bf16(device: torch.device | str = "cpu", bf16: bool | None = None) -> bool:
-    """Whether an embedding pass on ``device`` runs under bf16 autocast; logged once per outcome.
-
-    ``bf16=False`` or ``NAICS_HNM_BF16=0`` opts out; otherwise on for a CPU device whose CPU
-    supports bf16 (``bf16=True`` / ``NAICS_HNM_BF16=1`` cannot force it onto a CPU without it).
-    """
+    """Whether a pass on ``device`` runs under bf16 autocast: only on a CPU with bf16, unless opted out; logged once."""
     if bf16 not in (None, True, False):
         raise ValueError(f"bf16={bf16!r}: expected None (automatic), True or False")
     device_type = torch.device(device).type

@@ -1,11 +1,7 @@
 """Build a FAISS index of every code: ``python -m naics_hnm.rebuild_index``.
 
-With no arguments it embeds NAICS 2022 with the offline pretrained all-MiniLM-L6-v2 and writes
-``indexes/naics2022_minilm.faiss`` (+ ``.json`` sidecar). ``--checkpoint`` embeds with a Lightning
-checkpoint of :class:`naics_hnm.train.encoder.NAICSEncoder` (or of your module via ``--model-class``);
-``--embeddings`` indexes an HDF5 embeddings file as is. The index is chosen as in
-:mod:`naics_hnm.index.auto` unless ``--index-factory`` names one. Bad input ends with one line on
-stderr and a non-zero exit status; the previous index is left untouched.
+By default NAICS 2022 embedded with the offline all-MiniLM-L6-v2, into ``indexes/naics2022_minilm.faiss``; or
+``--checkpoint`` / ``--model`` / ``--embeddings``. Bad input ends with one line on stderr and a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -38,32 +34,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(
-        prog="python -m naics_hnm.rebuild_index",
-        description="Build a FAISS index (+ JSON sidecar) over the embeddings of every taxonomy code.",
-    )
+    parser = _Parser(prog="python -m naics_hnm.rebuild_index",
+                     description="Build a FAISS index (+ JSON sidecar) over the embeddings of every taxonomy code.")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", type=Path, help="Lightning checkpoint (.ckpt) of the encoder to embed with")
     source.add_argument("--embeddings", type=Path, help="HDF5 embeddings file (datasets 'embeddings', 'codes')")
     source.add_argument("--model", help="transformers model name or local path to embed with "
                                         "(default: the offline all-MiniLM-L6-v2)")
-    parser.add_argument("--model-class", default="naics_hnm.train.encoder:NAICSEncoder",
-                        help="'module:Class' of the LightningModule in --checkpoint; it needs embed(tokens) "
-                             "(default: %(default)s)")
+    parser.add_argument("--model-class", default="naics_hnm.train.encoder:NAICSEncoder", help="'module:Class' of "
+                        "the LightningModule in --checkpoint; it needs embed(tokens) (default: %(default)s)")
     parser.add_argument("--taxonomy", type=Path, help="taxonomy CSV (code,title[,...]); default NAICS 2022")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help="index path: writes PATH.json and generation files PATH.gNNNNNN.* beside it "
-                             "(default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="index path: writes PATH.json and "
+                        "generation files PATH.gNNNNNN.* beside it (default: %(default)s)")
     parser.add_argument("--metric", choices=METRICS, default="cosine", help="default: %(default)s")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="index and embedding device; auto = GPU when torch and faiss see one (default)")
-    parser.add_argument("--index-factory", metavar="STR",
-                        help="faiss factory string, e.g. 'Flat' (exact), 'IVF256,Flat', 'HNSW32', 'IVF256,PQ32' "
-                             "(default: chosen from the number of codes: exact up to 20,000, a recall-calibrated "
-                             "IVF above; logged)")
-    parser.add_argument("--search-params", metavar="KEY=INT[,KEY=INT]", type=_search_params,
-                        help="search parameters of the approximate index: nprobe (IVF), efSearch (HNSW), "
-                             "k_factor (exact re-scoring of k * k_factor candidates); default: measured defaults")
+    parser.add_argument("--index-factory", metavar="STR", help="faiss factory string, e.g. 'Flat' (exact), "
+                        "'IVF256,Flat', 'HNSW32', 'IVF256,PQ32' (default: chosen from the number of codes: exact up "
+                        "to 20,000, a recall-calibrated IVF above; logged)")
+    parser.add_argument("--search-params", metavar="KEY=INT[,KEY=INT]", type=_search_params, help="search "
+                        "parameters of the approximate index: nprobe (IVF), efSearch (HNSW), k_factor (exact "
+                        "re-scoring of k * k_factor candidates); default: measured defaults")
     parser.add_argument("--batch-size", type=int, default=256, help="codes per forward pass (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=32, help="tokens per code text (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
@@ -73,11 +64,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.max_length < 2:
         parser.error(f"--max-length {args.max_length}: expected an int >= 2 (tokens per code text, "
                      "special tokens included)")
-    if args.model and (args.model.startswith((".", "/", "~")) or Path(args.model).exists()):
-        model_dir = Path(args.model).expanduser()
-        if not model_dir.is_dir():
-            parser.error(f"--model {args.model!r}: no such folder; expected a local model folder "
-                         "(config.json + weights) or a model id")
+    local = args.model and (args.model.startswith((".", "/", "~")) or Path(args.model).exists())
+    if local and not Path(args.model).expanduser().is_dir():
+        parser.error(f"--model {args.model!r}: no such folder; expected a local model folder "
+                     "(config.json + weights) or a model id")
     if args.search_params and not args.index_factory:
         parser.error("--search-params needs --index-factory: the automatic index calibrates its own")
     return args
@@ -135,10 +125,7 @@ def load_checkpoint_model(path: Path, class_spec: str) -> torch.nn.Module:
 
 
 def load_named_model(name: str | None) -> torch.nn.Module:
-    """The encoder of ``--model`` (None: the offline default); any failure to load it is one CLIError.
-
-    Weights are read with ``weights_only``: a pickled payload in the folder is refused, never run.
-    """
+    """The encoder of ``--model`` (None: the offline default), weights-only; any failure to load it is one CLIError."""
     from naics_hnm.train.encoder import NAICSEncoder
 
     try:
@@ -163,7 +150,7 @@ def _embed(model: torch.nn.Module, taxonomy, args: argparse.Namespace) -> np.nda
                        progress=not args.quiet, desc="embedding codes").cpu().numpy()
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> str:
     from naics_hnm.index.auto import build_index, choose_index
     from naics_hnm.embeddings_file import load_embeddings
     from naics_hnm.index.index_file import check_index_path, current_index_file, sidecar_path
@@ -194,10 +181,11 @@ def run(args: argparse.Namespace) -> dict:
                            epoch=None if epoch in (None, -1) else int(epoch))
     index.save(args.output)
     t2 = time.perf_counter()
-    return {"n": index.ntotal, "dim": index.dim, "device": index.device, "metric": args.metric,
-            "index_type": index.index_type, "search_params": index.search_params, "source": source,
-            "embed_s": t1 - t0, "build_s": t2 - t1, "path": str(args.output),
-            "files": [sidecar_path(args.output).name, current_index_file(args.output).name]}
+    params = f", search params {index.search_params}" if index.search_params else ""
+    files = f"{sidecar_path(args.output).name} + {current_index_file(args.output).name}"
+    return (f"Indexed {index.ntotal} codes (dim {index.dim}, metric {args.metric}, {index.index_type}{params}) from "
+            f"{source} on {index.device}: embedding/loading {t1 - t0:.1f}s, index build + save {t2 - t1:.2f}s. Index "
+            f"written to {args.output} (files {files}).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,11 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"rebuild_index: error: {message}", file=sys.stderr)
         return 2
-    params = f", search params {summary['search_params']}" if summary["search_params"] else ""
-    print(f"Indexed {summary['n']} codes (dim {summary['dim']}, metric {summary['metric']}, "
-          f"{summary['index_type']}{params}) from {summary['source']} on {summary['device']}: "
-          f"embedding/loading {summary['embed_s']:.1f}s, index build + save {summary['build_s']:.2f}s. "
-          f"Index written to {summary['path']} (files {' + '.join(summary['files'])}).")
+    print(summary)
     return 0
 
 

@@ -7,11 +7,7 @@ from pathlib import Path
 
 
 def ensure_writable_dir(folder: str | Path, what: str) -> Path:
-    """Create ``folder`` if needed and check that files can be created in it.
-
-    Raises ``ValueError`` naming ``what`` and the folder: a path that is a file, a folder that
-    cannot be created, or one without write permission.
-    """
+    """Create ``folder`` if needed; a ``ValueError`` naming ``what`` and the folder if files cannot be created in it."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{what}={str(folder)!r} is a file; expected a folder to write into")

@@ -1,11 +1,7 @@
 """Taxonomy-aware quality of code embeddings: cophenetic correlation, NDCG@k, held-out placement and reconstruction.
 
-All metrics work on cosine similarity of L2-normalised rows (row ``i`` embeds code ``i``) and, by
-default, on the leaves of the tree (:func:`evaluation_codes`). Distance counts edges through the
-lowest common ancestor (LCA); the LCA depth is 0 when only the virtual root is shared. Ties follow
-one rule, :func:`comparable` in :mod:`naics_hnm.evaluation.rows`. Memory stays bounded for any
-taxonomy size: similarities are computed one chunk of queries at a time and nothing N x N (or
-queries x corpus) is built; corpus-wide quantities come from subtree counts over the DFS order.
+Cosine similarity of L2-normalised rows (row ``i`` embeds code ``i``), on the leaves by default. LCA depth 0 means
+only the virtual root is shared; ties follow :func:`comparable`. Memory stays bounded: nothing N x N is built.
 """
 from __future__ import annotations
 
@@ -20,43 +16,32 @@ from naics_hnm.evaluation.reconstruction import reconstruction
 from naics_hnm.evaluation.rows import SIMILARITY_DECIMALS, as_unit_rows, comparable, evaluation_codes
 from naics_hnm.tree.taxonomy import Taxonomy
 
-__all__ = [
-    "SIMILARITY_DECIMALS", "as_unit_rows", "average_ranks", "comparable", "cophenetic_correlation",
-    "evaluate_embeddings", "evaluation_codes", "holdout_split", "ndcg_at_k", "ndcg_per_query", "placement_hits",
-    "reconstruction",
-]
+__all__ = ["SIMILARITY_DECIMALS", "as_unit_rows", "average_ranks", "comparable", "cophenetic_correlation",
+           "evaluate_embeddings", "evaluation_codes", "holdout_split", "ndcg_at_k", "ndcg_per_query",
+           "placement_hits", "reconstruction"]
 logger = logging.getLogger(__name__)
 
 
-def evaluate_embeddings(
-    embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any = None, k: int = 10, *,
-    max_queries: int | None = 5000, seed: int = 0, reconstruction_queries: int | None = 1000,
-) -> dict[str, float]:
+def evaluate_embeddings(embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any = None, k: int = 10, *,
+                        max_queries: int | None = 5000, seed: int = 0,
+                        reconstruction_queries: int | None = 1000) -> dict[str, float]:
     """All metrics on the leaves, as flat keys (plain floats).
 
-    ``cophenetic_pearson``, ``cophenetic_spearman``, ``ndcg@k`` (leaves as queries, a seeded
-    sample of ``max_queries`` above that, against all leaves), ``reconstruction_map`` and
-    ``reconstruction_mean_rank`` (all codes; a seeded sample of ``reconstruction_queries`` queries
-    above that; see :mod:`naics_hnm.evaluation.reconstruction`) and, with ``heldout_mask``:
-    ``heldout_ndcg@k`` (held-out leaves as queries, sampled likewise, against all leaves),
-    ``heldout_parent_hit`` (placement rates over the same sample of held-out leaves),
-    ``heldout_grandparent_hit``, ``heldout_parent_hit_all``,
-    ``heldout_grandparent_hit_all``, ``heldout_parent_eligible``, ``heldout_grandparent_eligible``
-    (see :func:`placement_hits`) and ``heldout_codes`` (the number of held-out leaves).
+    ``cophenetic_pearson``, ``cophenetic_spearman``, ``ndcg@k`` (leaf queries against all leaves, a seeded
+    sample of ``max_queries`` above that), ``reconstruction_map``, ``reconstruction_mean_rank`` (a seeded sample
+    of ``reconstruction_queries`` codes) and, with ``heldout_mask``: ``heldout_ndcg@k`` (held-out leaves as
+    queries, sampled likewise), ``heldout_codes`` (held-out leaves) and, over the same sample,
+    ``heldout_{parent,grandparent}_hit``, ``..._hit_all``, ``..._eligible`` (see :func:`placement_hits`).
     """
     started = time.perf_counter()
     unit = as_unit_rows(embeddings, len(taxonomy))
     mask = None if heldout_mask is None else check_mask(heldout_mask, len(taxonomy))
     leaves = evaluation_codes(taxonomy)
     cophenetic = cophenetic_correlation(unit, taxonomy)
-    metrics = {
-        "cophenetic_pearson": cophenetic["pearson"],
-        "cophenetic_spearman": cophenetic["spearman"],
-        f"ndcg@{k}": ndcg_at_k(unit, taxonomy, k=k, max_queries=max_queries, seed=seed),
-    }
+    metrics = {"cophenetic_pearson": cophenetic["pearson"], "cophenetic_spearman": cophenetic["spearman"],
+               f"ndcg@{k}": ndcg_at_k(unit, taxonomy, k=k, max_queries=max_queries, seed=seed)}
     rebuilt = reconstruction(unit, taxonomy, max_queries=reconstruction_queries, seed=seed)
-    metrics["reconstruction_map"] = rebuilt["map"]
-    metrics["reconstruction_mean_rank"] = rebuilt["mean_rank"]
+    metrics.update(reconstruction_map=rebuilt["map"], reconstruction_mean_rank=rebuilt["mean_rank"])
     if mask is not None:
         hits = placement_hits(unit, taxonomy, mask, max_queries=max_queries, seed=seed)
         metrics[f"heldout_ndcg@{k}"] = ndcg_at_k(unit, taxonomy, query_ids=leaves[mask[leaves]], corpus_ids=leaves,

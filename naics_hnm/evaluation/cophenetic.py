@@ -21,8 +21,7 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x = x - x.mean()
-    y = y - y.mean()
+    x, y = x - x.mean(), y - y.mean()
     denominator = np.sqrt((x @ x) * (y @ y))
     if denominator == 0:
         logger.warning("correlation undefined: one side is constant over all pairs")
@@ -32,12 +31,8 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def cophenetic_correlation(embeddings: Any, taxonomy: Taxonomy, ids: Sequence[int] | np.ndarray | None = None, *,
                            depth: int | None = None, max_codes: int = 4000, seed: int = 0) -> dict[str, float]:
-    """Pearson and Spearman correlation of cosine distance with tree distance over all code pairs.
-
-    Pairs are the unordered pairs (upper triangle) of ``ids``, default the codes at ``depth``, or
-    the leaves without either; above ``max_codes`` codes a seeded sample of that many is used, so
-    the pair count stays bounded whatever the taxonomy's size. Returns ``{"pearson", "spearman"}``.
-    """
+    """``{"pearson", "spearman"}`` correlation of cosine distance with tree distance over all pairs of ``ids``, else
+    of the codes at ``depth``, else of the leaves (a seeded sample of ``max_codes`` above that)."""
     unit = as_unit_rows(embeddings, len(taxonomy))
     selected = sample_codes(select_codes(taxonomy, ids, depth, "ids"), max_codes, seed, "max_codes")
     if selected.size < 3:
@@ -48,7 +43,5 @@ def cophenetic_correlation(embeddings: Any, taxonomy: Taxonomy, ids: Sequence[in
     left, right, step = selected[upper[0]], selected[upper[1]], BLOCK // 16  # bounds the [pairs, depth] blocks
     tree = np.concatenate([taxonomy.tree_distance(left[i : i + step], right[i : i + step])
                            for i in range(0, left.size, step)]).astype(np.float64)
-    return {
-        "pearson": _pearson(cosine_distance, tree),
-        "spearman": _pearson(average_ranks(comparable(cosine_distance)), average_ranks(tree)),
-    }
+    return {"pearson": _pearson(cosine_distance, tree),
+            "spearman": _pearson(average_ranks(comparable(cosine_distance)), average_ranks(tree))}

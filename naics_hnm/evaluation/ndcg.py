@@ -12,19 +12,15 @@ from naics_hnm.tree.taxonomy import Taxonomy
 
 
 def _ideal_dcg(taxonomy: Taxonomy, queries: np.ndarray, corpus: np.ndarray, cum_discount: np.ndarray) -> np.ndarray:
-    """Ideal DCG per query from subtree counts: O(queries x depth), no query x corpus block.
+    """Ideal DCG per query from subtree counts, O(queries x depth).
 
-    ``at_least[:, t]`` counts the corpus codes (other than the query) whose LCA with the query has
-    depth >= t: those in the subtree of the query's ancestor at depth t. The best ranks go to the
-    deepest LCAs, so the gain ``2**t - 1 = sum of 2**(s-1), s <= t`` adds ``2**(t-1)`` on each of
-    the first ``min(at_least[:, t], k)`` ranks.
+    ``at_least[:, t]``: corpus codes (not the query) under the query's depth-t ancestor; as the gain ``2**t - 1``
+    is the sum of ``2**(s-1)`` for s <= t, each t adds ``2**(t-1)`` on the first ``min(at_least, k)`` ranks.
     """
     k = cum_discount.size - 1
     path = taxonomy.ancestor_path[queries].astype(np.int64)  # [Q, D+1], column 0 the root (N)
     at_least = subtree_counter(taxonomy, corpus)(path)
-    in_corpus = np.zeros(len(taxonomy), dtype=bool)
-    in_corpus[corpus] = True
-    at_least -= (in_corpus[queries][:, None] & (path >= 0)).astype(np.int64)
+    at_least -= (np.isin(queries, corpus)[:, None] & (path >= 0)).astype(np.int64)
     weights = 2.0 ** np.arange(taxonomy.max_depth)
     return cum_discount[np.minimum(at_least[:, 1:], k)] @ weights
 
@@ -50,11 +46,9 @@ def ndcg_per_query(embeddings: Any, taxonomy: Taxonomy, query_ids: Sequence[int]
                    depth: int | None = None) -> np.ndarray:
     """NDCG@k of each query (NaN where the ideal DCG is 0, i.e. the query is skipped).
 
-    Queries and corpus default to the codes at ``depth``, or the leaves. Each query ranks every
-    other corpus code by cosine similarity (:func:`comparable`; ties: lower corpus position first).
-    The gain of a corpus code is ``2 ** lca_depth(query, code) - 1`` (root 0, top level 1, ...); the discount is
-    ``1 / log2(rank + 1)`` with ranks from 1; the ideal DCG sorts the same gains (the query itself
-    excluded) in descending order.
+    Queries and corpus default to the codes at ``depth``, or the leaves. Each query ranks the other corpus codes
+    by cosine (:func:`comparable`; ties: lower corpus position first); gain ``2 ** lca_depth(query, code) - 1``
+    (root 0, top level 1, ...), discount ``1 / log2(rank + 1)`` with ranks from 1.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k={k!r}; expected a positive integer")
@@ -67,10 +61,7 @@ def ndcg_per_query(embeddings: Any, taxonomy: Taxonomy, query_ids: Sequence[int]
 def ndcg_at_k(embeddings: Any, taxonomy: Taxonomy, query_ids: Sequence[int] | np.ndarray | None = None,
               corpus_ids: Sequence[int] | np.ndarray | None = None, k: int = 10, *, depth: int | None = None,
               max_queries: int | None = None, seed: int = 0) -> float:
-    """Mean NDCG@k over the queries with a non-zero ideal DCG (see :func:`ndcg_per_query`).
-
-    Above ``max_queries`` queries a seeded sample of that many is scored (None: all).
-    """
+    """Mean NDCG@k over queries with a non-zero ideal DCG (:func:`ndcg_per_query`); a sample above ``max_queries``."""
     queries = sample_codes(select_codes(taxonomy, query_ids, depth, "query_ids"), max_queries, seed, "max_queries")
     per_query = ndcg_per_query(embeddings, taxonomy, queries, corpus_ids, k, depth=depth)
     scored = per_query[~np.isnan(per_query)]

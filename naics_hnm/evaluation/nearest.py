@@ -1,18 +1,8 @@
 """Each query's k nearest corpus codes under the tie rule, fast: a float32 shortlist, rescored in float64.
 
-:func:`nearest_columns` is what NDCG and held-out placement rank with. It returns exactly what a
-float64 row-by-row ranking returns (:func:`comparable` similarity descending, then lower corpus
-position), without a float64 pass over queries x corpus:
-
-1. float32 similarities of a chunk of queries against the corpus, and each row's
-   ``k + SHORTLIST_SLACK`` largest (the shortlist);
-2. the shortlist rescored in float64 and ranked by the tie rule;
-3. a row is accepted only if no code outside its shortlist can reach its k-th exact value:
-   float32 dot products of unit rows are within ``float32_error(d)`` of the float64 ones (any
-   summation order), so every code outside is at most the shortlist's smallest float32 value
-   plus that bound. A row that fails (more near-equal codes than the shortlist holds) is ranked
-   from every code whose float32 value is within the bound of its k-th exact value, rescored in
-   float64: the true top k is among them.
+Exactly the float64 row-by-row ranking: each row's ``k + SHORTLIST_SLACK`` largest float32 values are rescored in
+float64; a row whose k-th exact value some code outside the shortlist could reach (within ``float32_error(d)``) is
+ranked again from every code within that bound.
 """
 
 from __future__ import annotations
@@ -23,24 +13,13 @@ import torch
 from naics_hnm.evaluation.rows import BLOCK, comparable
 from naics_hnm.index.ids import select_topk_np
 
-SHORTLIST_SLACK = 16
-"""Shortlist columns beyond k: near-ties around the k-th code stay inside it."""
-
-MIN_ROWS = 64
-"""Queries per float32 chunk at least: each chunk reads the whole corpus, so few rows would be memory-bound."""
-
-ROUNDING = 10.0 ** -9
-"""What :func:`comparable`'s rounding may move two values together (two half steps of 1e-9)."""
-
+SHORTLIST_SLACK = 16  # shortlist columns beyond k: near-ties around the k-th code stay inside it
+MIN_ROWS = 64  # queries per float32 chunk at least: each chunk reads the whole corpus
+ROUNDING = 10.0 ** -9  # how far comparable()'s rounding may move two values together (two half steps of 1e-9)
 
 
 def float32_error(dim: int) -> float:
-    """A bound on |float32 - float64| for the dot product of two unit rows of width ``dim``.
-
-    Casting each entry to float32 moves a product by at most 2u|a_i b_i| and a sum of ``dim``
-    terms in any order by at most ``dim * u * sum |a_i b_i| / (1 - dim * u)`` (u = 2**-24);
-    ``sum |a_i b_i| <= 1`` for unit rows. Doubled for the rows' norms not being exactly 1 in float32.
-    """
+    """A bound on |float32 - float64| for the dot product of two unit rows of width ``dim`` (any summation order)."""
     u = 2.0**-24
     return 2.0 * (dim + 2) * u / (1.0 - (dim + 2) * u)
 
@@ -61,11 +40,10 @@ def _widened(unit: np.ndarray, query: int, corpus: np.ndarray, own: int, fast_ro
 
 def nearest_columns(unit: np.ndarray, queries: np.ndarray, corpus: np.ndarray, k: int,
                     position: np.ndarray | None = None) -> np.ndarray:
-    """int64 [Q, k]: positions in ``corpus`` of each query's k most similar corpus codes.
+    """int64 [Q, k]: positions in ``corpus`` (code ids) of each query's k most similar codes (``k <= corpus.size``).
 
-    ``unit``: float64 unit rows of every code; ``queries`` / ``corpus``: code ids; ``position``:
-    each code's position in ``corpus`` or -1 (a query never ranks itself: its own column counts
-    as -inf). Needs ``k <= corpus.size``. Equal to ranking each full float64 row by the tie rule.
+    ``unit``: float64 unit rows of every code; ``position``: each code's position in ``corpus`` or -1 (a query never
+    ranks itself).
     """
     if position is None:
         position = np.full(unit.shape[0], -1, dtype=np.int64)

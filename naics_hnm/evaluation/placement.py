@@ -14,12 +14,9 @@ from naics_hnm.tree.taxonomy import Taxonomy
 def holdout_split(taxonomy: Taxonomy, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
     """bool[N] mask of held-out codes: whole text groups until ``round(fraction * leaves)`` leaves are out.
 
-    A text group is every code sharing one casefolded text (a code with a unique text is a group
-    of one). The groups holding at least one leaf, ordered by their smallest code id, are shuffled
-    with ``np.random.default_rng(seed).permutation`` and held out whole (every code, at any level)
-    in that order until the held-out leaves first reach the target. Whole groups, so that a held-out
-    text never appears in training (NAICS: '111110' and its one-child parent '11111' share a title);
-    the leaf share can exceed ``fraction`` by the last group's size.
+    A text group is every code sharing one casefolded text, so that a held-out text never appears in training.
+    The groups holding a leaf, by smallest code id, are shuffled with ``np.random.default_rng(seed).permutation``
+    and held out whole in that order until the held-out leaves reach the target (possibly passing it).
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction={fraction!r}; expected a number strictly between 0 and 1")
@@ -48,16 +45,12 @@ def check_mask(heldout_mask: Any, n_codes: int) -> np.ndarray:
 
 def placement_hits(embeddings: Any, taxonomy: Taxonomy, heldout_mask: Any, *, max_queries: int | None = None,
                    seed: int = 0) -> dict[str, float]:
-    """Share of held-out leaves whose nearest trained leaf shares their parent / grandparent.
+    """Share of held-out leaves whose nearest trained leaf (cosine, ties: lowest id) shares their parent / grandparent.
 
-    Each held-out leaf ``h`` is matched to its nearest (cosine, :func:`comparable`; ties: lowest id) leaf not held
-    out. ``parent``: a hit when their LCA is at least ``h``'s parent (depth >= depth(h) - 1);
-    ``grandparent``: at least its grandparent. A leaf is *eligible* at a level when that ancestor
-    exists (depth(h) >= 2, resp. >= 3) and its subtree holds a trained leaf, i.e. a hit is
-    possible at all. Returns ``parent`` / ``grandparent`` (hit rate among the eligible; NaN if
-    none), ``parent_all`` / ``grandparent_all`` (over all held-out leaves, ineligible = miss),
-    ``parent_eligible`` / ``grandparent_eligible`` (eligible share) and ``heldout_leaves`` (all of
-    them). Above ``max_queries`` held-out leaves the rates are over a seeded sample of that many.
+    A leaf is *eligible* at a level when that ancestor exists and its subtree holds a trained leaf. Returns
+    ``parent`` / ``grandparent`` (hit rate among the eligible; NaN if none), ``{level}_all`` (over all, ineligible =
+    miss), ``{level}_eligible`` (eligible share) and ``heldout_leaves`` (all of them). Above ``max_queries`` held-out
+    leaves the rates are over a seeded sample of that many.
     """
     unit = as_unit_rows(embeddings, len(taxonomy))
     mask = check_mask(heldout_mask, len(taxonomy))

@@ -1,12 +1,8 @@
 """Tree reconstruction (Nickel & Kiela 2017): do a code's ancestors and descendants rank above the rest?
 
-For each query code ``u`` every other code is ranked by cosine similarity; the relevant codes are
-``u``'s proper ancestors and descendants. **Mean rank**: over every (query, relevant ``v``) pair,
-``1 +`` the number of non-relevant codes ranked at or above ``v`` (1 is perfect). **MAP**: per
-query, the mean over its relevant codes of the precision at ``v``'s position, averaged over queries.
-Ties count against the embedding ("at or above"), through :func:`naics_hnm.evaluation.rows.comparable`.
-Queries without relevant codes are skipped; above ``max_queries`` a seeded sample of queries is
-scored, one chunk of queries at a time, so nothing grows as N x N.
+Relevant codes of a query ``u``: its proper ancestors and descendants, among all codes ranked by cosine.
+**Mean rank**: over (query, relevant ``v``) pairs, ``1 +`` the non-relevant codes at or above ``v`` (1 is perfect).
+**MAP**: the mean over queries of the mean precision at each relevant code. Ties count against the embedding.
 """
 
 from __future__ import annotations
@@ -19,8 +15,7 @@ from naics_hnm.evaluation.rows import WIDE_BLOCK, as_unit_rows, comparable, samp
 from naics_hnm.tree.taxonomy import Taxonomy
 
 
-FEW_RELEVANT = 32
-"""Up to this many relevant codes a query counts the codes at or above each one instead of sorting its row."""
+FEW_RELEVANT = 32  # up to this many relevant codes, count the codes at or above each instead of sorting the row
 
 
 def _relevant(taxonomy: Taxonomy, u: int) -> np.ndarray:
@@ -30,10 +25,7 @@ def _relevant(taxonomy: Taxonomy, u: int) -> np.ndarray:
 
 
 def _query_scores(similarity: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, float]:
-    """Ranks of the relevant codes among the non-relevant ones, and the average precision, of one query.
-
-    ``similarity`` is the query's row with the query itself at -inf (so it is never at or above a code).
-    """
+    """One query's ranks of its relevant codes among the others, and its average precision (itself at -inf)."""
     scores = similarity[relevant]
     if scores.size <= FEW_RELEVANT:  # one pass per relevant code beats sorting the row
         at_or_above = np.array([np.count_nonzero(similarity >= s) for s in scores.tolist()], dtype=np.int64)
@@ -46,7 +38,7 @@ def _query_scores(similarity: np.ndarray, relevant: np.ndarray) -> tuple[np.ndar
 
 def reconstruction(embeddings: Any, taxonomy: Taxonomy, *, max_queries: int | None = 1000,
                    seed: int = 0) -> dict[str, float]:
-    """``{"mean_rank", "map", "queries"}`` of tree reconstruction over all codes (see the module docstring)."""
+    """``{"mean_rank", "map", "queries"}`` of tree reconstruction; a seeded sample of queries above ``max_queries``."""
     unit = as_unit_rows(embeddings, len(taxonomy))
     n = len(taxonomy)
     has_relevant = (taxonomy.depth > 1) | (taxonomy.end - taxonomy.pre > 1)

@@ -1,10 +1,7 @@
 """What every metric shares: validated unit rows, the tie rule, the evaluated codes and subtree counts.
 
-Ties: similarities are compared after rounding to ``SIMILARITY_DECIMALS`` (9) decimals
-(:func:`comparable`), and equal rounded values are ordered by lower corpus position (lower code id
-for placement). BLAS gives mathematically equal similarities different last bits depending on the
-kernel, the thread count and the blocking (~1e-16 at float64), far below the rounding step, so
-every machine ranks the same. The brute-force references in the tests apply the same function.
+Ties: similarities are compared rounded to ``SIMILARITY_DECIMALS`` decimals (:func:`comparable`), far above BLAS's
+last-bit noise, so every machine ranks the same; equal values go to the lower corpus position (lower code id).
 """
 
 from __future__ import annotations
@@ -30,21 +27,15 @@ class _UnitRows(np.ndarray):
 
 
 def as_unit_rows(embeddings: Any, n_codes: int) -> np.ndarray:
-    """Validate ``embeddings`` [n_codes, d] (numpy or torch) and return float64 unit rows.
-
-    The result is marked as validated, so metrics called with it (as :func:`evaluate_embeddings`
-    does) do not copy and normalise N x d again.
-    """
+    """Validate ``embeddings`` [n_codes, d] (numpy or torch) and return float64 unit rows, marked as validated."""
     if isinstance(embeddings, _UnitRows) and embeddings.shape[0] == n_codes:
         return embeddings
     if hasattr(embeddings, "detach"):
         embeddings = embeddings.detach().cpu().float().numpy()
     array = np.array(embeddings, dtype=np.float64)  # our own copy: normalised in place below
     if array.ndim != 2 or array.shape[0] != n_codes:
-        raise ValueError(
-            f"embeddings have shape {tuple(array.shape)}; expected [{n_codes}, d] "
-            f"(one row per code of a taxonomy with {n_codes} codes)"
-        )
+        raise ValueError(f"embeddings have shape {tuple(array.shape)}; expected [{n_codes}, d] "
+                         f"(one row per code of a taxonomy with {n_codes} codes)")
     step = max(1, BLOCK // max(1, array.shape[1]))  # row blocks: no second [n, d] temporary
     finite = np.concatenate([np.isfinite(array[i : i + step]).all(axis=1) for i in range(0, n_codes, step)])
     if not finite.all():

@@ -1,13 +1,7 @@
-"""Building and tuning approximate faiss indexes: seeded training sample, search parameters.
+"""Building and tuning approximate faiss indexes: a seeded training sample and search parameters.
 
-A factory that needs training is trained on ``min(N, 64 * nlist)`` rows (at least 16384 where
-codebooks are trained too) drawn with ``numpy.random.default_rng(seed)``, so a build is a
-deterministic function of (data, factory, seed), HNSW excepted. Search parameters: ``nprobe``
-(IVF) and ``efSearch`` (HNSW) are faiss's own; ``k_factor`` is ours: the index returns
-``k * k_factor`` candidates, re-scored exactly with the float32 vectors kept for ranking (always
-for lossy codes such as PQ and SQ). The defaults (``nprobe = min(nlist, max(16, 4 ceil(sqrt(nlist))))``,
-``efSearch = 128``, ``k_factor = 4`` for lossy codes) and their measurements: ``docs/index_defaults.md``.
-"""
+``nprobe`` (IVF) and ``efSearch`` (HNSW) are faiss's own; ``k_factor`` fetches ``k * k_factor`` candidates,
+re-scored exactly from float32 vectors. The defaults and their measurements: ``docs/index_defaults.md``."""
 
 from __future__ import annotations
 
@@ -36,8 +30,7 @@ def default_nprobe(nlist: int) -> int:
 
 
 def train_size(n: int, nlist: int, codebooks: bool) -> int:
-    """Rows used to train: ``min(n, 64 * nlist)``, raised to 16384 when ``codebooks`` (PQ, SQ,
-    transforms) need training too."""
+    """Rows used to train: ``min(n, 64 * nlist)``, raised to 16384 when ``codebooks`` need training too."""
     wanted = TRAIN_POINTS_PER_LIST * nlist
     return min(n, max(wanted, TRAIN_POINTS_MIN) if codebooks else wanted)
 
@@ -51,18 +44,15 @@ def training_sample(x: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 def build_faiss_index(x: np.ndarray, metric_type: int, index_factory: str, seed: int) -> faiss.Index:
-    """A CPU faiss index from ``index_factory`` holding the rows of ``x`` (trained on a sample).
-
-    Raises ValueError naming the factory when faiss refuses it or N is below its nlist.
-    """
+    """A CPU faiss index from ``index_factory`` holding ``x``; ValueError if faiss refuses it or N < nlist."""
     n, d = x.shape
     try:
         index = faiss.index_factory(d, index_factory, metric_type)
     except RuntimeError as exc:
         raise ValueError(f"index_factory={index_factory!r} is not a faiss factory string for dim {d}: "
                          f"{_faiss_message(exc)}") from exc
-    ivf = faiss.try_extract_index_ivf(index)
-    nlist = int(ivf.nlist) if ivf is not None else 0
+    traits = SearchTraits.of(index)
+    nlist = traits.nlist
     if n < nlist:
         suggested = 2 ** int(math.log2(max(1, n // FAISS_MIN_POINTS_PER_LIST)))
         raise ValueError(f"index_factory={index_factory!r} has nlist={nlist} inverted lists but there are only "
@@ -73,8 +63,7 @@ def build_faiss_index(x: np.ndarray, metric_type: int, index_factory: str, seed:
                        index_factory, n, nlist, FAISS_MIN_POINTS_PER_LIST * nlist)
     try:
         if not index.is_trained:
-            codebooks = not SearchTraits.of(index).exact_storage
-            sample = training_sample(x, train_size(n, nlist, codebooks), seed)
+            sample = training_sample(x, train_size(n, nlist, codebooks=not traits.exact_storage), seed)
             start = time.perf_counter()
             index.train(sample)
             logger.info("trained %r on %d of %d vectors (seed %d) in %.2fs", index_factory, len(sample), n, seed,
@@ -88,13 +77,7 @@ def build_faiss_index(x: np.ndarray, metric_type: int, index_factory: str, seed:
 
 @dataclass(frozen=True)
 class SearchTraits:
-    """What an index's search parameters can be, read once from its CPU version.
-
-    ``keys`` are the parameters it takes (none for an exact flat index), ``nlist`` its inverted
-    lists (0 without IVF), ``exact_storage`` whether it stores the vectors uncompressed, so that
-    its own scores are already exact.
-    """
-
+    """The search parameters an index takes (``keys``), its ``nlist`` (0 without IVF), whether its scores are exact."""
     keys: tuple[str, ...]
     nlist: int
     exact_storage: bool
@@ -124,11 +107,8 @@ class SearchTraits:
         return params
 
     def check(self, params: Mapping[str, Any] | None, index_type: str) -> dict[str, int]:
-        """``params`` validated as a plain dict of ints.
-
-        Raises TypeError for a non-mapping or a non-integer value, and ValueError naming the key
-        for a key this index does not take, a value below 1 or an nprobe above nlist.
-        """
+        """``params`` as a dict of ints; TypeError for a non-mapping or non-integer, ValueError naming a key this
+        index does not take, a value below 1 or an nprobe above nlist."""
         if params is None:
             return {}
         if not isinstance(params, Mapping):

@@ -1,14 +1,8 @@
 """The mining index chosen from the number of codes, and its recall@64 estimated against exact search.
 
-One rule, used by :class:`naics_hnm.mining.miner.HardNegativeMiner` (hence the Lightning callback),
-``python -m naics_hnm.rebuild_index`` and ``examples/train_naics.py`` when no factory is given:
-exact flat search up to ``EXACT_MAX_CODES``; above, ``IVF{nlist},Flat`` (:func:`auto_nlist`) whose
-``nprobe`` is calibrated at each build: the smallest power of two whose recall@64 on
-``RECALL_SAMPLE`` seeded rows, against exact search, reaches ``CALIBRATION_TARGET`` (0.99, a margin
-above the 0.95 promised). An explicit factory always wins (``"Flat"`` forces exact search) and
-explicit ``search_params`` are never calibrated over; only the recall estimate is logged. The
-measurements behind the rule: ``docs/index_defaults.md``.
-"""
+Exact flat search up to ``EXACT_MAX_CODES``; above, ``IVF{nlist},Flat`` whose ``nprobe`` is calibrated at each
+build to reach recall@64 ``CALIBRATION_TARGET`` on sampled rows. An explicit factory or explicit search
+parameters always win. The measurements behind the rule: ``docs/index_defaults.md``."""
 
 from __future__ import annotations
 
@@ -17,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 
@@ -27,8 +22,7 @@ from naics_hnm.index.metric import get_metric
 
 log = logging.getLogger(__name__)
 
-EXACT_MAX_CODES = 20_000
-"""Codes up to which the default index is exact (flat)."""
+EXACT_MAX_CODES = 20_000  # codes up to which the default index is exact (flat)
 RECALL_K = 64
 RECALL_SAMPLE = 256
 CALIBRATION_TARGET = 0.99
@@ -38,7 +32,6 @@ MAX_AUTO_NLIST = 2048
 @dataclass(frozen=True)
 class IndexChoice:
     """A factory string (None: exact flat) and why it was chosen; ``auto`` when chosen from N."""
-
     index_factory: str | None
     reason: str
     auto: bool
@@ -62,8 +55,7 @@ def auto_nlist(n: int) -> int:
 
 
 def choose_index(n: int, index_factory: str | None = None) -> IndexChoice:
-    """The index for ``n`` codes: ``index_factory`` when given, else exact up to ``EXACT_MAX_CODES``,
-    ``IVF{auto_nlist(n)},Flat`` above."""
+    """``index_factory`` when given, else exact up to ``EXACT_MAX_CODES`` codes, ``IVF{auto_nlist(n)},Flat`` above."""
     if index_factory is not None:
         if not (isinstance(index_factory, str) and index_factory.strip()):
             raise ValueError(f"index_factory={index_factory!r}: expected None or a faiss factory string")
@@ -72,8 +64,8 @@ def choose_index(n: int, index_factory: str | None = None) -> IndexChoice:
         raise ValueError(f"n={n!r}: expected the number of codes, an int >= 1")
     if n <= EXACT_MAX_CODES:
         return IndexChoice(None, f"N={n} <= {EXACT_MAX_CODES}: exact search is cheap", auto=True)
-    nlist = auto_nlist(n)
-    return IndexChoice(f"IVF{nlist},Flat", f"N={n} > {EXACT_MAX_CODES}: approximate, nlist ~ 4 sqrt(N)", auto=True)
+    return IndexChoice(f"IVF{auto_nlist(n)},Flat", f"N={n} > {EXACT_MAX_CODES}: approximate, nlist ~ 4 sqrt(N)",
+                       auto=True)
 
 
 def recall_sample(n: int, size: int = RECALL_SAMPLE, seed: int = 0) -> np.ndarray:
@@ -84,11 +76,7 @@ def recall_sample(n: int, size: int = RECALL_SAMPLE, seed: int = 0) -> np.ndarra
 
 
 class RecallProbe:
-    """Recall@k of an index's searches on a fixed sample of its own rows, against exact search.
-
-    The exact top-k of the sample is computed once (a chunked matmul + top-k on the index's
-    device); :meth:`recall` then costs one approximate search of the sample.
-    """
+    """Recall@k of an index's searches on a fixed sample of its own rows; the exact top-k is computed once."""
 
     def __init__(self, index: EmbeddingIndex, k: int = RECALL_K, sample: int = RECALL_SAMPLE, seed: int = 0) -> None:
         self.index = index
@@ -121,13 +109,12 @@ def _ladder(maximum: int, start: int = 1) -> list[int]:
 
 def calibrate(index: EmbeddingIndex, target: float = CALIBRATION_TARGET, *, k: int = RECALL_K,
               sample: int = RECALL_SAMPLE, seed: int = 0) -> float:
-    """Set the smallest power-of-two ``nprobe`` (IVF) or ``efSearch`` (HNSW) whose recall@k on the
-    sample reaches ``target`` (else the largest tried) and return that recall. Other indexes:
-    only the recall is returned."""
+    """Set the smallest power-of-two ``nprobe`` or ``efSearch`` whose recall@k reaches ``target`` (else the largest
+    tried); return the recall."""
     probe = RecallProbe(index, k, sample, seed)
     params = index.search_params
     if "nprobe" in params:
-        key, values = "nprobe", _ladder(_nlist(index))
+        key, values = "nprobe", _ladder(int(faiss.extract_index_ivf(index.faiss_index).nlist))
     elif "efSearch" in params:
         key, values = "efSearch", _ladder(1024, start=16)
     else:
@@ -141,20 +128,12 @@ def calibrate(index: EmbeddingIndex, target: float = CALIBRATION_TARGET, *, k: i
     return recall
 
 
-def _nlist(index: EmbeddingIndex) -> int:
-    import faiss
-
-    return int(faiss.extract_index_ivf(index.faiss_index).nlist)
-
-
 def build_index(embeddings: Any, choice: IndexChoice, *, search_params: dict | None = None,
                 **build_options: Any) -> tuple[EmbeddingIndex, float]:
-    """Build ``choice``; calibrate an automatic approximate index (unless ``search_params`` are
-    given), estimate recall@64 of any approximate one, log the choice; returns (index, recall)."""
-    options = dict(build_options)
+    """Build ``choice``, calibrate it if automatic and approximate without ``search_params``; (index, recall@64)."""
     if search_params:
-        options["search_params"] = search_params
-    index = EmbeddingIndex.build(embeddings, index_factory=choice.index_factory, **options)
+        build_options["search_params"] = search_params
+    index = EmbeddingIndex.build(embeddings, index_factory=choice.index_factory, **build_options)
     if choice.exact:
         recall, how = 1.0, "exact"
     elif choice.auto and not search_params:

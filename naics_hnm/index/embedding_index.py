@@ -1,13 +1,7 @@
-"""A faiss-backed index over code embeddings with exact batched ranking of candidate pools.
+"""A faiss-backed index over code embeddings (row ``i`` = code index ``i``) with exact batched ranking.
 
-Row ``i`` of the index is code index ``i``. Metrics: ``"cosine"`` (rows L2-normalised, then inner
-product), ``"ip"`` and ``"l2"`` (squared Euclidean distance; smaller = more similar). Every query
-returns ``(scores, ids)``, most similar first, padded with id ``-1`` and score ``-inf`` (``+inf``
-for l2). The index is exact (``Flat``) or approximate from a faiss factory string
-(:mod:`naics_hnm.index.approximate`); a flat index's :attr:`EmbeddingIndex.vectors` are a view of
-faiss's own storage, an approximate one keeps a float32 copy for exact ranking. Files:
-:mod:`naics_hnm.index.index_file`.
-"""
+Every query returns ``(scores, ids)``, most similar first, padded with id ``-1`` and the metric's worst score.
+A flat index ranks with faiss's own storage, an approximate one keeps a float32 copy for exact ranking."""
 
 from __future__ import annotations
 
@@ -39,12 +33,8 @@ _RANK_BLOCK_BYTES = 4 << 20
 
 
 class EmbeddingIndex:
-    """Exact (flat) or approximate faiss index plus float32 vectors for exact ranking.
-
-    Build with :meth:`build` or :meth:`load`; the constructor is internal. With a faiss GPU build,
-    a visible GPU and torch CUDA, ``device="auto"`` puts flat and IVF indexes on the GPU (others,
-    such as HNSW, stay on CPU, which is logged) and ``vectors`` on the GPU.
-    """
+    """Exact (flat) or approximate faiss index plus float32 vectors for exact ranking; use :meth:`build` or
+    :meth:`load`. ``device="auto"`` puts flat and IVF indexes and ``vectors`` on a GPU when faiss and torch see one."""
 
     def __init__(self, cpu_index: faiss.Index, vectors: np.ndarray, metric: str, device: str, *, index_type: str,
                  search_params: dict[str, int] | None = None, codes_fingerprint: str | None = None,
@@ -94,12 +84,8 @@ class EmbeddingIndex:
     def build(cls, embeddings: Any, metric: str = "cosine", device: str = "auto", *, index_factory: str | None = None,
               search_params: dict[str, int] | None = None, seed: int = 0, model_fingerprint: str | None = None,
               epoch: int | None = None, codes: Sequence[str] | None = None) -> "EmbeddingIndex":
-        """Index float [N, d] embeddings (numpy or torch on any device); row i = id i.
-
-        ``index_factory`` (e.g. ``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF1024,PQ32"``) builds an
-        approximate index trained on a sample drawn with ``seed``; ``search_params`` override its
-        measured defaults (see :mod:`naics_hnm.index.approximate`).
-        """
+        """Index float [N, d] embeddings (numpy or torch on any device); row i = id i. ``index_factory`` (e.g.
+        ``"IVF1024,PQ32"``) builds an approximate index trained on a sample drawn with ``seed``."""
         normalise = get_metric(metric).normalise
         if index_factory is not None and not isinstance(index_factory, str):
             raise TypeError(f"index_factory must be a faiss factory string or None, got {type(index_factory).__name__}")
@@ -128,24 +114,18 @@ class EmbeddingIndex:
             index.add(x)
         else:
             index = build_faiss_index(x, faiss_metric(metric), index_factory, int(seed))
-        # an approximate index keeps its own float32 copy for exact ranking: on huge pages, as ranking
-        # gathers its rows at random (see naics_hnm.hugepages); x itself is dropped after the build
+        # an approximate index keeps its float32 copy on huge pages, as ranking gathers its rows at random
         vectors = _storage_view(index) if isinstance(index, faiss.IndexFlat) else on_hugepages(x)
-        return cls(
-            index, vectors, metric, resolved, index_type=index_factory or "Flat", search_params=search_params,
-            codes_fingerprint=fingerprint, model_fingerprint=model_fingerprint,
-            epoch=None if epoch is None else int(epoch), reason=reason,
-        )
+        return cls(index, vectors, metric, resolved, index_type=index_factory or "Flat", search_params=search_params,
+                   codes_fingerprint=fingerprint, model_fingerprint=model_fingerprint,
+                   epoch=None if epoch is None else int(epoch), reason=reason)
 
     @classmethod
     def from_faiss(cls, index: faiss.Index, metric: str, *, vectors: np.ndarray | None = None,
                    index_type: str = "Flat", search_params: dict[str, int] | None = None,
                    codes: Sequence[str] | None = None, epoch: int | None = None) -> "EmbeddingIndex":
-        """Wrap a CPU faiss index that is already built (e.g. one mapped from a file) without copying it.
-
-        ``vectors`` (float32 [N, d], normalised for cosine) are the exact rows for ranking; None
-        takes a flat index's own storage.
-        """
+        """Wrap a built CPU faiss index without copying it; ``vectors`` (float32 [N, d], normalised for cosine)
+        rank exactly, None takes a flat index's own storage."""
         if vectors is None:
             if not isinstance(index, faiss.IndexFlat):
                 raise ValueError(f"EmbeddingIndex.from_faiss({index_type!r}): an approximate index needs vectors=")
@@ -187,8 +167,7 @@ class EmbeddingIndex:
 
     @property
     def faiss_index(self) -> faiss.Index:
-        """The underlying faiss index (GPU or CPU). Change its search parameters with
-        :meth:`set_search_params` (so that they are saved) and never add to it."""
+        """The underlying faiss index (GPU or CPU): set search parameters with :meth:`set_search_params`."""
         return self._index
 
     @property
@@ -212,27 +191,19 @@ class EmbeddingIndex:
         return self.ntotal
 
     def __repr__(self) -> str:
-        return (
-            f"EmbeddingIndex(metric={self.metric!r}, ntotal={self.ntotal}, dim={self.dim}, "
-            f"index_type={self.index_type!r}, device={self.device!r}, epoch={self.epoch})"
-        )
+        return (f"EmbeddingIndex(metric={self.metric!r}, ntotal={self.ntotal}, dim={self.dim}, "
+                f"index_type={self.index_type!r}, device={self.device!r}, epoch={self.epoch})")
 
     def set_search_params(self, **params: int) -> None:
-        """Update search parameters, e.g. ``set_search_params(nprobe=64)``; others keep their value.
-
-        Keys: ``nprobe`` (IVF), ``efSearch`` (HNSW), ``k_factor`` (any approximate index). A key
-        the index does not take or a value below 1 raises ValueError naming it.
-        """
+        """Update search parameters (``nprobe``, ``efSearch``, ``k_factor``), e.g. ``set_search_params(nprobe=64)``;
+        others keep their value. A key the index does not take or a value below 1 raises ValueError naming it."""
         checked = self._traits.check(params, self._index_type)
         apply_search_params(self._index, checked)
         self._search_params.update(checked)
 
     def pair_scores(self, anchor_ids: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
-        """Exact float32 [B, C] scores of (anchor, candidate) pairs on :attr:`device`.
-
-        Ids must already be validated int64 tensors on :attr:`device`; ``-1`` entries get an
-        arbitrary score and must be masked by the caller.
-        """
+        """Exact float32 [B, C] scores of (anchor, candidate) pairs; ids are validated int64 tensors on
+        :attr:`device`, ``-1`` entries get an arbitrary score for the caller to mask."""
         safe = candidate_ids.clamp(min=0)
         if self._device == "cpu":
             ip = torch.from_numpy(self._cpu_inner_products(anchor_ids.numpy(), safe.numpy()))
@@ -258,11 +229,8 @@ class EmbeddingIndex:
         return out
 
     def rank(self, anchor_ids: Any, candidate_ids: Any, k: int) -> tuple[Any, Any]:
-        """Top-k of each anchor's candidate row: ``(scores [B, k], ids [B, k])``, hardest first.
-
-        ``candidate_ids`` is int64 [B, C] with ``-1`` padding; duplicates count once; ties keep the
-        earlier candidate position. Output is numpy for numpy input, else torch on the input's device.
-        """
+        """Top-k ``(scores [B, k], ids [B, k])`` of each anchor's candidates (int64 [B, C], ``-1`` padding), hardest
+        first; duplicates count once, ties keep the earlier column. Numpy in, numpy out; else torch."""
         k = check_k(k)
         anchors, candidates, _ = check_ids(anchor_ids, candidate_ids, None, self._vectors.device, self.ntotal)
         with torch.no_grad():
@@ -272,12 +240,8 @@ class EmbeddingIndex:
         return like_input(candidate_ids, top_scores, top_ids)
 
     def search(self, queries: Any, k: int, *, batch_size: int | None = None) -> tuple[Any, Any]:
-        """Global k nearest rows of query vectors [Q, d] (normalised for cosine).
-
-        ``k > N`` pads with ``-1`` / ``-inf`` (``+inf`` for l2), unless that padding would take more
-        than 1 GiB (ValueError). Queries run ``batch_size`` at a time (None: sized to ~128 MiB of
-        working memory). Output kind follows ``queries``.
-        """
+        """Global k nearest rows of query vectors [Q, d], ``batch_size`` at a time (None: ~128 MiB of working memory);
+        ``k > N`` pads with id ``-1``, unless that padding would take more than 1 GiB (ValueError)."""
         k = check_k(k)
         q = as_float_matrix(queries, "queries")
         if q.shape[1] != self.dim:
@@ -288,19 +252,14 @@ class EmbeddingIndex:
         return like_input(queries, torch.from_numpy(scores), torch.from_numpy(ids))
 
     def search_ids(self, anchor_ids: Any, k: int, *, batch_size: int | None = None) -> tuple[Any, Any]:
-        """Nearest neighbours of indexed rows by id (each row's own id is included).
-
-        Rows are gathered and searched ``batch_size`` at a time, so memory beyond the [Q, k]
-        outputs does not grow with Q. Output kind follows ``anchor_ids``.
-        """
+        """Nearest neighbours of indexed rows by id (each row's own id included), ``batch_size`` rows at a time."""
         k = check_k(k)
         anchors = check_ids(anchor_ids, None, None, "cpu", self.ntotal)[0]
         scores, ids = self._search_rows(self._vectors_np, anchors.numpy(), k, batch_size)
         return like_input(anchor_ids, torch.from_numpy(scores), torch.from_numpy(ids))
 
-    def _search_rows(
-        self, source: np.ndarray, rows: np.ndarray | None, k: int, batch_size: int | None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _search_rows(self, source: np.ndarray, rows: np.ndarray | None, k: int,
+                     batch_size: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Search ``source`` (or its ``rows``) batch by batch; exact re-scoring where asked or lossy."""
         fetch_factor = self._search_params.get("k_factor", 1)
         rescore = fetch_factor > 1 or not self._traits.exact_storage
@@ -323,10 +282,7 @@ class EmbeddingIndex:
         return search_in_batches(search, source, rows, k, self.ntotal, self._metric, batch)
 
     def save(self, path: str | Path) -> Path:
-        """Write the index set named ``path`` (see :mod:`naics_hnm.index.index_file`); returns ``path``.
-
-        The switch is atomic: a failure or a kill at any point leaves the previous set loadable.
-        """
+        """Write the index set named ``path`` atomically (:mod:`naics_hnm.index.index_file`); returns ``path``."""
         path = Path(path)
         cpu_index = self._cpu_index if self._cpu_index is not None else faiss.index_gpu_to_cpu(self._index)
         write_index_files(path, cpu_index, None if self._exact else self._vectors_np, self._metadata())
@@ -337,7 +293,15 @@ class EmbeddingIndex:
     def _read_set(path: Path, meta: dict[str, Any], expected_codes: Sequence[str] | None,
                   expected_dim: int | None) -> tuple[faiss.Index, np.ndarray, dict[str, Any], dict[str, int]]:
         """The faiss index, vectors and search parameters of the set ``meta`` describes, all checked."""
-        _check_expected(path, meta, expected_codes, expected_dim)
+        if expected_dim is not None and int(expected_dim) != meta["dim"]:
+            raise IndexFileError(f"index {str(path)!r} has dim {meta['dim']}, expected dim {expected_dim}")
+        if expected_codes is not None:
+            codes = getattr(expected_codes, "codes", expected_codes)
+            want = codes_fingerprint(list(codes))
+            if meta["codes_fingerprint"] != want:
+                raise IndexFileError(f"index {str(path)!r} was built for code list fingerprint "
+                                     f"{meta['codes_fingerprint']}, expected {want} (the given {len(codes)} codes); "
+                                     "rebuild the index")
         index = read_index_file(path, meta)
         vectors = _storage_view(index) if isinstance(index, faiss.IndexFlat) else read_vectors_file(path, meta)
         try:
@@ -347,57 +311,28 @@ class EmbeddingIndex:
         return index, vectors, meta, params
 
     def _metadata(self) -> dict[str, Any]:
-        return {
-            "metric": self._metric,
-            "dim": self.dim,
-            "ntotal": self.ntotal,
-            "index_type": self._index_type,
-            "search_params": self.search_params,
-            "codes_fingerprint": self._codes_fingerprint,
-            "model_fingerprint": self._model_fingerprint,
-            "epoch": self._epoch,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "naics_hnm_version": _package_version(),
-            "faiss_version": faiss.__version__,
-        }
+        return {"metric": self._metric, "dim": self.dim, "ntotal": self.ntotal, "index_type": self._index_type,
+                "search_params": self.search_params, "codes_fingerprint": self._codes_fingerprint,
+                "model_fingerprint": self._model_fingerprint, "epoch": self._epoch,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "naics_hnm_version": _package_version(), "faiss_version": faiss.__version__}
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", *, expected_codes: Sequence[str] | None = None,
              expected_dim: int | None = None) -> "EmbeddingIndex":
-        """Read an index written by :meth:`save`, checking it against its sidecar and expectations.
-
-        ``expected_codes`` (a code list, or anything with ``.codes`` such as a Taxonomy) must match
-        the sidecar's code fingerprint; ``expected_dim`` its dim. Mismatches and corrupt files raise
-        :class:`IndexFileError` naming the file and both values. Search parameters are restored.
-        """
+        """Read an index written by :meth:`save`. ``expected_codes`` (a code list, or anything with ``.codes``) and
+        ``expected_dim`` must match the sidecar; mismatches and corrupt files raise :class:`IndexFileError`."""
         path = Path(path)
         resolved, reason = _resolve_device(device)
         index, vectors, meta, params = read_index_set(path, lambda meta: cls._read_set(path, meta, expected_codes,
                                                                                         expected_dim))
-        return cls(
-            index, vectors, meta["metric"], resolved, index_type=meta["index_type"], search_params=params,
-            codes_fingerprint=meta["codes_fingerprint"], model_fingerprint=meta["model_fingerprint"],
-            epoch=meta["epoch"], reason=reason,
-        )
-
-
-def _check_expected(path: Path, meta: dict[str, Any], expected_codes: Sequence[str] | None,
-                    expected_dim: int | None) -> None:
-    if expected_dim is not None and int(expected_dim) != meta["dim"]:
-        raise IndexFileError(f"index {str(path)!r} has dim {meta['dim']}, expected dim {expected_dim}")
-    if expected_codes is not None:
-        codes = getattr(expected_codes, "codes", expected_codes)
-        want = codes_fingerprint(list(codes))
-        if meta["codes_fingerprint"] != want:
-            raise IndexFileError(
-                f"index {str(path)!r} was built for code list fingerprint {meta['codes_fingerprint']}, "
-                f"expected {want} (the given {len(codes)} codes); rebuild the index"
-            )
+        return cls(index, vectors, meta["metric"], resolved, index_type=meta["index_type"], search_params=params,
+                   codes_fingerprint=meta["codes_fingerprint"], model_fingerprint=meta["model_fingerprint"],
+                   epoch=meta["epoch"], reason=reason)
 
 
 def knn_rows(index: EmbeddingIndex, row_ids: Any, k: int, batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`EmbeddingIndex.search_ids` as numpy arrays ``(scores float32 [Q, k], ids int64 [Q, k])``, whatever
-    ``row_ids`` is."""
+    """:meth:`EmbeddingIndex.search_ids` as numpy ``(scores float32 [Q, k], ids int64 [Q, k])``, for any ``row_ids``."""
     return tuple(np.asarray(torch.as_tensor(a).cpu()) for a in index.search_ids(row_ids, k, batch_size=batch_size))
 
 
@@ -424,11 +359,9 @@ def _resolve_device(device: str) -> tuple[str, str]:
     n_gpus = faiss.get_num_gpus() if has_gpu_build else 0
     usable = n_gpus > 0 and torch.cuda.is_available()
     if device == "cuda" and not usable:
-        raise ValueError(
-            f"device='cuda' needs a faiss GPU build with a visible GPU and torch CUDA; found "
-            f"faiss GPU build={has_gpu_build}, faiss GPUs={n_gpus}, torch.cuda={torch.cuda.is_available()}; "
-            "use device='auto' or 'cpu'"
-        )
+        raise ValueError(f"device='cuda' needs a faiss GPU build with a visible GPU and torch CUDA; found faiss GPU "
+                         f"build={has_gpu_build}, faiss GPUs={n_gpus}, torch.cuda={torch.cuda.is_available()}; "
+                         "use device='auto' or 'cpu'")
     if device == "cpu":
         return "cpu", "device='cpu' requested"
     if usable:

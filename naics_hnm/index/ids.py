@@ -1,9 +1,6 @@
 """Id and top-k helpers over arrays: validation of id arguments and stable masked top-k.
 
-Ids address rows ``0..N-1`` of an index; ``-1`` is padding wherever a row of ids can be short.
-Scores follow the metric (:mod:`naics_hnm.index.metric`): larger is more similar for ``"cosine"``
-and ``"ip"``, smaller for ``"l2"``; padding carries :func:`worst_score`. Nothing here depends on faiss.
-"""
+Ids address rows ``0..N-1`` of an index; ``-1`` is padding, with the score :func:`worst_score`."""
 
 from __future__ import annotations
 
@@ -14,8 +11,7 @@ import torch
 
 from naics_hnm.index.metric import get_metric
 
-DEVICES = ("auto", "cpu", "cuda")
-"""Where an index lives: ``auto`` takes a faiss GPU when there is one."""
+DEVICES = ("auto", "cpu", "cuda")  # where an index lives: auto takes a faiss GPU when there is one
 
 
 def worst_score(metric: str) -> float:
@@ -31,10 +27,8 @@ def check_k(k: Any) -> int:
 
 
 def as_id_tensor(ids: Any, name: str, device: torch.device | str, ndim: int) -> torch.Tensor:
-    """Integer ids (numpy, torch or a nested list) as an ``ndim``-D int64 tensor on ``device``.
-
-    Floating, complex and bool inputs raise TypeError; a wrong rank raises ValueError.
-    """
+    """Integer ids (numpy, torch or a nested list) as an ``ndim``-D int64 tensor on ``device``; TypeError for
+    floating, complex and bool inputs, ValueError for a wrong rank."""
     if not isinstance(ids, torch.Tensor):
         ids = np.asarray(ids)
         if ids.size == 0 and ids.dtype == np.float64:  # np.asarray([]) is float64
@@ -51,14 +45,10 @@ def as_id_tensor(ids: Any, name: str, device: torch.device | str, ndim: int) -> 
 
 def check_id_range(ids: torch.Tensor, name: str, n: int, allow_padding: bool) -> None:
     """Raise ValueError naming the first id outside ``[-1, n)`` (or ``[0, n)`` without padding)."""
-    if ids.numel() == 0:
-        return
     low = -1 if allow_padding else 0
     bad = (ids < low) | (ids >= n)
     if bool(bad.any()):
-        first = int(ids[bad][0])
-        expected = f"[-1, {n})" if allow_padding else f"[0, {n})"
-        raise ValueError(f"{name} holds id {first}, expected ids in {expected}")
+        raise ValueError(f"{name} holds id {int(ids[bad][0])}, expected ids in [{low}, {n})")
 
 
 def check_ids(anchor_ids: Any, candidate_ids: Any, positive_ids: Any, device: Any,
@@ -108,14 +98,10 @@ def duplicate_mask(ids: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(repeat).scatter_(1, order, repeat)
 
 
-def select_topk(
-    scores: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, k: int, metric: str, *, ties: str = "column"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable top-k ``(scores [B, k], ids [B, k])`` among ``keep`` entries, best first: the one top-k.
-
-    Ties keep the earlier column (``ties="column"``) or the lower id (``ties="id"``); rows with fewer
-    than k kept entries are padded with id -1 and :func:`worst_score`.
-    """
+def select_topk(scores: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, k: int, metric: str, *,
+                ties: str = "column") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable top-k ``(scores [B, k], ids [B, k])`` among ``keep`` entries, best first; ties keep the earlier
+    column (``ties="column"``) or the lower id (``ties="id"``); short rows are padded with id -1."""
     worst = worst_score(metric)
     masked = scores.masked_fill(~keep, worst)
     by_id = None
@@ -144,13 +130,8 @@ def select_topk_np(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray, k: int
 
 def search_deeper(rows: Any, depth: int, limit: int, search_round: Callable[[Any, int, bool], Any], *,
                   factor: int = 2) -> None:
-    """The one "search deeper until k survive" loop.
-
-    ``search_round(rows, depth, last)`` searches ``rows`` (an index array or tensor) ``depth`` deep,
-    settles the rows that have enough survivors (every row when ``last``: ``depth`` reached
-    ``limit``) and returns a bool mask of the rows it settled; the others are searched again
-    ``factor`` times deeper (at most ``limit``).
-    """
+    """The one "search deeper until k survive" loop: ``search_round(rows, depth, last)`` returns a bool mask of
+    the rows it settled (all when ``last``); the others go ``factor`` times deeper, up to ``limit``."""
     while len(rows):
         done = search_round(rows, depth, depth >= limit)
         rows = rows[~done]

@@ -1,20 +1,7 @@
-"""The on-disk format of an index: generation-named payload files switched by one sidecar.
-
-Saving to a path such as ``indexes/x.faiss`` writes, in its folder:
-
-- ``x.faiss.g000042.index``: the faiss index (``faiss.write_index`` of its CPU version);
-- ``x.faiss.g000042.vectors.npy``: the float32 vectors, only for approximate indexes;
-- ``x.faiss.json``: the sidecar, holding the metadata plus the generation's file names and sha256s.
-
-Payload files, then the sidecar, are written through fsynced temporaries and renamed; the sidecar's
-rename is the one commit point, so readers (who go through the sidecar) see the whole old set or the
-whole new one. ``path`` itself then becomes a hard link to (or a copy of) the committed index file,
-for tools that read it with faiss; loads never read it. Format 1 (index at ``path``, vectors at
-``path + ".vectors.npy"``) is still read. One writer per path at a time: a save holds ``flock`` on
-``.x.faiss.lock`` (waiting up to :data:`LOCK_TIMEOUT_S` for another), and clean-up only deletes
-older generations and temporaries of writers that no longer run. The guarantees and their tests:
-README, "Reliability".
-"""
+"""The on-disk format of an index: generation-named payload files (``x.faiss.g000042.index`` and, if approximate,
+``.vectors.npy``) switched by one sidecar ``x.faiss.json`` whose atomic rename is the one commit point; ``x.faiss``
+is then a hard link to (or copy of) the index file. One writer per path at a time, under ``flock``. Format 1
+(index at ``path``) is still read. The guarantees and their tests: README, "Reliability"."""
 
 from __future__ import annotations
 
@@ -37,8 +24,8 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 REQUIRED_KEYS = ("format_version", "metric", "dim", "ntotal", "index_type", "codes_fingerprint",
                  "model_fingerprint", "epoch", "index_sha256")
-LOCK_TIMEOUT_S = 600.0
-"""How long a save waits for another process saving the same path before it gives up."""
+LOCK_TIMEOUT_S = 600.0  # seconds a save waits for another process saving the same path
+READ_ATTEMPTS = 5
 
 
 class IndexFileError(ValueError):
@@ -53,13 +40,6 @@ def sidecar_path(path: str | Path) -> Path:
 def vectors_path(path: str | Path) -> Path:
     """Where format 1 kept the vectors of an approximate index: ``path + ".vectors.npy"``."""
     return Path(str(path) + ".vectors.npy")
-
-
-def generation_paths(path: str | Path, generation: int) -> tuple[Path, Path]:
-    """``(index file, vectors file)`` of one generation of the set named ``path``."""
-    stem = f"{Path(path).name}.g{generation:06d}"
-    folder = Path(path).parent
-    return folder / f"{stem}.index", folder / f"{stem}.vectors.npy"
 
 
 def faiss_metric(metric: str) -> int:
@@ -78,19 +58,36 @@ def sha256_file(path: str | Path) -> str:
 
 def write_index_files(path: str | Path, index: faiss.Index, vectors: np.ndarray | None,
                       meta: dict[str, Any], lock_timeout: float | None = None) -> dict[str, Any]:
-    """Write a new generation of the set named ``path`` and switch to it; return the sidecar.
-
-    ``index`` must be a CPU index; ``vectors`` (or None) are stored beside it. On any error
-    before the sidecar's rename, this generation's files are removed and the previous set is
-    untouched; a kill at any point leaves either the previous or the new set loadable. Runs under
-    the path's lock (see the module docstring); ``lock_timeout`` overrides :data:`LOCK_TIMEOUT_S`.
-    """
+    """Write a new generation of CPU ``index`` and ``vectors`` (or None) as the set named ``path``, switch to it
+    under the path's lock (``lock_timeout`` seconds) and return the sidecar; a failure leaves the previous set."""
     path = Path(path)
     check_index_path(path)
     ensure_folder(path.parent)
     with exclusive_lock(path, timeout=LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout,
                         hidden=True, remove=True):
-        return _write_generation(path, index, vectors, meta)
+        generation = _next_generation(path)
+        stem = f"{path.name}.g{generation:06d}"
+        index_file, vectors_file = path.parent / f"{stem}.index", path.parent / f"{stem}.vectors.npy"
+        sidecar = {**meta, "format_version": FORMAT_VERSION, "generation": generation,
+                   "index_file": index_file.name, "vectors_file": None, "vectors_sha256": None}
+        written: list[Path] = []
+        try:
+            sidecar["index_sha256"] = _write_durably(index_file, lambda tmp: faiss.write_index(index, str(tmp)))
+            written.append(index_file)
+            if vectors is not None:
+                sidecar["vectors_sha256"] = _write_durably(vectors_file, lambda tmp: _save_npy(tmp, vectors))
+                sidecar["vectors_file"] = vectors_file.name
+                written.append(vectors_file)
+            _fsync_dir(path.parent)
+            _write_durably(sidecar_path(path), lambda tmp: _write_json(tmp, sidecar))
+        except BaseException:
+            for file in written:
+                file.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        _publish(path, index_file)
+        _remove_stale(path, generation)
+        return sidecar
 
 
 def check_index_path(path: str | Path) -> Path:
@@ -107,34 +104,6 @@ def check_index_path(path: str | Path) -> Path:
         raise IndexFileError(f"index sidecar path {str(sidecar_path(path))!r} is a folder; expected a file or "
                              "nothing there")
     return path
-
-
-def _write_generation(path: Path, index: faiss.Index, vectors: np.ndarray | None,
-                      meta: dict[str, Any]) -> dict[str, Any]:
-    """The body of :func:`write_index_files`, run under the path's lock."""
-    previous = _previous_sidecar(path)
-    generation = _next_generation(path, previous)
-    index_file, vectors_file = generation_paths(path, generation)
-    sidecar = {**meta, "format_version": FORMAT_VERSION, "generation": generation,
-               "index_file": index_file.name, "vectors_file": None, "vectors_sha256": None}
-    written: list[Path] = []
-    try:
-        sidecar["index_sha256"] = _write_durably(index_file, lambda tmp: faiss.write_index(index, str(tmp)))
-        written.append(index_file)
-        if vectors is not None:
-            sidecar["vectors_sha256"] = _write_durably(vectors_file, lambda tmp: _save_npy(tmp, vectors))
-            sidecar["vectors_file"] = vectors_file.name
-            written.append(vectors_file)
-        _fsync_dir(path.parent)
-        _write_durably(sidecar_path(path), lambda tmp: _write_json(tmp, sidecar))
-    except BaseException:
-        for file in written:
-            file.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    _publish(path, index_file)
-    _remove_stale(path, generation)
-    return sidecar
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
@@ -175,9 +144,6 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-READ_ATTEMPTS = 5
-
-
 def read_index_set(path: str | Path, read: Callable[[dict[str, Any]], Any]) -> Any:
     """``read(meta)`` with the validated sidecar of ``path``; again with the new sidecar when a save
     committed in between and removed the files ``meta`` names (loads take no lock)."""
@@ -191,7 +157,6 @@ def read_index_set(path: str | Path, read: Callable[[dict[str, Any]], Any]) -> A
             if attempt + 1 == READ_ATTEMPTS or same:
                 raise
             meta = newer
-    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def current_index_file(path: str | Path) -> Path:
@@ -257,11 +222,7 @@ def _save_npy(path: Path, vectors: np.ndarray) -> None:
 
 
 def _write_durably(target: Path, write: Callable[[Path], None]) -> str:
-    """Write ``target`` through a fsynced temporary renamed over it; return its sha256.
-
-    The rename is the last step: if anything raises, the temporary is removed and ``target`` is
-    as it was.
-    """
+    """Write ``target`` through a fsynced temporary renamed over it (else left as it was); return its sha256."""
     tmp = create_temp(target)
     try:
         write(tmp)
@@ -301,21 +262,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _previous_sidecar(path: Path) -> dict[str, Any] | None:
-    """The sidecar being replaced, or None when there is none or it cannot be parsed."""
-    try:
-        meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing or corrupt: nothing to carry over, it is replaced anyway
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
 def _own_files(path: Path) -> tuple[re.Pattern, re.Pattern]:
-    """Patterns of this set's generation files (group 1 = generation) and of our temporaries.
-
-    Temporaries are ``.{file}.{host}.{pid}.{random}.tmp`` (:func:`naics_hnm.atomic.create_temp`);
-    earlier versions wrote mkstemp names (8 random characters, no writer named).
-    """
+    """Patterns of this set's generation files (group 1 = generation) and of our temporaries (older mkstemp too)."""
     name = re.escape(path.name)
     generation = re.compile(rf"{name}\.g(\d+)\.(?:index|vectors\.npy)")
     payload = r"(?:g\d+\.index\.|g\d+\.vectors\.npy\.|json\.|vectors\.npy\.)?"
@@ -324,11 +272,15 @@ def _own_files(path: Path) -> tuple[re.Pattern, re.Pattern]:
     return generation, temporary
 
 
-def _next_generation(path: Path, previous: dict[str, Any] | None) -> int:
-    """One more than any generation on disk or in the previous sidecar (chosen under the lock)."""
+def _next_generation(path: Path) -> int:
+    """One more than any generation on disk or in the sidecar being replaced (chosen under the lock)."""
+    try:
+        previous = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing or corrupt: nothing to carry over, it is replaced anyway
+        previous = None
     generation, _ = _own_files(path)
     seen = [int(m.group(1)) for p in path.parent.iterdir() if (m := generation.fullmatch(p.name))]
-    last = previous.get("generation") if previous else None
+    last = previous.get("generation") if isinstance(previous, dict) else None
     if isinstance(last, int) and not isinstance(last, bool):
         seen.append(last)
     return max(seen, default=0) + 1

@@ -1,9 +1,6 @@
 """k-nearest-neighbour search over arrays in bounded memory; every function returns ``(scores, ids)``.
 
-Scores follow the metric (``"cosine"`` / ``"ip"``: larger is nearer; ``"l2"``: squared distance,
-smaller is nearer); missing neighbours are id ``-1`` with :func:`naics_hnm.index.ids.worst_score`.
-Nothing here depends on faiss: :func:`search_in_batches` takes any ``search(queries, k)`` function.
-"""
+Missing neighbours are id ``-1`` with :func:`naics_hnm.index.ids.worst_score`. Nothing here depends on faiss."""
 
 from __future__ import annotations
 
@@ -22,12 +19,8 @@ SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 def search_in_batches(search: SearchFn, source: np.ndarray, rows: np.ndarray | None, k: int, ntotal: int,
                       metric: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``search`` over the queries ``source`` (or ``source[rows]``) ``batch_size`` at a time.
-
-    ``search(q, k_eff)`` answers one batch with ``k_eff = min(k, ntotal)`` columns; the [Q, k]
-    outputs are preallocated and padded beyond ``k_eff``, so nothing else grows with Q. Raises
-    ValueError naming k and N when ``k > ntotal`` and that padding would exceed 1 GiB.
-    """
+    """Run ``search(q, min(k, ntotal))`` over the queries ``source`` (or ``source[rows]``) ``batch_size`` at a time,
+    into preallocated [Q, k] outputs; ValueError when ``k > ntotal`` and that padding would exceed 1 GiB."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1 or None")
     nq = source.shape[0] if rows is None else rows.shape[0]
@@ -48,11 +41,8 @@ def search_in_batches(search: SearchFn, source: np.ndarray, rows: np.ndarray | N
 
 def rescore_topk(vectors: np.ndarray, sq_norms: np.ndarray | None, metric: str, queries: np.ndarray,
                  candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of each query's candidate ids (int64 [Q, C], -1 = none), best first.
-
-    Scores come from ``vectors`` (float32 [N, d]); ``sq_norms`` (their squared norms) is needed
-    for l2. Ties keep the earlier candidate column. Memory: one [Q, C, d] gather.
-    """
+    """Exact top-k of each query's candidate ids (int64 [Q, C], -1 = none) from ``vectors`` (``sq_norms`` for l2),
+    best first, ties keeping the earlier column."""
     safe = np.maximum(candidates, 0)
     scores = np.matmul(vectors[safe], queries[:, :, None])[:, :, 0]
     if get_metric(metric).is_distance:
@@ -79,10 +69,7 @@ def torch_knn(vectors: torch.Tensor, sq_norms: torch.Tensor | None, metric: str,
 
 
 def as_float_matrix(x: Any, name: str, copy: bool = False) -> np.ndarray:
-    """A finite float32 C-contiguous [n, d] array of ``x``, a fresh copy if ``copy`` (else possibly a view).
-
-    Errors name the first row holding NaN or inf.
-    """
+    """A finite float32 C-contiguous [n, d] array of ``x``, a fresh copy if ``copy`` (else possibly a view)."""
     fresh = False
     if isinstance(x, torch.Tensor):
         if not x.is_floating_point():
@@ -95,10 +82,8 @@ def as_float_matrix(x: Any, name: str, copy: bool = False) -> np.ndarray:
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"{name} must be 2-D [n >= 1, d >= 1], got shape {x.shape}")
-    if copy and not fresh:
-        x = np.array(x, dtype=np.float32, order="C", copy=True)
-    else:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    x = (np.array(x, dtype=np.float32, order="C", copy=True) if copy and not fresh
+         else np.ascontiguousarray(x, dtype=np.float32))
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)
@@ -107,11 +92,7 @@ def as_float_matrix(x: Any, name: str, copy: bool = False) -> np.ndarray:
 
 
 def normalise_rows(x: np.ndarray, name: str) -> np.ndarray:
-    """Rows of ``x`` scaled to unit L2 norm, as a new float32 array.
-
-    Each row is first divided by its largest absolute entry, so that the norm neither overflows
-    (finite entries above ~1e19 square to inf in float32) nor underflows (subnormal entries).
-    """
+    """Rows of ``x`` scaled to unit L2 norm (by their largest absolute entry first), as a new float32 array."""
     scale = np.maximum(x.max(axis=1), -x.min(axis=1))[:, None]
     zero = np.flatnonzero(scale[:, 0] == 0)
     if zero.size:

@@ -1,9 +1,7 @@
 """The three metrics, each described once: which way is nearer, the padding score, faiss's constant.
 
-``"cosine"`` and ``"ip"`` score similarities (larger is nearer; cosine L2-normalises rows first),
-``"l2"`` scores squared Euclidean distances (smaller is nearer). Callers look a name up with
-:func:`get_metric` instead of branching on the string. Nothing here depends on faiss.
-"""
+``"cosine"`` and ``"ip"`` are similarities (larger is nearer; cosine L2-normalises rows first), ``"l2"`` a
+squared Euclidean distance (smaller is nearer). Look a name up with :func:`get_metric`."""
 
 from __future__ import annotations
 
@@ -13,15 +11,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Metric:
-    """One metric.
-
-    Attributes:
-        name: ``"cosine"``, ``"ip"`` or ``"l2"``.
-        higher_is_better: True for similarities, False for distances.
-        normalise: rows (and queries) are L2-normalised before indexing.
-        faiss_name: the name of faiss's metric constant (``faiss.<faiss_name>``).
-    """
-
+    """One metric; ``normalise``: rows and queries are L2-normalised; ``faiss_name``: ``faiss.<faiss_name>``."""
     name: str
     higher_is_better: bool
     normalise: bool
@@ -44,7 +34,6 @@ L2 = Metric("l2", higher_is_better=False, normalise=False, faiss_name="METRIC_L2
 
 _BY_NAME = {m.name: m for m in (COSINE, IP, L2)}
 METRICS = tuple(_BY_NAME)
-"""Metric names, everywhere: larger is nearer for cosine and ip, smaller for l2."""
 
 
 def check_metric(metric: Any) -> str:

@@ -1,11 +1,7 @@
 """Sharded nearest-neighbour search under DDP: each rank indexes only its slice of the codes.
 
-Rank r of W indexes rows ``[r * S, (r + 1) * S)`` (S = ceil(N / W)), searches every query against
-its shard, and the ranks' per-shard top-k lists are all-gathered and merged into the global top-k
-(best score first, lower id first on ties), so the searched structure costs N / W per rank and
-the result equals one process searching everything (exactly, for flat shards). Every rank must
-call the returned search function with the same queries in the same order: it is a collective.
-"""
+The ranks' per-shard top-k lists are all-gathered and merged (ties by lower id), so the result equals one process
+searching everything (exactly, for flat shards). Every rank must call the search with the same queries in order."""
 
 from __future__ import annotations
 
@@ -23,7 +19,6 @@ AllGather = Callable[[np.ndarray], np.ndarray]
 @dataclass(frozen=True)
 class Shard:
     """This process's place in the group: ``all_gather(array) -> [world_size, *array.shape]``."""
-
     rank: int
     world_size: int
     all_gather: AllGather
@@ -51,11 +46,8 @@ def merge_topk(scores: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tupl
 def sharded_search(vectors: np.ndarray, shard: Shard, *, metric: str, device: str = "auto",
                    index_factory: str | None = None,
                    search_params: dict | None = None) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
-    """A ``search(query_ids, k) -> (scores, ids)`` over all rows that indexes only this rank's shard.
-
-    ``vectors`` are every row's vectors as the full index holds them (normalised for cosine): the
-    queries are looked up there, the shard is ``vectors[lo:hi]``.
-    """
+    """A ``search(query_ids, k) -> (scores, ids)`` over all rows of ``vectors`` (normalised for cosine) that
+    indexes only this rank's shard."""
     n = len(vectors)
     lo, hi = shard.rows(n)
     local = None

@@ -1,12 +1,7 @@
 """Files that the ranks of a process group write together, by slices, and then map read-only.
 
-State that grows with N x d must not be copied into every rank's private memory under DDP: each
-rank writes only its own rows into one temporary file beside the target, rank 0 renames it over the
-target (the naming and clean-up of :mod:`naics_hnm.atomic`), and every rank maps the result
-read-only, so the pages live once in the page cache. Ranks on different machines need the folder on
-a shared file system. Every function here is a collective: every rank calls it with the same target,
-in the same order.
-"""
+Each rank writes its rows into one temporary file that rank 0 renames over the target (ranks on several machines
+need a shared file system). Every function here is a collective: every rank calls it with the same target."""
 
 from __future__ import annotations
 
@@ -61,9 +56,6 @@ def write_together(target: str | Path, shard: Shard, create: Callable[[Path], No
         for turn in range(shard.world_size if by_turns else 1):
             if not by_turns or turn == shard.rank:
                 write(shared)
-            if by_turns:
-                barrier(shard)
-        if not by_turns:
             barrier(shard)
         if temp is not None:
             os.replace(temp, target)
@@ -127,8 +119,8 @@ def flat_index_header(n: int, d: int, metric: str) -> bytes:
 
 
 def write_flat_index_rows(target: str | Path, shard: Shard, rows: np.ndarray, lo: int, n: int, metric: str) -> Path:
-    """A faiss flat index file over ``n`` float32 rows written together (this rank's ``rows`` at ``lo``),
-    byte for byte what ``faiss.write_index`` writes for the whole matrix."""
+    """A faiss flat index file over ``n`` float32 rows written together (this rank's ``rows`` at ``lo``), byte for
+    byte what ``faiss.write_index`` writes for the whole matrix."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     return write_rows(target, shard, flat_index_header(n, rows.shape[1], metric), rows, lo, n)
 

@@ -1,10 +1,6 @@
-"""The mining core: input checks and margins (:mod:`.checks`), :func:`mine_candidates` (:mod:`.candidates`),
-guarded neighbour lists (:mod:`.neighbours`) and :class:`HardNegativeMiner` (:mod:`.miner`).
-Imports tree/, index/ and the top-level helpers.
-
-``naics_hnm.mining`` was the module of :func:`mine_candidates` before the layout step; its names are
-still found here, with a DeprecationWarning naming :mod:`naics_hnm.mining.candidates`.
-"""
+"""The mining core: input checks (:mod:`.checks`), :func:`mine_candidates` (:mod:`.candidates`), guarded neighbour
+lists (:mod:`.neighbours`) and :class:`HardNegativeMiner` (:mod:`.miner`). Old ``naics_hnm.mining.<name>`` imports
+of :mod:`.candidates` names still work, with a DeprecationWarning."""
 
 from __future__ import annotations
 

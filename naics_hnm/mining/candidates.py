@@ -1,18 +1,10 @@
-"""The standalone hard-negative miner over any :class:`EmbeddingIndex` and any id space.
-
-:func:`mine_candidates` validates inputs, moves them to the index's device and runs one of two
-exact cores under ``torch.no_grad()``:
-
-- pool mode (``candidate_ids`` given): score every candidate, apply the guard and margin, then a
-  stable top-k, so ``k`` survivors come back whenever ``k`` valid ones exist;
-- global mode (``candidate_ids=None``): search ``k + slack`` nearest rows, guard them, and for
-  anchors left with fewer than ``k`` survivors search again at double the depth (up to N). The
-  result equals the brute-force top-k over all guarded rows (for a flat index).
-"""
+"""The standalone hard-negative miner over any :class:`EmbeddingIndex` and any id space. Pool mode (``candidate_ids``
+given) scores, guards and ranks every candidate; global mode searches ``k + slack`` nearest rows, guards them and
+searches deeper for anchors left short: the brute-force result, for a flat index."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -40,56 +32,34 @@ class _Request:
 
     def subset(self, rows: torch.Tensor) -> "_Request":
         """The same request restricted to some anchor rows (global mode only)."""
-        picked = rows.tolist()
-        exclude = None if self.exclude is None else [self.exclude[i] for i in picked]
-        return _Request(
-            self.index, self.anchors[rows], None, self.k,
-            None if self.positives is None else self.positives[rows],
-            exclude, self.margin, self.tree, self.order_filter,
-        )
+        exclude = None if self.exclude is None else [self.exclude[i] for i in rows.tolist()]
+        positives = None if self.positives is None else self.positives[rows]
+        return replace(self, anchors=self.anchors[rows], candidates=None, positives=positives, exclude=exclude)
 
 
-def mine_candidates(
-    index: EmbeddingIndex,
-    anchor_ids: Any,
-    candidate_ids: Any = None,
-    *,
-    k: int,
-    positive_ids: Any = None,
-    exclude: Any = None,
-    relative_margin: float | None = None,
-    taxonomy: Any = None,
-    order_filter: bool = False,
-    return_stats: bool = False,
-) -> tuple:
+def mine_candidates(index: EmbeddingIndex, anchor_ids: Any, candidate_ids: Any = None, *, k: int,
+                    positive_ids: Any = None, exclude: Any = None, relative_margin: float | None = None,
+                    taxonomy: Any = None, order_filter: bool = False, return_stats: bool = False) -> tuple:
     """The k hardest guarded candidates per anchor: ``(scores [B, k], ids [B, k])`` (+ stats).
 
-    Never returns the anchor, its positive (``positive_ids``, ``-1`` = none) or anything in
-    ``exclude`` (a length-B list of id collections, or a bool mask [B, C] in pool mode).
-    ``taxonomy`` (a :class:`~naics_hnm.tree.taxonomy.Taxonomy` or a :class:`~naics_hnm.tree.guard.TreeGuard`)
-    adds the tree guard: never an ancestor or descendant of the anchor (nor a code outside the
-    guard's ``allowed`` mask); ``order_filter`` keeps only codes whose lowest common ancestor with
-    the anchor is shallower than the positive's. ``relative_margin=m`` drops
-    candidates more similar than ``(1 - m)`` times the positive (see :func:`guard.margin_mask`).
-    Output is padded with ``-1`` / ``-inf`` (``+inf`` for l2), numpy or torch like the input ids.
-    """
-    request = _validate(
-        index, anchor_ids, candidate_ids, k, positive_ids, exclude, relative_margin, order_filter, taxonomy,
-    )
+    Never the anchor, its positive (``positive_ids``, -1 = none) or anything in ``exclude`` (B id collections, or a
+    bool mask [B, C] in pool mode). ``taxonomy`` (a Taxonomy or a :class:`TreeGuard`) adds the tree guard (no
+    ancestor, descendant or disallowed code); ``order_filter`` keeps only codes whose LCA with the anchor is
+    shallower than the positive's; ``relative_margin=m`` drops candidates more similar than ``(1 - m)`` times the
+    positive (:func:`margin_mask`). Pads with -1 / -inf (+inf for l2); numpy or torch like the input ids."""
+    request = _validate(index, anchor_ids, candidate_ids, k, positive_ids, exclude, relative_margin, order_filter,
+                        taxonomy)
     with torch.no_grad():
         if request.candidates is None:
             scores, ids, stats = _mine_global(request)
         else:
             (scores, ids), stats, _ = _mine_pool(request, request.candidates)
-    template = anchor_ids if candidate_ids is None else candidate_ids
-    scores, ids = like_input(template, scores, ids)
+    scores, ids = like_input(anchor_ids if candidate_ids is None else candidate_ids, scores, ids)
     return (scores, ids, stats) if return_stats else (scores, ids)
 
 
-def _validate(
-    index: Any, anchor_ids: Any, candidate_ids: Any, k: Any, positive_ids: Any, exclude: Any,
-    relative_margin: Any, order_filter: bool, taxonomy: Any,
-) -> _Request:
+def _validate(index: Any, anchor_ids: Any, candidate_ids: Any, k: Any, positive_ids: Any, exclude: Any,
+              relative_margin: Any, order_filter: bool, taxonomy: Any) -> _Request:
     if not isinstance(index, EmbeddingIndex):
         raise TypeError(f"index must be an EmbeddingIndex, got {type(index).__name__}")
     k = check_k(k)
@@ -101,9 +71,8 @@ def _validate(
         check_exclude(exclude, anchors.shape[0])
     margin = None if relative_margin is None else check_margin(relative_margin)
     if margin is not None and positives is None:
-        raise ValueError(
-            f"relative_margin={relative_margin!r} needs positive_ids (the margin is relative to the positive)"
-        )
+        raise ValueError(f"relative_margin={relative_margin!r} needs positive_ids (the margin is relative to the "
+                         "positive)")
     tree = as_tree_guard(taxonomy)
     if tree is not None:
         if len(tree) != n:
@@ -124,9 +93,8 @@ def _positive_scores(request: _Request) -> torch.Tensor:
     return scores.masked_fill(positives.to(scores.device) < 0, float("nan"))
 
 
-def _mine_pool(
-    request: _Request, candidates: torch.Tensor
-) -> tuple[tuple[torch.Tensor, torch.Tensor], GuardStats, torch.Tensor]:
+def _mine_pool(request: _Request,
+               candidates: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], GuardStats, torch.Tensor]:
     """Guard + margin + stable top-k over a candidate pool; also survivors per row."""
     index = request.index
     candidates = candidates.masked_fill(duplicate_mask(candidates), -1)

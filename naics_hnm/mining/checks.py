@@ -1,9 +1,5 @@
-"""Public guard and margin masks over batches of (anchor, candidate) ids, numpy or torch.
-
-``True`` in a mask means *keep*. The false-negative rule itself lives in one place,
-:mod:`naics_hnm.tree.guard`; this module validates user input for it (:func:`guard_mask`) and
-holds the positive-aware margin the miner applies afterwards (:func:`margin_mask`).
-"""
+"""Public guard and margin masks over batches of (anchor, candidate) ids, numpy or torch; ``True`` means keep. The
+false-negative rule lives in :mod:`naics_hnm.tree.guard`; here are its input checks and the positive-aware margin."""
 
 from __future__ import annotations
 
@@ -38,11 +34,8 @@ def is_bool_mask(x: Any) -> bool:
 
 
 def exclude_mask(candidates: torch.Tensor, exclude: Any) -> torch.Tensor:
-    """bool [B, C]: True where a candidate is in its row's exclude collection.
-
-    ``exclude`` is a bool mask [B, C] (numpy or torch) or a length-B sequence of id collections
-    (``None`` entries allowed).
-    """
+    """bool [B, C]: True where a candidate is excluded; ``exclude`` is a bool mask [B, C] (numpy or torch) or B id
+    collections (``None`` entries allowed)."""
     b, c = candidates.shape
     if is_bool_mask(exclude):
         if tuple(exclude.shape) != (b, c):
@@ -53,16 +46,14 @@ def exclude_mask(candidates: torch.Tensor, exclude: Any) -> torch.Tensor:
     rows = []
     for i, ids in enumerate(exclude):
         if ids is None:
-            rows.append(np.empty(0, dtype=np.int64))
-            continue
-        if isinstance(ids, torch.Tensor):
+            ids = ()
+        elif isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
         arr = np.asarray(list(ids) if isinstance(ids, (set, frozenset)) else ids).reshape(-1)
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"exclude[{i}] must hold integer ids, got dtype {arr.dtype}")
         rows.append(arr.astype(np.int64))
-    width = max((r.size for r in rows), default=0)
-    if width == 0 or c == 0:
+    if c == 0 or not any(r.size for r in rows):
         return torch.zeros((b, c), dtype=torch.bool, device=candidates.device)
     table = torch.from_numpy(pad_ids(rows, fill=-2)).to(candidates.device)
     return (candidates.unsqueeze(2) == table.unsqueeze(1)).any(dim=2)
@@ -72,11 +63,9 @@ def guard_mask(anchor_ids: Any, candidate_ids: Any, *, positive_ids: Any = None,
                order_filter: bool = False, exclude: Any = None) -> tuple[Any, GuardStats]:
     """``(keep [B, C], stats)``: drop padding, the anchor, its positive, relatives, order, exclude.
 
-    ``taxonomy`` (a Taxonomy or a :class:`TreeGuard`) adds the tree rules: never an ancestor or
-    descendant of the anchor, never a disallowed code, and with ``order_filter`` never a code as
-    near the anchor as its positive. ``positive_ids`` may hold ``-1`` (no positive for that row).
-    ``exclude``: a bool mask [B, C] or B id collections. Output is numpy or torch like ``candidate_ids``.
-    """
+    ``taxonomy`` (a Taxonomy or a :class:`TreeGuard`) adds the tree rules: no ancestor, descendant or disallowed
+    code, and with ``order_filter`` no code as near the anchor as its positive. ``positive_ids`` -1: no positive.
+    ``exclude``: a bool mask [B, C] or B id collections. Output is numpy or torch like ``candidate_ids``."""
     if candidate_ids is None:
         raise TypeError("candidate_ids=None: expected integer ids [B, C]")
     device = candidate_ids.device if isinstance(candidate_ids, torch.Tensor) else "cpu"
@@ -85,8 +74,7 @@ def guard_mask(anchor_ids: Any, candidate_ids: Any, *, positive_ids: Any = None,
     anchors, candidates, positives = check_ids(anchor_ids, candidate_ids, positive_ids, device, n)
     check_order_filter(order_filter, positives, tree, "a taxonomy")
     excluded = None if exclude is None else exclude_mask(candidates, exclude)
-    keep, stats = guard_tensors(anchors, candidates, positives, tree=tree, order_filter=order_filter,
-                                exclude=excluded)
+    keep, stats = guard_tensors(anchors, candidates, positives, tree=tree, order_filter=order_filter, exclude=excluded)
     return like_input(candidate_ids, keep)[0], stats
 
 
@@ -98,41 +86,32 @@ def check_order_filter(order_filter: bool, positives: Any, tree: Any, taxonomy_a
 def check_exclude(exclude: Any, b: int) -> None:
     """TypeError / ValueError unless ``exclude`` (not a bool mask) is a list of ``b`` id collections."""
     if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__"):
-        raise TypeError(
-            f"exclude must be a bool mask [B, C] or a list of B id collections, got {type(exclude).__name__}"
-        )
+        raise TypeError(f"exclude must be a bool mask [B, C] or a list of B id collections, got "
+                        f"{type(exclude).__name__}")
     if len(exclude) != b:
         raise ValueError(f"exclude has {len(exclude)} entries, expected one id collection per anchor (B={b})")
 
 
 def margin_mask(candidate_scores: Any, positive_scores: Any, relative_margin: float, metric: str) -> Any:
-    """Positive-aware relative margin (NV-Retriever TopK-PercPos); True = keep.
-
-    Similarities (cosine/ip): keep ``s <= pos - m * |pos|`` (``(1 - m) * pos`` for ``pos >= 0``).
-    l2 distances: keep ``d >= pos + m * |pos|``. Rows with a non-finite positive score keep all.
-    """
+    """Positive-aware relative margin (NV-Retriever TopK-PercPos); True = keep. Similarities: keep
+    ``s <= pos - m * |pos|``; l2 distances: keep ``d >= pos + m * |pos|``; a non-finite ``pos`` keeps its whole row."""
     m = check_margin(relative_margin)
     check_metric(metric)
     scores, pos = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
                    for x in (candidate_scores, positive_scores))
     pos = pos.to(device=scores.device, dtype=scores.dtype)
     if scores.dim() != 2 or pos.shape != scores.shape[:1]:
-        raise ValueError(
-            f"candidate_scores {tuple(scores.shape)} and positive_scores {tuple(pos.shape)}: expected [B, C] and [B]"
-        )
-    keep = margin_tensors(scores, pos, m, metric)
-    return like_input(candidate_scores, keep)[0]
+        raise ValueError(f"candidate_scores {tuple(scores.shape)} and positive_scores {tuple(pos.shape)}: expected "
+                         "[B, C] and [B]")
+    return like_input(candidate_scores, margin_tensors(scores, pos, m, metric))[0]
 
 
 def margin_tensors(scores: torch.Tensor, pos: torch.Tensor, m: float, metric: str) -> torch.Tensor:
     """:func:`margin_mask` on validated tensors."""
-    finite = torch.isfinite(pos).unsqueeze(1)
-    safe = torch.where(torch.isfinite(pos), pos, torch.zeros_like(pos)).unsqueeze(1)
-    if get_metric(metric).is_distance:
-        keep = scores >= safe + m * safe.abs()
-    else:
-        keep = scores <= safe - m * safe.abs()
-    return keep | ~finite
+    finite = torch.isfinite(pos)
+    safe = torch.where(finite, pos, torch.zeros_like(pos)).unsqueeze(1)
+    keep = scores >= safe + m * safe.abs() if get_metric(metric).is_distance else scores <= safe - m * safe.abs()
+    return keep | ~finite.unsqueeze(1)
 
 
 def check_margin(relative_margin: Any) -> float:

@@ -1,15 +1,6 @@
-"""HardNegativeMiner: the Phase 2+ miner you can hold without Lightning.
-
-``refresh(embeddings, epoch)`` indexes every code's embedding and builds each code's guarded
-nearest-neighbour list; ``mine(anchors, positives, pool)`` widens each anchor's pool with its
-neighbours and returns the ``k`` hardest survivors of the tree guard and the margin, ranked exactly::
-
-    miner = HardNegativeMiner(taxonomy, k=8)
-    miner.refresh(model_embeddings_of_every_code, epoch)
-    scores, ids, stats = miner.mine(anchor_ids, positive_ids, pool_ids)
-
-:class:`naics_hnm.train.callback.HardNegativeMiningCallback` is thin Lightning hooks around it.
-"""
+"""HardNegativeMiner: the Phase 2+ miner without Lightning (:mod:`naics_hnm.train.callback` is thin hooks around it).
+``miner.refresh(embeddings_of_every_code, epoch)`` indexes every code and builds guarded neighbour lists;
+``scores, ids, stats = miner.mine(anchor_ids, positive_ids, pool_ids)`` returns the k hardest of each widened pool."""
 
 from __future__ import annotations
 
@@ -67,20 +58,15 @@ class HardNegativeMiner:
     Args:
         taxonomy: the code tree (ids are its dense indices).
         allowed: optional bool [N]; codes outside it are never mined (held-out codes).
-        k: negatives per anchor.
-        metric: "cosine", "ip" or "l2".
+        k: negatives per anchor. metric: "cosine", "ip" or "l2".
         relative_margin: positive-aware margin (drop candidates above ``(1 - m) * sim(anchor, positive)``); None: off.
         order_filter: keep only codes whose LCA with the anchor is shallower than the positive's.
         neighbours: M nearest guarded codes per anchor added to each pool (0: rank the pool only).
-        index_factory, search_params: a faiss factory (e.g. "IVF4096,Flat", {"nprobe": 64}; "Flat" forces
-            exact search); None: chosen from the number of codes, logged with a recall@64 estimate
-            (:func:`naics_hnm.index.auto.choose_index`: exact while cheap, a calibrated IVF above).
+        index_factory, search_params: a faiss factory (e.g. "IVF4096,Flat", {"nprobe": 64}; "Flat": exact);
+            None: :func:`naics_hnm.index.auto.choose_index` picks from the number of codes.
         device: "auto" (faiss GPU when available, logged), "cpu" or "cuda".
-        shard, shared_dir: under DDP, the index, the ranking vectors and the neighbour lists are files
-            in ``shared_dir`` that the ranks write by slices and map read-only, so each rank's private
-            memory is ~N / world; ``refresh`` and :meth:`refresh_local` are then collectives. The
-            result equals one process's, bit for bit (see :mod:`naics_hnm.mining.shared_refresh`).
-    """
+        shard, shared_dir: under DDP, the index and neighbour lists are files in ``shared_dir`` mapped read-only by
+            every rank; ``refresh`` and :meth:`refresh_local` are then collectives (:mod:`.shared_refresh`)."""
 
     def __init__(self, taxonomy: Taxonomy, *, allowed: np.ndarray | None = None, k: int = 8,
                  metric: str = "cosine", relative_margin: float | None = 0.05, order_filter: bool = True,
@@ -92,16 +78,12 @@ class HardNegativeMiner:
         check_miner_args("HardNegativeMiner", k=k, metric=metric, relative_margin=relative_margin,
                          neighbours=neighbours, device=device, index_factory=index_factory, search_params=search_params)
         self.guard = TreeGuard(taxonomy, allowed)
-        self.k = k
-        self.metric = metric
+        self.k, self.metric, self.neighbours, self.device = k, metric, neighbours, device
         self.relative_margin = None if relative_margin is None else float(relative_margin)
         self.order_filter = bool(order_filter)
-        self.neighbours = neighbours
         self.index_factory = index_factory
         self.search_params = dict(search_params) if search_params else None
-        self.device = device
-        self.neighbour_batch_size = neighbour_batch_size
-        self.max_search = max_search
+        self.neighbour_batch_size, self.max_search = neighbour_batch_size, max_search
         if shard is not None and shared_dir is None:
             raise ValueError("HardNegativeMiner(shard=...): expected shared_dir= too, a folder every rank can read")
         self.shard = shard
@@ -118,11 +100,6 @@ class HardNegativeMiner:
     def taxonomy(self) -> Taxonomy:
         return self.guard.taxonomy
 
-    def _build_index(self, embeddings: Any, epoch: int | None) -> EmbeddingIndex:
-        codes = self.taxonomy.codes
-        return build_index(embeddings, choose_index(len(codes), self.index_factory), search_params=self.search_params,
-                           metric=self.metric, device=self.device, codes=codes, epoch=epoch)[0]
-
     def _anchors(self, anchors: Any = None) -> np.ndarray:
         """The rows to list: ``anchors`` (default: every code) that the guard allows, sorted, distinct."""
         n = len(self.taxonomy)
@@ -131,14 +108,10 @@ class HardNegativeMiner:
 
     def refresh(self, embeddings: Any, epoch: int | None = None, *, anchors: Any = None,
                 progress: bool = False) -> dict[str, float]:
-        """Index ``embeddings`` (float [N, d], row i = code i) and rebuild the neighbour lists.
-
-        ``anchors``: the codes whose lists are built now (default: every allowed code), e.g. the
-        anchors of the coming epoch when it trains on a subset of a large tree, so the lists cost
-        what the epoch uses rather than N searches. In one process another anchor's list is built
-        when :meth:`widen` first needs it; under DDP only the given anchors are widened.
-        Returns the seconds spent on the index build and on the neighbour lists.
-        """
+        """Index ``embeddings`` (float [N, d], row i = code i) and rebuild the neighbour lists; returns the seconds
+        spent on each. ``anchors``: the codes whose lists are built now (default: every allowed code). In one
+        process another anchor's list is built when :meth:`widen` first needs it; under DDP only the given anchors
+        are widened."""
         n = len(self.taxonomy)
         if tuple(getattr(embeddings, "shape", ())[:1]) != (n,):
             raise ValueError(f"refresh(embeddings of shape {tuple(getattr(embeddings, 'shape', ()))}): expected "
@@ -147,7 +120,8 @@ class HardNegativeMiner:
             lo, hi = self.shard.rows(n)
             return self.refresh_local(embeddings[lo:hi], epoch, anchors=anchors, progress=progress)
         t0 = time.perf_counter()
-        index = self._build_index(embeddings, epoch)
+        index, _ = build_index(embeddings, choose_index(n, self.index_factory), search_params=self.search_params,
+                               metric=self.metric, device=self.device, codes=self.taxonomy.codes, epoch=epoch)
         t1 = time.perf_counter()
         table = listed = None
         if self.neighbours:  # built aside: a refresh that fails leaves the previous index and lists in place
@@ -162,19 +136,15 @@ class HardNegativeMiner:
     def _list(self, index: EmbeddingIndex, table: torch.Tensor, listed: np.ndarray, anchors: np.ndarray,
               progress: bool = False) -> None:
         """Write the neighbour lists of ``anchors`` (sorted allowed ids) into ``table`` and mark them ``listed``."""
-        _, ids, _ = guarded_neighbours(index, anchors, self.neighbours, guard=self.guard,
-                                       batch_size=self.neighbour_batch_size, max_search=self.max_search,
-                                       progress=progress)
+        _, ids, _ = guarded_neighbours(index, anchors, self.neighbours, guard=self.guard, progress=progress,
+                                       batch_size=self.neighbour_batch_size, max_search=self.max_search)
         table[torch.from_numpy(anchors).to(table.device)] = torch.from_numpy(ids).to(table.device)
         listed[anchors] = True
 
     def refresh_local(self, rows: Any, epoch: int | None = None, *, anchors: Any = None,
                       progress: bool = False) -> dict[str, float]:
-        """Under DDP (``shard`` given), a collective: this rank's rows ``shard.rows(N)`` of the embeddings.
-
-        Every rank ends with the index and neighbour lists one process builds from the whole matrix,
-        mapped from ``shared_dir`` (see :mod:`naics_hnm.mining.shared_refresh`).
-        """
+        """Under DDP (``shard`` given), a collective over this rank's rows ``shard.rows(N)`` of the embeddings:
+        every rank maps the index and neighbour lists one process builds from the whole matrix."""
         if self.shared is None:
             raise RuntimeError("HardNegativeMiner.refresh_local() needs shard= (DDP); use refresh() in one process")
         n = len(self.taxonomy)
@@ -187,9 +157,8 @@ class HardNegativeMiner:
         neighbour_ids = None
         if self.neighbours:
             neighbour_ids = self.shared.neighbours(index, self._anchors(anchors), self.neighbours, name,
-                                                   guard=self.guard,
-                                                   batch_size=self.neighbour_batch_size, max_search=self.max_search,
-                                                   progress=progress)
+                                                   guard=self.guard, batch_size=self.neighbour_batch_size,
+                                                   max_search=self.max_search, progress=progress)
         t2 = time.perf_counter()
         if self._shared_name not in (None, name):
             self.shared.remove(self._shared_name)
@@ -228,12 +197,9 @@ class HardNegativeMiner:
 
     def mine(self, anchors: Any, positives: Any, pool: Any = None, *,
              widen: bool = True) -> tuple[Any, Any, GuardStats]:
-        """``(scores [B, k], ids [B, k], stats)``: the k hardest guarded codes of each widened pool.
-
-        Never the anchor, its positive (-1: none), an ancestor, a descendant or a disallowed
-        code; with the order filter only codes farther in the tree than the positive; with the
-        margin none above it. Output is numpy or torch like ``anchors``.
-        """
+        """``(scores [B, k], ids [B, k], stats)``: the k hardest guarded codes of each widened pool: never the anchor,
+        its positive (-1: none), an ancestor, a descendant or a disallowed code, nor (with the order filter) a code as
+        near as the positive, nor one above the margin. Numpy or torch like ``anchors``."""
         if self.index is None:
             raise RuntimeError("HardNegativeMiner.mine() before refresh(): index the embeddings first")
         candidates = self.widen(anchors, pool) if widen else pool

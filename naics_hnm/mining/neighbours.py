@@ -1,11 +1,6 @@
-"""Guarded nearest neighbours of indexed codes: the pool-widening lists of Phase 2+.
-
-Each anchor's ``m`` most similar codes that the tree guard keeps (never the anchor, an ancestor,
-a descendant or a disallowed code) come from the index itself - flat or approximate - in batches
-of queries, so memory is O(batch x depth) beyond the [N, m] result. A row whose first ``depth``
-neighbours are mostly guarded away (an internal code with a large subtree) is searched again
-deeper, up to ``max_search``; what is still short is padded with -1 and counted.
-"""
+"""Guarded nearest neighbours of indexed codes: the pool-widening lists of Phase 2+. Each anchor's ``m`` most
+similar codes that the tree guard keeps come from the index in batches of queries (memory O(batch x depth) beyond
+the [N, m] result); rows left short are searched deeper, up to ``max_search``, then padded with -1."""
 
 from __future__ import annotations
 
@@ -36,13 +31,9 @@ class NeighbourReport:
 def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *, guard: TreeGuard | None = None,
                        batch_size: int = 8192, max_search: int = 4096, search: SearchFn | None = None,
                        progress: bool = False) -> tuple[np.ndarray, np.ndarray, NeighbourReport]:
-    """``(scores [B, m], ids [B, m] int32, report)``: each anchor's ``m`` nearest guarded codes.
-
-    Scores follow the index metric (similarity, or squared distance for l2), best first; -1 pads.
-    With a flat index the result equals a brute-force search over all guarded codes (for rows not
-    cut short by ``max_search``). ``search(queries_ids, k) -> (scores, ids)`` replaces the index
-    search (the sharded DDP search plugs in here).
-    """
+    """``(scores [B, m], ids [B, m] int32, report)``: each anchor's ``m`` nearest guarded codes, best first; -1 pads.
+    Scores follow the index metric (squared distance for l2). ``search(query_ids, k) -> (scores, ids)`` replaces the
+    index search (the sharded DDP search plugs in here)."""
     if not (isinstance(m, int) and m >= 1):
         raise ValueError(f"m={m!r}: expected an int >= 1")
     if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -55,7 +46,6 @@ def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *,
     out_scores = np.empty((len(anchor_ids), m), dtype=np.float32)
     out_ids = np.empty((len(anchor_ids), m), dtype=np.int32)
     report = NeighbourReport(rows=len(anchor_ids))
-    starts = range(0, len(anchor_ids), batch_size)
 
     def search_round(rows: np.ndarray, depth: int, last: bool) -> np.ndarray:
         scores, ids = search(anchor_ids[rows], depth)
@@ -69,7 +59,7 @@ def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *,
         report.short_rows += int((kept[done] < min(m, n - 1)).sum())
         return done
 
-    for start in tqdm(starts, desc="neighbour lists", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(anchor_ids), batch_size), desc="neighbour lists", disable=not progress, leave=False):
         search_deeper(np.arange(start, min(start + batch_size, len(anchor_ids))), first_depth, limit, search_round,
                       factor=4)
     if report.short_rows:

@@ -1,17 +1,7 @@
 """A refresh under DDP whose N-sized state lives in shared read-only files: ~N / world private memory per rank.
-
-The index, the exact ranking vectors and the [N, M] neighbour lists are written once per machine
-into files of a shared folder and mapped read-only by every rank (:mod:`naics_hnm.index.shared_files`):
-
-1. each rank writes its normalised rows ``[lo, hi)`` into one faiss flat index file, byte for byte
-   the file of the whole matrix: the exact index and the ranking vectors at once. An approximate
-   index is built on rank 0 from the mapped vectors and mapped by every rank with rank 0's
-   calibrated search parameters;
-2. each rank computes the guarded neighbour lists of its slice of the anchors (slices aligned to
-   ``batch_size``, so every search batch is the one a single process runs) and writes its rows.
-
-So every rank holds, bit for bit, the index and the table one process would build.
-"""
+Each rank writes its rows of one flat faiss index file (an approximate index is built on rank 0) and the neighbour
+lists of its slice of the anchors (slices aligned to ``batch_size``); every rank maps, bit for bit, what one process
+would build (:mod:`naics_hnm.index.shared_files`)."""
 
 from __future__ import annotations
 

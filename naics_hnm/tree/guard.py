@@ -1,20 +1,6 @@
-"""The false-negative rule, written once: :class:`TreeGuard` over (anchor, candidate) id blocks.
-
-A candidate ``c`` of anchor ``a`` is dropped when it is padding (-1), ``a`` itself, the positive
-``p``, related to ``a`` in the tree (an ancestor or a descendant), outside the ``allowed`` mask, in
-the row's ``exclude`` collection or - with the order filter - at least as near ``a`` in the tree as
-the positive (``lca_depth(a, c) >= lca_depth(a, p)``). The Phase 1 curriculum, the miner, the
-neighbour lists, guarded in-batch negatives and the evaluation all ask this object.
-
-Relations come from per-code arrays (DFS numbers and ancestor paths, O(N x depth)), for ids given
-as numpy arrays (computed with numpy) or torch tensors (computed on the tensors' device, where
-copies of the per-code arrays are cached). Nothing is N x N.
-
-Per candidate the rule needs its DFS numbers, whether it is allowed and its ancestor path. They are
-packed into ONE int32 row per code (:data:`PACKED_COLUMNS`, then the path), so that a block of
-candidates costs one gather of contiguous rows - one cache line per candidate on a large tree -
-instead of one scattered read per array (a 1M-code tree's arrays do not fit in cache).
-"""
+"""The false-negative rule, written once: :class:`TreeGuard` over (anchor, candidate) id blocks. A candidate is
+dropped when it is padding (-1), the anchor, the positive, related to the anchor (ancestor or descendant), outside
+``allowed``, excluded, or - with the order filter - at least as near the anchor in the tree as the positive."""
 
 from __future__ import annotations
 
@@ -29,9 +15,7 @@ from naics_hnm.tree.structure import lca_depth_of, paths_lca_depth, related_of, 
 from naics_hnm.tree.taxonomy import Taxonomy
 
 PRE, END, ALLOWED = 0, 1, 2
-PACKED_COLUMNS = 3
-"""Columns of a packed per-code row: DFS pre number, DFS end number, allowed (0/1); the ancestor
-path (depths 1..D, -1 past the code's depth) follows."""
+PACKED_COLUMNS = 3  # pre, end, allowed (0/1); the ancestor path (depths 1..D, -1 past the code's depth) follows
 
 
 def pack_rows(taxonomy: Taxonomy, allowed: np.ndarray | None) -> np.ndarray:
@@ -43,11 +27,6 @@ def pack_rows(taxonomy: Taxonomy, allowed: np.ndarray | None) -> np.ndarray:
     packed[:, ALLOWED] = 1 if allowed is None else allowed
     packed[:, PACKED_COLUMNS:] = path
     return packed
-
-
-def _related_rows(a: Any, c: Any) -> Any:
-    """a == c or one an ancestor of the other, from packed rows (broadcast over leading dims)."""
-    return spans_related(a[..., PRE], a[..., END], c[..., PRE], c[..., END])
 
 
 def _lca_rows(a: Any, c: Any) -> Any:
@@ -81,12 +60,8 @@ class GuardStats:
 
 
 class TreeGuard:
-    """Tree relations and the false-negative rule of one taxonomy, on CPU (numpy) or any torch device.
-
-    Args:
-        taxonomy: the code tree; ids are its dense indices.
-        allowed: optional bool [N]; False codes are never kept as candidates (e.g. held-out codes).
-    """
+    """Tree relations and the false-negative rule of ``taxonomy`` (ids: its dense indices), numpy or torch;
+    ``allowed``: optional bool [N], False codes are never kept as candidates (e.g. held-out codes)."""
 
     def __init__(self, taxonomy: Taxonomy, allowed: np.ndarray | None = None) -> None:
         if not isinstance(taxonomy, Taxonomy):
@@ -142,11 +117,8 @@ class TreeGuard:
         return np.take(packed, ids, axis=0)
 
     def keep_mask(self, anchors: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """bool [B, C] for numpy ids (-1 pads): valid, not the anchor, not related, allowed.
-
-        The same as ``guard_tensors(anchors, candidates, tree=self)[0]`` (no positive, no order
-        filter, no stats), computed with numpy on one int64 gather (the DFS span) per candidate.
-        """
+        """bool [B, C] for numpy ids (-1 pads): valid, not the anchor, not related, allowed; the same as
+        ``guard_tensors(anchors, candidates, tree=self)[0]``, with one int64 gather per candidate."""
         anchors = np.asarray(anchors)[:, None]
         valid = candidates >= 0
         safe = np.where(valid, candidates, 0)
@@ -171,8 +143,7 @@ class TreeGuard:
         return allowed[c]
 
     def may_be_negative(self, a: Any, c: Any) -> Any:
-        """The tree's part of the rule, the one entry point: ``c`` is an id (not -1 padding), neither
-        related to ``a`` nor outside ``allowed``; numpy or torch, broadcasts."""
+        """The tree's part of the rule: ``c`` is an id (not -1), not related to ``a``, allowed; broadcasts."""
         safe = c.clamp(min=0) if isinstance(c, torch.Tensor) else np.maximum(c, 0)
         return (c >= 0) & ~self.related(a, safe) & self.is_allowed(safe)
 
@@ -183,8 +154,7 @@ class TreeGuard:
 
 
 def too_near(lca: Any, positive_lca: Any) -> Any:
-    """The order filter, written once: a candidate whose LCA depth with the anchor is at least the
-    positive's (``positive_lca``; -1 where a row has no positive: nothing is too near)."""
+    """The order filter: LCA depth at least the positive's (``positive_lca`` -1: no positive, nothing too near)."""
     return (lca >= positive_lca) & (positive_lca >= 0)
 
 
@@ -193,23 +163,18 @@ def guard_tensors(anchors: torch.Tensor, candidates: torch.Tensor, positives: to
                   exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, GuardStats]:
     """``(keep [B, C], stats)`` for validated int64 tensors on one device; -1 pads.
 
-    Without ``tree`` only the anchor, positive and exclude rules apply (any id space).
-    ``positives`` may hold -1 (no positive: neither the positive rule nor the order filter applies
-    to that row). ``exclude`` is a bool [B, C] mask of ids to drop. Each removed candidate is
-    counted under the first rule that removes it, in the order of :class:`GuardStats`.
-    """
+    Without ``tree`` only the anchor, positive and exclude rules apply. ``positives`` -1: no positive for that row.
+    ``exclude``: bool [B, C]. A removal counts under the first rule, in the order of :class:`GuardStats`."""
     if order_filter and (positives is None or tree is None):
         raise ValueError("order_filter=True needs positive ids and a taxonomy")
     valid = candidates >= 0
-    safe = candidates.clamp(min=0)
-    rows = anchors.unsqueeze(1)
-    rules: list[tuple[str, torch.Tensor]] = [("removed_self", candidates == rows)]
+    rules: list[tuple[str, torch.Tensor]] = [("removed_self", candidates == anchors.unsqueeze(1))]
     if positives is not None:
         has_pos = (positives >= 0).unsqueeze(1)
         rules.append(("removed_positive", (candidates == positives.unsqueeze(1)) & has_pos))
     if tree is not None:
-        cand, anc = tree.rows(safe), tree.rows(anchors).unsqueeze(1)  # one packed-row gather per candidate
-        rules.append(("removed_related", _related_rows(anc, cand)))
+        cand, anc = tree.rows(candidates.clamp(min=0)), tree.rows(anchors).unsqueeze(1)  # one gather per candidate
+        rules.append(("removed_related", spans_related(anc[..., PRE], anc[..., END], cand[..., PRE], cand[..., END])))
         if tree.allowed is not None:
             rules.append(("removed_disallowed", cand[..., ALLOWED] == 0))
         if order_filter:

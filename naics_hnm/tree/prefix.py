@@ -1,11 +1,6 @@
-"""The tree of a digit-code taxonomy without a parent column, inferred from code prefixes.
-
-The parent of a code is the longest proper prefix that is itself a code. A merged range written
-``LO-HI`` (NAICS ``31-33``) stands for every prefix in the range (``31``, ``32``, ``33``) and
-takes its own parent from the prefixes of ``LO``. A code with no prefix among the codes is top
-level when it has at most two digits or is one of the shortest codes of the taxonomy (so
-``1 -> 11 -> 111`` and ``11 -> 111`` trees both work); a longer code without one is an error.
-"""
+"""The tree of a digit-code taxonomy without a parent column, inferred from code prefixes: a code's parent is its
+longest proper prefix that is a code; a range ``LO-HI`` (NAICS ``31-33``) stands for every prefix in it. A code
+without such a prefix is top level if it has at most two digits or is among the shortest codes."""
 
 from __future__ import annotations
 
@@ -20,11 +15,6 @@ class PrefixTreeError(ValueError):
     """A code or a set of codes that the digit-prefix rule cannot place."""
 
 
-def is_prefix_code(code: str) -> bool:
-    """Digits, or a ``LO-HI`` digit range."""
-    return bool(_DIGITS.match(code) or _RANGE.match(code))
-
-
 def stands_for(code: str) -> list[str]:
     """The digit prefixes a code stands for: ``'31-33'`` -> ``['31', '32', '33']``."""
     match = _RANGE.match(code)
@@ -37,15 +27,12 @@ def stands_for(code: str) -> list[str]:
 
 
 def prefix_parents(codes: Sequence[str], where: Callable[[int], str] = str) -> list[str | None]:
-    """Parent code of each code (None = top level) by the digit-prefix rule.
-
-    ``where(i)`` names code i's row in error messages. Raises :class:`PrefixTreeError` for a code
-    that is not digits or a digit range, two codes standing for the same prefix, or a long code
-    whose prefixes are not codes.
-    """
+    """Parent code of each code (None = top level) by the digit-prefix rule; ``where(i)`` names code i's row.
+    :class:`PrefixTreeError` for a code not digits or a range, two codes standing for one prefix, or a long code
+    whose prefixes are not codes."""
     owner: dict[str, int] = {}
     for i, code in enumerate(codes):
-        if not is_prefix_code(code):
+        if not (_DIGITS.match(code) or _RANGE.match(code)):
             raise PrefixTreeError(f"{where(i)}: code {code!r} is not digits or a 'LO-HI' digit range; "
                                   "a taxonomy with other codes needs a 'parent' column")
         for prefix in stands_for(code):

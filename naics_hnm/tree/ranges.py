@@ -1,17 +1,7 @@
-"""Each anchor's valid negatives as position ranges in DFS order: the curriculum without N x N tables.
-
-With codes in DFS order every subtree is a contiguous range, so the codes whose lowest common
-ancestor (LCA) with anchor ``a`` is at depth ``t`` - "subtree of a's depth-t ancestor A_t minus
-A_t itself and the subtree of A_(t+1)" - are exactly two ranges::
-
-    [pre[A_t] + 1, pre[A_(t+1)])   and   [end[A_(t+1)], end[A_t])
-
-(``t = 0``: the virtual root, ``pre = -1``, ``end = N``). Ancestors and descendants of ``a`` fall
-in no range. Codes outside the ``allowed`` mask are squeezed out by counting allowed codes before
-each DFS position. An anchor's valid negatives, listed level by level (t = 0, 1, ...) and within
-a level in DFS order, get a *list position*; :class:`LevelRanges` maps positions to codes and back
-for a batch of anchors, in O(B x depth) memory.
-"""
+"""Each anchor's valid negatives as position ranges in DFS order: the curriculum without N x N tables. The codes
+whose LCA with anchor ``a`` is at depth ``t`` are two ranges, ``[pre[A_t] + 1, pre[A_t+1])`` and
+``[end[A_t+1], end[A_t])`` (``A_t``: a's depth-t ancestor; the root has pre -1, end N); disallowed codes are squeezed
+out. Negatives listed level by level, then in DFS order, get a *list position*."""
 
 from __future__ import annotations
 
@@ -22,11 +12,8 @@ from naics_hnm.tree.taxonomy import Taxonomy
 
 
 class LevelRanges:
-    """List positions <-> codes for one batch of anchors (built by :meth:`TreeIndex.ranges`).
-
-    Attributes:
-        offsets: int64 [B, L+1]; level t of row b spans list positions ``[offsets[b, t], offsets[b, t+1])``.
-    """
+    """List positions <-> codes for one batch of anchors (built by :meth:`TreeIndex.ranges`), O(B x depth).
+    ``offsets``: int64 [B, L+1]; level t of row b spans list positions ``[offsets[b, t], offsets[b, t+1])``."""
 
     def __init__(self, owner: "TreeIndex", anchors: np.ndarray) -> None:
         self._owner = owner
@@ -35,13 +22,10 @@ class LevelRanges:
         top, below = path[:, :levels], path[:, 1 : levels + 1]
         has_level = below >= 0  # level t exists when the anchor has an ancestor (or itself) at depth t+1
         safe_top, safe_below = np.maximum(top, 0), np.maximum(below, 0)
-        pre_ext = np.append(owner.pre, -1)  # index N = the virtual root
-        end_ext = np.append(owner.end, n)
+        pre_ext, end_ext = np.append(owner.pre, -1), np.append(owner.end, n)  # index N = the virtual root
         rank = owner.rank
-        lo1 = rank[pre_ext[safe_top] + 1]
-        hi1 = rank[owner.pre[safe_below]]
-        lo2 = rank[owner.end[safe_below]]
-        hi2 = rank[end_ext[safe_top]]
+        lo1, hi1 = rank[pre_ext[safe_top] + 1], rank[owner.pre[safe_below]]
+        lo2, hi2 = rank[owner.end[safe_below]], rank[end_ext[safe_top]]
         self.lo1 = np.where(has_level, lo1, 0)
         self.len1 = np.where(has_level, hi1 - lo1, 0)
         self.lo2 = np.where(has_level, lo2, 0)
@@ -51,8 +35,7 @@ class LevelRanges:
     def codes_at(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Code ids at list ``positions`` [R, K] of batch ``rows`` [R] (positions must be valid)."""
         off = self.offsets[rows]
-        level = (positions[:, :, None] >= off[:, None, 1:]).sum(axis=2)
-        level = np.minimum(level, off.shape[1] - 2)
+        level = np.minimum((positions[:, :, None] >= off[:, None, 1:]).sum(axis=2), off.shape[1] - 2)
         local = positions - np.take_along_axis(off, level, axis=1)
         len1 = np.take_along_axis(self.len1[rows], level, axis=1)
         squeezed = np.where(local < len1, np.take_along_axis(self.lo1[rows], level, axis=1) + local,

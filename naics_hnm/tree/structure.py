@@ -1,14 +1,7 @@
-"""Per-code arrays of a rooted forest, built level by level from parent pointers in O(N x depth).
-
-- ``depth``: 1 for top-level codes (a virtual root at depth 0 joins the forest);
-- ``pre`` / ``end``: DFS pre-order numbers with children visited in ascending id, so that the
-  subtree of ``a`` is exactly the contiguous position range ``[pre[a], end[a])``;
-- ``dfs_order``: the inverse permutation (position -> id);
-- ``ancestor_path``: int32 [N, D+1], column t is the ancestor at depth t (column 0 the virtual root,
-  written as N; column ``depth[i]`` is i itself; -1 beyond).
-
-For a digit-prefix taxonomy such as NAICS, sorted codes are already in DFS order (``pre[i] == i``).
-"""
+"""Per-code arrays of a rooted forest, built level by level from parent pointers in O(N x depth): ``depth`` (1: top
+level), ``pre`` / ``end`` (DFS numbers, children in ascending id: the subtree of ``a`` is positions
+``[pre[a], end[a])``), ``dfs_order`` (position -> id), ``ancestor_path`` int32 [N, D+1] (column t: the ancestor at
+depth t; column 0 the virtual root written N, -1 past the code's depth)."""
 
 from __future__ import annotations
 
@@ -31,10 +24,7 @@ def spans_related(pre_a, end_a, pre_c, end_c):
 
 
 def lca_depth_of(path, a, c):
-    """Depth of the lowest common ancestor of each (a, c) pair, for ``path`` = ``ancestor_path[:, 1:]``.
-
-    The one formula, for numpy arrays or torch tensors (``a`` and ``c`` of one broadcast shape).
-    """
+    """LCA depth of each (a, c) pair (numpy or torch, one broadcast shape), ``path`` = ``ancestor_path[:, 1:]``."""
     return paths_lca_depth(path[a], path[c])
 
 
@@ -80,10 +70,8 @@ def _levels(parent: np.ndarray, name: Callable[[int], str]) -> list[np.ndarray]:
         levels.append(order[offsets])
         reached += len(levels[-1])
     if reached < n:
-        seen = np.zeros(n, dtype=bool)
-        for level in levels:
-            seen[level] = True
-        raise TreeError(f"code {name(_on_cycle(parent, int(np.flatnonzero(~seen)[0])))} is on a parent cycle "
+        unseen = int(np.setdiff1d(np.arange(n), np.concatenate(levels))[0])
+        raise TreeError(f"code {name(_on_cycle(parent, unseen))} is on a parent cycle "
                         f"({n - reached} codes never reach a top-level code)")
     return levels
 
@@ -100,10 +88,8 @@ def _on_cycle(parent: np.ndarray, start: int) -> int:
 
 def build_tree(parent: np.ndarray, name: Callable[[int], str] = str) -> TreeArrays:
     """Depth, DFS numbering and ancestor paths of the forest ``parent`` (int64 [N], -1 = top level).
-
-    ``name(i)`` formats code i for error messages. Raises :class:`TreeError` for a code that is
-    its own parent, a parent id out of range, a cycle, or a tree deeper than ``MAX_DEPTH``.
-    """
+    ``name(i)`` formats code i in errors. :class:`TreeError` for a self-parent, a parent out of range, a cycle, or
+    more than ``MAX_DEPTH`` levels."""
     parent = np.ascontiguousarray(parent, dtype=np.int64)
     n = len(parent)
     bad = np.flatnonzero((parent < -1) | (parent >= n))
@@ -113,9 +99,6 @@ def build_tree(parent: np.ndarray, name: Callable[[int], str] = str) -> TreeArra
     if own.size:
         raise TreeError(f"code {name(int(own[0]))} is its own parent")
     levels = _levels(parent, name)
-    depth = np.zeros(n, dtype=np.int16)
-    for d, level in enumerate(levels, start=1):
-        depth[level] = d
     size = np.ones(n, dtype=np.int64)
     for level in reversed(levels[1:]):
         np.add.at(size, parent[level], size[level])
@@ -131,9 +114,11 @@ def build_tree(parent: np.ndarray, name: Callable[[int], str] = str) -> TreeArra
     end = pre + size
     dfs_order = np.empty(n, dtype=np.int64)
     dfs_order[pre] = np.arange(n)
+    depth = np.zeros(n, dtype=np.int16)
     path = np.full((n, len(levels) + 1), -1, dtype=np.int32)
     path[:, 0] = n
     for d, level in enumerate(levels, start=1):
+        depth[level] = d
         if d > 1:
             path[level, :d] = path[parent[level], :d]
         path[level, d] = level

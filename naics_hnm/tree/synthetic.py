@@ -1,12 +1,6 @@
-"""Deterministic synthetic code trees (codes, parents, titles) for tests and scale benchmarks.
-
-:func:`synthetic_tree` builds a realistic forest of up to millions of codes with NumPy, level by
-level: level sizes grow geometrically, fan-out varies per node (lognormal weights), every leaf
-lies within the requested depth range, and titles inherit words from their parent. In the
-``letters`` style codes are drawn independently per node, so the tree can only be read from the
-parent column, never inferred from code prefixes. :func:`random_tree` makes small, irregular
-forests (chains, wide nodes, lone roots) for property tests.
-"""
+"""Deterministic synthetic code trees (codes, parents, titles) for tests and scale benchmarks: :func:`synthetic_tree`
+builds realistic forests of up to millions of codes level by level with NumPy; :func:`random_tree` makes small
+irregular forests (chains, wide nodes, lone roots) for property tests."""
 
 from __future__ import annotations
 
@@ -22,20 +16,18 @@ from naics_hnm.atomic import atomic_path
 CODE_STYLES = ("letters", "icd", "mesh")
 _ALNUM = np.frombuffer(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)
 _WORDS = np.array("""
-    retail wholesale frozen fresh dried canned organic industrial domestic marine rural urban
-    steel timber glass paper cotton wool leather rubber plastic copper silver grain dairy meat
-    poultry seafood fruit vegetable bakery beverage tobacco textile apparel footwear furniture
-    printing chemical fertilizer paint soap cosmetic drug vaccine cement brick ceramic engine
-    turbine pump valve motor battery cable lamp clock radio camera sensor robot vehicle truck
-    bicycle aircraft ship rail pipeline freight courier warehouse storage software hardware
-    network data cloud security insurance banking credit lending leasing rental brokerage
-    advisory legal accounting design survey mapping testing research training school college
-    clinic hospital nursing dental veterinary laboratory therapy hotel camping restaurant
-    catering repair cleaning laundry funeral parking waste recycling water sewage electric gas
-    solar wind nuclear hydro mining quarry drilling forestry fishing hunting farming nursery
-    greenhouse vineyard orchard livestock equipment machinery supplies parts materials products
-    services systems components instruments devices tools goods structures installation
-    maintenance manufacturing processing assembly distribution operation management supply
+    retail wholesale frozen fresh dried canned organic industrial domestic marine rural urban steel timber glass
+    paper cotton wool leather rubber plastic copper silver grain dairy meat poultry seafood fruit vegetable bakery
+    beverage tobacco textile apparel footwear furniture printing chemical fertilizer paint soap cosmetic drug
+    vaccine cement brick ceramic engine turbine pump valve motor battery cable lamp clock radio camera sensor robot
+    vehicle truck bicycle aircraft ship rail pipeline freight courier warehouse storage software hardware network
+    data cloud security insurance banking credit lending leasing rental brokerage advisory legal accounting design
+    survey mapping testing research training school college clinic hospital nursing dental veterinary laboratory
+    therapy hotel camping restaurant catering repair cleaning laundry funeral parking waste recycling water sewage
+    electric gas solar wind nuclear hydro mining quarry drilling forestry fishing hunting farming nursery
+    greenhouse vineyard orchard livestock equipment machinery supplies parts materials products services systems
+    components instruments devices tools goods structures installation maintenance manufacturing processing
+    assembly distribution operation management supply
     """.split())
 
 
@@ -59,13 +51,10 @@ def synthetic_tree(n_codes: int, *, depth: tuple[int, int] = (5, 7), seed: int =
                    code_style: str = "letters", forest: bool = True) -> SyntheticTree:
     """A random tree of exactly ``n_codes`` codes whose leaves all lie at depths ``depth[0]..depth[1]``.
 
-    Top-level codes have depth 1: 10 to 30 of them when ``forest`` (fewer if ``n_codes`` is too
-    small to give each a chain of ``depth[0]`` codes; all of them if ``depth`` is ``(1, 1)``), else
-    one. Rows come in pre-order (each code before its subtree). Code styles: ``letters``
-    (``QXB.A7-3``; unrelated to the parent's code), ``icd`` (``A00`` -> ``A004`` -> ``A004K``) and
-    ``mesh`` (``C04`` -> ``C04.588`` -> ``C04.588.322``). Titles are 3 to 6 words: 1 or 2 new ones,
-    then the parent's first words. The same arguments (and NumPy version) give the same tree.
-    """
+    10 to 30 top-level codes when ``forest`` (fewer if ``n_codes`` is too small for a chain of ``depth[0]`` each; all
+    codes if ``depth`` is ``(1, 1)``), else one. Rows in pre-order. Code styles: ``letters`` (``QXB.A7-3``, unrelated
+    to the parent's code: the tree is only in the parent column), ``icd`` (``A00`` -> ``A004`` -> ``A004K``), ``mesh``
+    (``C04`` -> ``C04.588``). Titles: 3-6 words, 1-2 new then the parent's first. Same arguments, same tree."""
     if not isinstance(n_codes, int) or n_codes < 1:
         raise ValueError(f"n_codes must be a positive int, got {n_codes!r}")
     lo, hi = depth
@@ -83,9 +72,8 @@ def synthetic_tree(n_codes: int, *, depth: tuple[int, int] = (5, 7), seed: int =
     else:
         roots = min(int(rng.integers(10, 31)), n_codes // lo) if forest else 1
     sizes = _level_sizes(n_codes, roots, lo, hi)
-    parent_of = [np.zeros(0, np.int64)]
-    for d in range(1, len(sizes)):
-        parent_of.append(_assign_parents(rng, sizes[d - 1], sizes[d], all_branch=d < lo))
+    parent_of = [np.zeros(0, np.int64)] + [_assign_parents(rng, sizes[d - 1], sizes[d], all_branch=d < lo)
+                                           for d in range(1, len(sizes))]
     counts = [np.bincount(parent_of[d], minlength=sizes[d - 1]) for d in range(1, len(sizes))]
     codes = np.concatenate(_level_codes(rng, code_style, sizes, parent_of, counts))
     words, lengths = _titles(rng, sizes, parent_of)
@@ -97,12 +85,9 @@ def synthetic_tree(n_codes: int, *, depth: tuple[int, int] = (5, 7), seed: int =
 
 
 def random_tree(rng: np.random.Generator | int, n: int, max_depth: int = 8) -> SyntheticTree:
-    """A small irregular forest of ``n`` codes and depth at most ``max_depth``, rows in random order.
-
-    ``rng`` is a NumPy Generator (advanced in place) or a seed.
-    Mixes lone roots, chains and wide nodes. Codes are distinct random upper-case strings of 1 to 6
-    letters (one may be a prefix of an unrelated code); a parent may come after its children.
-    """
+    """A small irregular forest of ``n`` codes and depth at most ``max_depth``, rows in random order. ``rng``: a
+    NumPy Generator (advanced in place) or a seed. Codes are distinct strings of 1 to 6 upper-case letters (one may be
+    a prefix of an unrelated code); a parent may come after its children."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if not isinstance(max_depth, int) or max_depth < 1:
@@ -125,13 +110,10 @@ def random_tree(rng: np.random.Generator | int, n: int, max_depth: int = 8) -> S
             open_.append(i)
             if rng.random() < 0.1:
                 hubs.append(i)
-    codes: list[str] = []
-    seen: set[str] = set()
-    while len(codes) < n:
-        code = "".join(rng.choice(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), int(rng.integers(1, 7))))
-        if code not in seen:
-            seen.add(code)
-            codes.append(code)
+    drawn: dict[str, None] = {}  # distinct codes in the order drawn
+    while len(drawn) < n:
+        drawn["".join(rng.choice(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), int(rng.integers(1, 7))))] = None
+    codes = list(drawn)
     titles = [" ".join(rng.choice(_WORDS, int(rng.integers(1, 5)))) for _ in range(n)]
     order = rng.permutation(n).tolist()
     return SyntheticTree([codes[i] for i in order], [codes[parents[i]] if parents[i] >= 0 else "" for i in order],
@@ -222,11 +204,8 @@ def _level_codes(rng: np.random.Generator, style: str, sizes: list[int], parent_
 
 
 def _fill(rng: np.random.Generator, template: str, size: int) -> np.ndarray:
-    """``size`` distinct random codes shaped like ``template`` (L: letter, D: digit, else literal).
-
-    The rightmost L/D positions, enough for 16 x ``size`` values, spell a sample without
-    replacement (so codes are distinct); the others are drawn freely.
-    """
+    """``size`` distinct random codes shaped like ``template`` (L: letter, D: digit, else literal): the rightmost L/D
+    positions, enough for 16 x ``size`` values, spell a sample without replacement."""
     positions = [col for col in range(len(template) - 1, -1, -1) if template[col] in "LD"]
     space, n_unique = 1, 0
     while n_unique < len(positions) and space < 16 * size:

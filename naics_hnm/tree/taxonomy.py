@@ -1,12 +1,6 @@
-"""A code tree (NAICS 2022 by default, or any taxonomy) with vectorised tree relations.
-
-Codes are addressed by a dense index ``0..N-1`` in canonical order (sorted code strings). The tree
-comes from an explicit parent per code (``Taxonomy(codes, parent, texts)``, or a CSV ``parent``
-column) or, without one, from digit prefixes (:mod:`naics_hnm.tree.prefix`). Memory is
-O(N x depth) (:mod:`naics_hnm.tree.structure`): pairwise relations are computed on demand for
-broadcastable blocks of ids, never as an N x N array. The torch twin is
-:class:`naics_hnm.tree.guard.TreeGuard`.
-"""
+"""A code tree (NAICS 2022 by default, or any taxonomy) with vectorised tree relations. Codes have dense ids
+``0..N-1`` in sorted code order; the tree comes from a parent per code or, without one, from digit prefixes
+(:mod:`naics_hnm.tree.prefix`). Memory is O(N x depth): relations are computed per block of ids."""
 
 from __future__ import annotations
 
@@ -35,21 +29,13 @@ class Taxonomy:
     """An immutable code tree.
 
     Args:
-        codes: code strings (any order; stored sorted), non-empty, distinct.
-        parent: per code, its parent's code ('' or None = top level); None for the whole argument
-            infers the tree from digit prefixes.
-        texts: per code, the title to embed (non-empty).
-        name: a short name (used in cache file names and logs).
+        codes: distinct non-empty code strings (any order; stored sorted).
+        parent: per code, its parent's code ('' or None = top level); None infers the tree from digit prefixes.
+        texts: per code, the non-empty title to embed. name: a short name (cache file names, logs).
         descriptions, examples: optional extra text per code, appended to the title when embedded.
 
-    Attributes:
-        codes, titles, descriptions, examples: per code, in canonical (sorted) order.
-        parent: int64[N], index of the parent code, -1 for top-level codes.
-        depth: int16[N], 1 for top-level codes (the virtual root is depth 0).
-        pre, end: DFS numbers; the subtree of ``a`` is the position range ``[pre[a], end[a])``.
-        dfs_order: int64[N], the code at each DFS position.
-        ancestor_path: int32[N, D+1], column t is the ancestor at depth t (0: the root, written N).
-    """
+    Attributes: ``codes``, ``titles``, ``descriptions``, ``examples`` in sorted order; ``parent`` (-1: top level) and
+    ``depth``, ``pre``, ``end``, ``dfs_order``, ``ancestor_path`` as described in :mod:`naics_hnm.tree.structure`."""
 
     def __init__(self, codes: Sequence[str], parent: Sequence[str | None] | None, texts: Sequence[str],
                  name: str = "custom", *, descriptions: Sequence[str] | None = None,
@@ -82,7 +68,6 @@ class Taxonomy:
         descriptions, examples = _text_column(descriptions, n, "descriptions"), _text_column(examples, n, "examples")
         self.descriptions = [descriptions[i] for i in order]
         self.examples = [examples[i] for i in order]
-        row_of = order  # canonical id -> input row
         parent_codes = [parents[i] or "" for i in order]
         parent_ids = np.full(n, -1, dtype=np.int64)
         has = np.array([bool(p) for p in parent_codes])
@@ -92,19 +77,15 @@ class Taxonomy:
             ok = (found < n) & (self._sorted[np.minimum(found, n - 1)] == wanted)
             if not ok.all():
                 bad = np.flatnonzero(has)[np.flatnonzero(~ok)[0]]
-                raise TaxonomyError(f"{where(int(row_of[bad]))}: code {self.codes[bad]!r} has parent "
+                raise TaxonomyError(f"{where(int(order[bad]))}: code {self.codes[bad]!r} has parent "
                                     f"{parent_codes[bad]!r}, which is not a code of the taxonomy")
             parent_ids[has] = found
         try:
-            tree = build_tree(parent_ids, lambda i: f"{self.codes[i]!r} ({where(int(row_of[i]))})")
+            tree = build_tree(parent_ids, lambda i: f"{self.codes[i]!r} ({where(int(order[i]))})")
         except TreeError as err:
             raise TaxonomyError(str(err)) from None
-        self.parent = tree.parent
-        self.depth = tree.depth
-        self.pre = tree.pre
-        self.end = tree.end
-        self.dfs_order = tree.dfs_order
-        self.ancestor_path = tree.ancestor_path
+        self.parent, self.depth, self.pre, self.end = tree.parent, tree.depth, tree.pre, tree.end
+        self.dfs_order, self.ancestor_path = tree.dfs_order, tree.ancestor_path
 
     @classmethod
     def naics2022(cls) -> "Taxonomy":
@@ -117,10 +98,8 @@ class Taxonomy:
     @classmethod
     def from_records(cls, records: Iterable[dict], name: str = "custom",
                      where: Callable[[int], str] | None = None) -> "Taxonomy":
-        """Build from dicts with ``code``, ``title`` and optionally ``parent``, ``description``, ``examples``.
-
-        The tree comes from ``parent`` when the first record has that key, else from digit prefixes.
-        """
+        """Build from dicts with ``code``, ``title`` and optionally ``parent`` (the tree comes from it when the
+        first record has that key, else from digit prefixes), ``description``, ``examples``."""
         records = list(records)
         with_parent = bool(records) and "parent" in records[0]
         column = lambda key: [str(r.get(key) or "").strip() for r in records]  # noqa: E731
@@ -165,8 +144,7 @@ class Taxonomy:
 
     def text(self, i: int) -> str:
         """Text to embed for code ``i``: title, plus description and examples when present."""
-        parts = [self.titles[i], self.descriptions[i], self.examples[i]]
-        return ". ".join(p for p in parts if p)
+        return ". ".join(p for p in (self.titles[i], self.descriptions[i], self.examples[i]) if p)
 
     @cached_property
     def texts(self) -> list[str]:

@@ -1,7 +1,5 @@
 """Reading a taxonomy CSV: header checks, UTF-8 errors and row errors that name the file and line.
-
-:class:`TaxonomyError` lives here, the lowest module that raises it; :mod:`naics_hnm.tree.taxonomy` re-exports it.
-"""
+:class:`TaxonomyError` lives here; :mod:`naics_hnm.tree.taxonomy` re-exports it."""
 
 from __future__ import annotations
 
@@ -24,15 +22,11 @@ def _decode(path: Path) -> str:
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise TaxonomyError(f"taxonomy CSV {str(path)!r} line {line}: byte {data[err.start]:#04x} is not "
-                               "UTF-8; expected a UTF-8 text file") from None
+                            "UTF-8; expected a UTF-8 text file") from None
 
 
 def read_taxonomy_csv(path: Path) -> tuple[list[dict[str, str]], list[int]]:
-    """Rows as dicts keyed by the (stripped) header, and the file line number of each row.
-
-    Every row has every column of the header: a row with fewer fields has empty trailing fields, so
-    the header alone decides whether the tree comes from a ``parent`` column or from prefixes.
-    """
+    """Rows as dicts keyed by the (stripped) header (short rows get empty trailing fields), and each row's line."""
     if not path.exists():
         raise TaxonomyError(f"taxonomy CSV {str(path)!r} does not exist")
     if not path.is_file():
@@ -45,19 +39,18 @@ def read_taxonomy_csv(path: Path) -> tuple[list[dict[str, str]], list[int]]:
     unknown = [c for c in header if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     if unknown:
         raise TaxonomyError(f"taxonomy CSV {str(path)!r}: unknown column(s) {unknown}; expected "
-                               f"{list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
+                            f"{list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
     if len(set(header)) != len(header):
         raise TaxonomyError(f"taxonomy CSV {str(path)!r}: header {header} repeats a column")
     records, lines = [], []
     for row in reader:
-        line = reader.line_num
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) > len(header):
-            raise TaxonomyError(f"taxonomy CSV {str(path)!r} line {line}: {len(row)} fields, more fields than the "
-                                   f"header's {len(header)}")
+            raise TaxonomyError(f"taxonomy CSV {str(path)!r} line {reader.line_num}: {len(row)} fields, more fields "
+                                f"than the header's {len(header)}")
         records.append(dict(zip(header, row + [""] * (len(header) - len(row)))))  # short row: empty trailing fields
-        lines.append(line)
+        lines.append(reader.line_num)
     if not records:
         raise TaxonomyError(f"taxonomy CSV {str(path)!r} has a header but no rows")
     return records, lines
