@@ -132,7 +132,11 @@ def _run(args: argparse.Namespace) -> int:
         resolve_columns(dataset, args.anchor_column, args.positive_column)
     except (ValueError, TypeError, KeyError) as exc:
         raise CliError(_flag_message(exc)) from None
-    model = load_model(args.model, args.model_device, args.quiet)
+    if args.quiet:  # no loading bars or notes from transformers either
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    model = _load("SentenceTransformer", "--model", args.model, args.model_device)
     if args.cross_encoder:
         options["cross_encoder"] = _load("CrossEncoder", "--cross-encoder", args.cross_encoder, args.model_device)
     start = time.perf_counter()
@@ -315,14 +319,6 @@ def write_table(path: Path, columns: dict[str, list]) -> None:
                     writer.writerows([json.dumps(v) if isinstance(v, list) else v for v in row] for row in rows)
     except OSError as exc:
         raise CliError(f"--output {str(path)!r}: {exc.strerror or exc}") from None
-
-
-def load_model(name: str, device: str | None, quiet: bool = False) -> Any:
-    if quiet:  # no loading bars or notes from transformers either
-        import transformers
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    return _load("SentenceTransformer", "--model", name, device)
 
 
 def _load(class_name: str, option: str, name: str, device: str | None) -> Any:

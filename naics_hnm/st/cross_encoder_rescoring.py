@@ -37,8 +37,7 @@ class PairScorer:
         self._scores = np.zeros(0, dtype=np.float32)
         self._anchor_len = self._lengths(texts.anchors)
         self._corpus_len = np.full(len(texts.corpus), -1, dtype=np.int64)
-        self.pairs_scored = 0
-        self.calls = 0
+        self.pairs_scored = self.calls = 0
 
     def scores(self, anchors: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """float32 scores of the pairs (anchors [m], ids [m]) (ids >= 0); new pairs are scored now."""
@@ -118,14 +117,14 @@ def rescore_negatives(request: SearchRequest, scorer: PairScorer, window: int,
     r = replace(request, positive_scores=positive_scores)
     with search_run(r, r.range_min + r.num_negatives, "ranking negatives by the cross-encoder", progress) as run:
 
-        def settle(rows: np.ndarray, _: np.ndarray, ids: np.ndarray, last: bool, depth: int) -> np.ndarray:
+        def settle(rows: np.ndarray, _: np.ndarray, ids: np.ndarray, last: bool, _depth: int) -> np.ndarray:
             """Guard, score the survivors, apply the score rules to those scores and pick (ties: bi-encoder order)."""
             kept = run.guard(rows, ids)
             scores = np.full(ids.shape, -np.inf, dtype=np.float32)
             at = np.nonzero(kept.keep)
             scores[at] = scorer.scores(rows[at[0]], ids[at])
             run.drop_by_score(kept, rows, scores)
-            return run.settle(rows, scores, ids, kept, last, depth)
+            return run.settle(rows, scores, ids, kept, last)
 
         run.search_in_blocks(np.arange(n_anchors), min(window, r.index.ntotal), 2, lambda _: r.batch_size, settle)
     return run.out, positive_scores

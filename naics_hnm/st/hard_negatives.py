@@ -178,8 +178,7 @@ def mine_with_report(dataset: Any, model: Any, *, shard: Any = None, **options: 
     else:
         result, positive_scores, rescored = rescore_with_cross_encoder(
             s["cross_encoder"], pairs, request, range_max + max_positives + 1,  # sentence-transformers' window
-            batch_size=s["batch_size"], progress=s["verbose"],
-            use_multi_process=s["use_multi_process"], shard=shard)
+            batch_size=s["batch_size"], progress=s["verbose"], use_multi_process=s["use_multi_process"], shard=shard)
         lap("rescore")
     rows = output_columns(pairs, result.ids, result.scores, positive_scores, s["output_format"], s["output_scores"],
                           s["num_negatives"])
@@ -188,10 +187,9 @@ def mine_with_report(dataset: Any, model: Any, *, shard: Any = None, **options: 
     short = result.found < s["num_negatives"]
     report = MiningReport(
         rows_in=pairs.rows, anchors=len(pairs.anchors), corpus_texts=len(pairs.corpus), texts_embedded=embedded,
-        num_negatives=s["num_negatives"], range_max=range_max, seed=s["seed"],
-        rows_out=len(rows.columns[pairs.anchor_column]), short_anchors=int(short.sum()),
-        short_rows=int(pairs.positives_per_anchor[short].sum()), dropped_rows=rows.dropped_rows,
-        positive_scores=rows.positive_scores, negative_scores=rows.negative_scores,
+        num_negatives=s["num_negatives"], range_max=range_max, seed=s["seed"], short_anchors=int(short.sum()),
+        rows_out=len(rows.columns[pairs.anchor_column]), short_rows=int(pairs.positives_per_anchor[short].sum()),
+        dropped_rows=rows.dropped_rows, positive_scores=rows.positive_scores, negative_scores=rows.negative_scores,
         removed=result.removed, short_removed=result.short_removed, seconds=seconds, pairs_rescored=rescored)
     report.card_record = card_record(
         {**s, "range_max": range_max}, report.counts(), model=model, cross_encoder=s["cross_encoder"],

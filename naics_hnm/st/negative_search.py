@@ -117,7 +117,6 @@ class SearchRequest:
 class SearchResult:
     ids: np.ndarray                # int64 [A, n], -1 padded, most similar first
     scores: np.ndarray             # float32 [A, n], -inf padded
-    searched: np.ndarray           # int64 [A]: search depth that settled the row
     removed: dict[str, int] = field(default_factory=dict)        # over all rows (final depth)
     short_removed: dict[str, int] = field(default_factory=dict)  # over short rows only
 
@@ -182,15 +181,14 @@ class SearchRun:
         if self.r.min_score is not None:
             kept.drop("min_score", scores < self.r.min_score)
 
-    def settle(self, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, kept: Removals, exhausted: Any,
-               depth: int) -> np.ndarray:
+    def settle(self, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, kept: Removals,
+               exhausted: Any) -> np.ndarray:
         """Pick and record the negatives of rows with ``need`` valid candidates or ``exhausted``; which settled."""
         done = (kept.keep.sum(axis=1) >= self.need) | exhausted
         settled, out = rows[done], self.out
         if settled.size:
             picked = _pick(self.r, settled, scores[done], ids[done], kept.keep[done])
             out.ids[settled], out.scores[settled] = picked
-            out.searched[settled] = depth
             short = (picked[0] >= 0).sum(axis=1) < self.r.num_negatives
             for reason, counts in kept.removed.items():
                 counts = np.broadcast_to(counts, done.shape)[done]
@@ -220,7 +218,7 @@ def search_run(r: SearchRequest, need: int, desc: str, progress: bool) -> Iterat
     """A :class:`SearchRun` with an empty result and the request's rule limits, its progress bar open."""
     n_anchors, n = r.queries.shape[0], r.num_negatives
     out = SearchResult(np.full((n_anchors, n), -1, dtype=np.int64), np.full((n_anchors, n), -np.inf, dtype=np.float32),
-                       np.zeros(n_anchors, dtype=np.int64), dict.fromkeys(REASONS, 0), dict.fromkeys(REASONS, 0))
+                       dict.fromkeys(REASONS, 0), dict.fromkeys(REASONS, 0))
     order_limit = _order_limits(r) if r.tree is not None and r.tree.order_filter else None
     with tqdm(total=n_anchors, desc=desc, disable=not progress, unit="anchor") as bar:
         yield SearchRun(r, need, _upper_bounds(r), order_limit, out, bar)
@@ -249,7 +247,7 @@ def _scan(run: SearchRun, depth: np.ndarray) -> None:
                 top, ids = top.cpu().numpy(), cols.cpu().numpy().astype(np.int64)
                 ids[np.isneginf(top)] = -1
                 kept = run.guard(rows[pending], ids, {reason: count[pending] for reason, count in removed.items()})
-                return run.settle(rows[pending], top, ids, kept, (ids[:, -1] < 0) | last, k)
+                return run.settle(rows[pending], top, ids, kept, (ids[:, -1] < 0) | last)
 
             search_deeper(np.arange(rows.size), min(int(depth[rows].max()), ntotal), ntotal, top_round, factor=4)
 
@@ -258,13 +256,13 @@ def _search(run: SearchRun, depth: np.ndarray) -> None:
     """Approximate index: faiss searches, each unsettled row again at 4x the depth."""
     r = run.r
 
-    def settle(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, last: bool, d: int) -> np.ndarray:
+    def settle(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, last: bool, _depth: int) -> np.ndarray:
         exhausted = last | (ids[:, -1] < 0)
         if r.min_score is not None:
             exhausted |= scores[:, -1] < r.min_score  # deeper candidates score lower still
         kept = run.guard(rows, ids)
         run.drop_by_score(kept, rows, scores)
-        return run.settle(rows, scores, ids, kept, exhausted, d)
+        return run.settle(rows, scores, ids, kept, exhausted)
 
     for d in np.unique(depth):
         run.search_in_blocks(np.flatnonzero(depth == d), int(d), 4,

@@ -157,15 +157,14 @@ def encodes_alike(model: Any, query: tuple[str | None, str | None], document: tu
 def _length_order(model: Any, texts: list[str]) -> np.ndarray:
     """Longest first by token count when the model has a tokenizer, else by characters."""
     tokenizer = getattr(model, "tokenizer", None)
-    lengths = np.array([len(t) for t in texts])
     if callable(tokenizer) and texts:
         try:
             limit = getattr(model, "max_seq_length", None)
             kwargs = {"truncation": True, "max_length": limit} if isinstance(limit, int) else {}
-            lengths = np.array([len(ids) for ids in tokenizer(texts, **kwargs)["input_ids"]])
+            return np.argsort(-np.array([len(ids) for ids in tokenizer(texts, **kwargs)["input_ids"]]), kind="stable")
         except Exception:  # noqa: BLE001 - any tokenizer trouble: fall back to characters
             pass
-    return np.argsort(-lengths, kind="stable")
+    return np.argsort(-np.array([len(t) for t in texts]), kind="stable")
 
 
 def _as_matrix(value: Any, n: int) -> np.ndarray:
