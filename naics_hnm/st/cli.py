@@ -1,12 +1,9 @@
-"""Mine hard negatives for a file of (anchor, positive) text pairs.
-
-    python -m naics_hnm.mine --dataset pairs.jsonl --model PATH --output mined.jsonl [options]
+"""Mine hard negatives for a file of (anchor, positive) text pairs: ``python -m naics_hnm.mine --help``.
 
 Reads and writes ``.jsonl``, ``.csv`` (list cells as JSON) and ``.parquet``, mining with
 :func:`naics_hnm.mine_hard_negatives` and writing its dataset card beside the output; runs under
 ``torchrun`` too (:mod:`naics_hnm.st.distributed_mining`). Bad input ends with one line on stderr
-and exit status 2; the output is written to a temporary file and moved into place.
-"""
+and exit status 2; the output is written to a temporary file and moved into place."""
 
 from __future__ import annotations
 
@@ -38,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[2], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("files")
     io.add_argument("--dataset", required=True, type=Path, help="(anchor, positive) pairs: .jsonl, .csv or .parquet")
     io.add_argument("--model", required=True, help="SentenceTransformer folder (or name, when the hub is reachable)")
@@ -52,19 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-negatives", type=int, default=3)
     m.add_argument("--range-min", type=int, default=0, help="skip this many valid candidates")
     m.add_argument("--range-max", type=int, help="rank bound of random sampling (default as sentence-transformers)")
-    m.add_argument("--max-score", type=float)
-    m.add_argument("--min-score", type=float)
-    m.add_argument("--absolute-margin", type=float)
-    m.add_argument("--relative-margin", type=float)
+    for flag in ("--max-score", "--min-score", "--absolute-margin", "--relative-margin"):
+        m.add_argument(flag, type=float)
     m.add_argument("--sampling-strategy", choices=("top", "random"), default="top")
     m.add_argument("--seed", type=int, default=0, help="key of the random draws")
-    m.add_argument("--query-prompt")
-    m.add_argument("--query-prompt-name")
-    m.add_argument("--corpus-prompt")
-    m.add_argument("--corpus-prompt-name")
+    for flag in ("--query-prompt", "--query-prompt-name", "--corpus-prompt", "--corpus-prompt-name"):
+        m.add_argument(flag)
     m.add_argument("--include-positives", action="store_true")
-    m.add_argument("--output-format", choices=("triplet", "n-tuple", "labeled-pair", "labeled-list"),
-                   default="triplet")
+    m.add_argument("--output-format", choices=("triplet", "n-tuple", "labeled-pair", "labeled-list"), default="triplet")
     m.add_argument("--output-scores", action="store_true")
     m.add_argument("--batch-size", type=int, default=32, help="texts per model call")
     m.add_argument("--cache-folder", help="cache embeddings here")
@@ -123,17 +115,14 @@ def _run(args: argparse.Namespace) -> int:
     search_params = _json_option(args.search_params, "--search-params") if args.search_params else None
     taxonomy = _taxonomy(args.taxonomy) if args.taxonomy else None
     from naics_hnm.st.distributed_mining import process_group_shard
-
     shard = process_group_shard()
     writer = shard is None or shard.rank == 0
     if args.model_device is None and shard is not None and shard.world_size > 1:
         import torch
-
         if torch.cuda.is_available():  # one GPU per rank
             args.model_device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     from naics_hnm.st.hard_negatives import check_options, mine_with_report
     from naics_hnm.st.text_corpus import resolve_columns
-
     given = {"anchor_column_name": args.anchor_column, "positive_column_name": args.positive_column,
              "corpus": corpus, "taxonomy": taxonomy, "codes": codes, "search_params": search_params}
     options = {name: given[name] if name in given else getattr(args, name) for name in PARAMETERS}
@@ -143,9 +132,13 @@ def _run(args: argparse.Namespace) -> int:
         resolve_columns(dataset, args.anchor_column, args.positive_column)
     except (ValueError, TypeError, KeyError) as exc:
         raise CliError(_flag_message(exc)) from None
-    model = load_model(args.model, args.model_device, args.quiet)
+    if args.quiet:  # no loading bars or notes from transformers either
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    model = _load("SentenceTransformer", "--model", args.model, args.model_device)
     if args.cross_encoder:
-        options["cross_encoder"] = load_cross_encoder(args.cross_encoder, args.model_device)
+        options["cross_encoder"] = _load("CrossEncoder", "--cross-encoder", args.cross_encoder, args.model_device)
     start = time.perf_counter()
     try:
         columns, report = mine_with_report(dataset, model, shard=shard, **options)
@@ -155,7 +148,6 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     write_table(args.output, columns)
     from naics_hnm.st.dataset_card import write_dataset_card
-
     try:
         card = write_dataset_card(report.card(args.command), args.output)
     except OSError as exc:
@@ -185,22 +177,21 @@ def _summary(report: Any, args: argparse.Namespace, seconds: float, card: Path) 
     print(f"wrote {args.output} and its dataset card {card}")
 
 
+# mine_hard_negatives' parameters that the CLI sets from a flag of its own; FLAGS: those not named --name-with-dashes
 FLAGS = {"anchor_column_name": "--anchor-column", "positive_column_name": "--positive-column",
          "verbose": "--quiet", "corpus": "--corpus"}
-"""mine_hard_negatives parameters whose flag is not the parameter name with dashes."""
 PARAMETERS = ("anchor_column_name", "positive_column_name", "corpus", "range_min", "range_max", "max_score",
               "min_score", "absolute_margin", "relative_margin", "num_negatives", "sampling_strategy",
               "query_prompt_name", "query_prompt", "corpus_prompt_name", "corpus_prompt", "include_positives",
               "output_format", "output_scores", "batch_size", "cache_folder", "seed", "taxonomy", "codes",
               "order_filter", "index_factory", "search_params", "device")
-"""The parameters the CLI sets from a flag of its own."""
 
 
 def _flag_message(exc: BaseException) -> str:
     """The error in one line, led by the flags of the parameters it names (``num_negatives=0`` -> --num-negatives)."""
     text = _one_line(exc)
-    named = re.findall(r"\b([a-z]+_[a-z_]+|[a-z]+(?==))", text)  # snake_case names, or any name before '='
-    named = [name for name in named if name in PARAMETERS]
+    # snake_case names, or any name before '='
+    named = [name for name in re.findall(r"\b([a-z]+_[a-z_]+|[a-z]+(?==))", text) if name in PARAMETERS]
     flags = list(dict.fromkeys(FLAGS.get(name, "--" + name.replace("_", "-")) for name in named))
     return f"{', '.join(flags)}: {text}" if flags else text
 
@@ -208,9 +199,6 @@ def _flag_message(exc: BaseException) -> str:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().strip("'\"") or type(exc).__name__
     return " ".join(text.split())
-
-
-# ---------------------------------------------------------------------------------------------- files
 
 
 def read_table(path: Path, option: str) -> dict[str, list]:
@@ -321,8 +309,7 @@ def write_table(path: Path, columns: dict[str, list]) -> None:
                 pq.write_table(pa.Table.from_pydict(columns), temp)
                 return
             with temp.open("w", encoding="utf-8", newline="") as handle:
-                names = list(columns)
-                rows = zip(*columns.values())
+                names, rows = list(columns), zip(*columns.values())
                 if path.suffix == ".jsonl":
                     for row in rows:
                         handle.write(json.dumps(dict(zip(names, row)), ensure_ascii=False) + "\n")
@@ -332,19 +319,6 @@ def write_table(path: Path, columns: dict[str, list]) -> None:
                     writer.writerows([json.dumps(v) if isinstance(v, list) else v for v in row] for row in rows)
     except OSError as exc:
         raise CliError(f"--output {str(path)!r}: {exc.strerror or exc}") from None
-
-
-def load_model(name: str, device: str | None, quiet: bool = False) -> Any:
-    if quiet:  # no loading bars or notes from transformers either
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    return _load("SentenceTransformer", "--model", name, device)
-
-
-def load_cross_encoder(name: str, device: str | None) -> Any:
-    return _load("CrossEncoder", "--cross-encoder", name, device)
 
 
 def _load(class_name: str, option: str, name: str, device: str | None) -> Any:
@@ -363,7 +337,6 @@ def _load(class_name: str, option: str, name: str, device: str | None) -> Any:
 
 def _taxonomy(path: Path) -> Any:
     from naics_hnm.tree.taxonomy import Taxonomy
-
     if not path.is_file():
         raise CliError(f"--taxonomy {str(path)!r}: no such file")
     try:

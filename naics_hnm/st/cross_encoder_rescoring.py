@@ -1,60 +1,35 @@
-"""Cross-encoder rescoring of mined candidates, with sentence-transformers 6.3's semantics.
-
-On the bi-encoder's window of ``range_max + max_positives + 1`` nearest texts, the cross-encoder's
-scores rank the candidates and feed every score rule (margins against its least positive score,
-``max_score`` / ``min_score``). Beyond sentence-transformers: each distinct (anchor, text) pair is
-scored once, in batches sorted by token length; excluded texts are never scored; a row left short
-gets a 2x window (only new pairs scored). See ``docs/sentence_transformers.md``.
-"""
+"""Cross-encoder rescoring of mined candidates as in sentence-transformers 6.3: its scores rank the bi-encoder's
+nearest candidates and feed every score rule; each distinct (anchor, text) pair is scored once."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from naics_hnm.st.negative_search import SearchRequest, SearchResult, search_run
+from naics_hnm.st.text_corpus import TextPairs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PairTexts:
-    """The texts a cross-encoder reads: anchors (queries) and corpus texts, by id."""
-
-    anchors: list[str]
-    corpus: list[str]
 
 
 def check_cross_encoder(cross_encoder: Any) -> None:
     """ValueError unless ``cross_encoder`` has ``predict(list[(str, str)]) -> scores`` (a CrossEncoder)."""
     if not callable(getattr(cross_encoder, "predict", None)):
         raise ValueError(f"cross_encoder={type(cross_encoder).__name__}: expected a model with "
-                        "predict(list of (query, document) pairs) -> scores (a sentence_transformers.CrossEncoder) "
-                        "or None")
-
-
-def cross_encoder_window(range_max: int, max_rows_per_anchor: int) -> int:
-    """sentence-transformers' window of raw bi-encoder candidates: ``range_max + max positives + 1``,
-    where it counts an anchor's positives as its rows (a repeated row counts twice)."""
-    return range_max + max_rows_per_anchor + 1
+                         "predict(list of (query, document) pairs) -> scores (a sentence_transformers.CrossEncoder) "
+                         "or None")
 
 
 class PairScorer:
-    """Scores (anchor id, corpus id) pairs with a cross-encoder, each distinct pair once.
+    """Scores (anchor id, corpus id) pairs of ``texts`` with a cross-encoder, each distinct pair once, longest first;
+    with a ``shard`` each rank scores an interleaved slice and all ranks get every score."""
 
-    Pairs are batched across anchors in descending token length (the cross-encoder's tokenizer,
-    else characters), ``batch_size`` pairs per ``predict`` call; with a multi-process ``pool`` one
-    ``predict`` call takes them all in that order and the pool splits it. With a ``shard`` (one rank
-    of a process group) each rank scores an interleaved slice of them and all ranks get every score.
-    """
-
-    def __init__(self, cross_encoder: Any, texts: PairTexts, *, batch_size: int, progress: bool,
+    def __init__(self, cross_encoder: Any, texts: TextPairs, *, batch_size: int, progress: bool,
                  pool: Any = None, shard: Any = None) -> None:
-        check_cross_encoder(cross_encoder)
         self.model, self.texts, self.batch_size, self.progress, self.pool, self.shard = (
             cross_encoder, texts, batch_size, progress, pool, shard)
         self.width = np.int64(len(texts.corpus) + 1)
@@ -62,8 +37,7 @@ class PairScorer:
         self._scores = np.zeros(0, dtype=np.float32)
         self._anchor_len = self._lengths(texts.anchors)
         self._corpus_len = np.full(len(texts.corpus), -1, dtype=np.int64)
-        self.pairs_scored = 0
-        self.calls = 0
+        self.pairs_scored = self.calls = 0
 
     def scores(self, anchors: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """float32 scores of the pairs (anchors [m], ids [m]) (ids >= 0); new pairs are scored now."""
@@ -71,8 +45,7 @@ class PairScorer:
         new = np.unique(keys[~self._known(keys)])
         if new.size:
             self._score(new)
-        at = np.searchsorted(self._keys, keys)
-        return self._scores[at]
+        return self._scores[np.searchsorted(self._keys, keys)]
 
     def _known(self, keys: np.ndarray) -> np.ndarray:
         if not self._keys.size:
@@ -82,9 +55,8 @@ class PairScorer:
 
     def _lengths(self, texts: list[str]) -> np.ndarray:
         tokenizer = getattr(self.model, "tokenizer", None)
-        if callable(tokenizer) and texts:
-            ids = tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
-            return np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(texts))
+        if callable(tokenizer) and texts:  # token counts, else characters
+            texts = tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
         return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
 
     def _score(self, keys: np.ndarray) -> None:
@@ -112,7 +84,6 @@ class PairScorer:
             out[order] = run(np.arange(len(pairs)))
         else:
             from naics_hnm.st.distributed_mining import gather_scores
-
             out[order] = gather_scores(self.shard, len(pairs), run)
         self.pairs_scored += keys.size
         merged = np.concatenate([self._keys, keys])
@@ -137,62 +108,43 @@ class PairScorer:
         return scores
 
 
-@dataclass
-class Rescored:
-    """The search result on cross-encoder scores, the positives' cross-encoder scores, pairs scored."""
-
-    result: SearchResult
-    positive_scores: np.ndarray    # float32 [P]
-    pairs_scored: int
-
-
-def rescore_negatives(request: SearchRequest, scorer: PairScorer, window: int, progress: bool = False) -> Rescored:
-    """Negatives ranked by the cross-encoder, among the bi-encoder's ``window`` nearest texts per anchor.
-
-    ``request`` is the bi-encoder's search request; its ``positive_scores`` are replaced by the
-    cross-encoder's, and so are the scores every rule and the ranking use.
-    """
+def rescore_negatives(request: SearchRequest, scorer: PairScorer, window: int,
+                      progress: bool = False) -> tuple[SearchResult, np.ndarray]:
+    """``(result, positive scores)`` by the cross-encoder, among the bi-encoder's ``window`` nearest texts."""
     n_anchors = request.queries.shape[0]
     anchor_of = np.repeat(np.arange(n_anchors), np.diff(request.pos_offsets))
     positive_scores = scorer.scores(anchor_of, request.pos_ids)
     r = replace(request, positive_scores=positive_scores)
     with search_run(r, r.range_min + r.num_negatives, "ranking negatives by the cross-encoder", progress) as run:
 
-        def settle(rows: np.ndarray, _: np.ndarray, ids: np.ndarray, last: bool, depth: int) -> np.ndarray:
-            """Guard, score the survivors with the cross-encoder, apply the score rules to its scores, pick
-            (ranked by them; ties keep the bi-encoder's order)."""
+        def settle(rows: np.ndarray, _: np.ndarray, ids: np.ndarray, last: bool, _depth: int) -> np.ndarray:
+            """Guard, score the survivors, apply the score rules to those scores and pick (ties: bi-encoder order)."""
             kept = run.guard(rows, ids)
             scores = np.full(ids.shape, -np.inf, dtype=np.float32)
             at = np.nonzero(kept.keep)
             scores[at] = scorer.scores(rows[at[0]], ids[at])
             run.drop_by_score(kept, rows, scores)
-            return run.settle(rows, scores, ids, kept, last, depth)
+            return run.settle(rows, scores, ids, kept, last)
 
         run.search_in_blocks(np.arange(n_anchors), min(window, r.index.ntotal), 2, lambda _: r.batch_size, settle)
-    return Rescored(run.out, positive_scores, scorer.pairs_scored)
+    return run.out, positive_scores
 
 
-def rescore_with_cross_encoder(cross_encoder: Any, pairs: Any, request: SearchRequest, window: int, *,
+def rescore_with_cross_encoder(cross_encoder: Any, pairs: TextPairs, request: SearchRequest, window: int, *,
                                batch_size: int, progress: bool, use_multi_process: Any = False,
                                shard: Any = None) -> tuple[SearchResult, np.ndarray, int]:
-    """The hook of :func:`naics_hnm.mine_hard_negatives`: ``(result, positive scores, pairs scored)``.
-
-    ``pairs`` is the :class:`~naics_hnm.st.text_corpus.TextPairs` of the run; ``window`` the raw
-    candidates per anchor (:func:`cross_encoder_window`). With
-    ``use_multi_process`` (True, or a list of devices) the cross-encoder predicts through its own
-    multi-process pool, as in sentence-transformers.
-    """
+    """``(result, positive scores, pairs scored)`` over the ``window`` nearest texts per anchor; with
+    ``use_multi_process`` (True, or a list of devices) through the cross-encoder's multi-process pool."""
     pool = None
     if use_multi_process and callable(getattr(cross_encoder, "start_multi_process_pool", None)):
         pool = cross_encoder.start_multi_process_pool(
             target_devices=None if use_multi_process is True else list(use_multi_process))
     try:
-        scorer = PairScorer(cross_encoder, PairTexts(pairs.anchors, pairs.corpus), batch_size=batch_size,
-                            progress=progress, pool=pool, shard=shard)
-        rescored = rescore_negatives(request, scorer, window, progress=progress)
+        scorer = PairScorer(cross_encoder, pairs, batch_size=batch_size, progress=progress, pool=pool, shard=shard)
+        result, positive_scores = rescore_negatives(request, scorer, window, progress=progress)
     finally:
         if pool is not None:
             cross_encoder.stop_multi_process_pool(pool)
     logger.info("the cross-encoder scored %s distinct (anchor, text) pairs in %s calls", f"{scorer.pairs_scored:,}",
                 f"{scorer.calls:,}")
-    return rescored.result, rescored.positive_scores, rescored.pairs_scored
+    return result, positive_scores, scorer.pairs_scored

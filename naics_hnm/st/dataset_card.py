@@ -1,11 +1,5 @@
-"""A dataset card for every mined output: how it was made, readable by ``datasets`` / Hub users.
-
-A ``README.md`` in the Hugging Face dataset-card form: YAML front matter (``tags``,
-``task_categories``, ``size_categories`` and a ``naics_hnm`` record of model, settings, taxonomy,
-counts, versions and command) and a Markdown body; what it holds and where it goes is in
-``docs/sentence_transformers.md`` ("Dataset card"). Python and the CLI render the same record
-through :func:`render_card`; only ``command`` differs.
-"""
+"""A dataset card for every mined output: a ``README.md`` in the Hugging Face dataset-card form (YAML front
+matter with a ``naics_hnm`` record of how it was made, and a Markdown body); see ``docs/sentence_transformers.md``."""
 
 from __future__ import annotations
 
@@ -44,7 +38,6 @@ def _model_name(model: Any) -> str | None:
             value = getattr(holder, attribute, None)
             if isinstance(value, str) and value:
                 return value
-    first = None
     try:
         first = model[0]  # a SentenceTransformer: its Transformer module
     except (TypeError, IndexError, KeyError):
@@ -63,7 +56,6 @@ def library_versions() -> dict[str, str]:
             continue
     if "naics_hnm" not in versions:
         from naics_hnm import __version__
-
         versions["naics_hnm"] = __version__
     return versions
 
@@ -78,16 +70,11 @@ def card_record(settings: Mapping[str, Any], counts: Mapping[str, Any], *, model
                 "guard": "never a text of an ancestor or a descendant of the anchor's codes",
                 "order_filter": bool(settings.get("order_filter")),
                 "codes_mapping": None if codes is None else len(codes)}
-    return {
-        "model": model_identity(model),
-        "cross_encoder": model_identity(cross_encoder),
-        "settings": {name: _plain(value) for name, value in settings.items() if name not in _OBJECTS},
-        "corpus": {"extra_texts": corpus_size},
-        "taxonomy": tree,
-        "counts": {name: _plain(value) for name, value in counts.items()},
-        "versions": library_versions(),
-        "command": command,
-    }
+    return {"model": model_identity(model), "cross_encoder": model_identity(cross_encoder),
+            "settings": {name: _plain(value) for name, value in settings.items() if name not in _OBJECTS},
+            "corpus": {"extra_texts": corpus_size}, "taxonomy": tree,
+            "counts": {name: _plain(value) for name, value in counts.items()},
+            "versions": library_versions(), "command": command}
 
 
 def _plain(value: Any) -> Any:
@@ -179,10 +166,8 @@ def card_path_for(output: str | os.PathLike) -> Path:
 
 
 def write_dataset_card(card: Any, output: str | os.PathLike) -> Path:
-    """Write ``card`` (the text, or a mined ``Dataset`` carrying it in ``info.description``) for ``output``.
-
-    ``output`` is the folder ``save_to_disk`` wrote or the data file; returns the card's path.
-    """
+    """Write ``card`` (the text, or a mined ``Dataset`` carrying it) for ``output`` (a folder or a data file);
+    returns the card's path (:func:`card_path_for`)."""
     if not isinstance(card, str):
         description = getattr(getattr(card, "info", None), "description", None)
         if not isinstance(description, str) or not description.startswith("---"):

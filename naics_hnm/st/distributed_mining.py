@@ -1,10 +1,5 @@
-"""Mining over several processes (``torchrun --nproc-per-node N -m naics_hnm.mine ...``).
-
-Each rank embeds its slice of the distinct texts (:func:`embed_sharded`), indexes its slice of the
-corpus (:class:`ShardedIndex`, whose ``search`` merges the ranks' lists into the global top-k) and,
-with a cross-encoder, scores an interleaved slice of the pairs (:func:`gather_scores`). Every rank
-runs the same search loop, so collectives line up and all hold the result; rank 0 writes it.
-"""
+"""Mining over several processes (``torchrun --nproc-per-node N -m naics_hnm.mine ...``): each rank embeds,
+indexes and scores its slice; every rank runs the same search loop, so collectives line up and all hold the result."""
 
 from __future__ import annotations
 
@@ -24,13 +19,10 @@ _started_group = False  # whether process_group_shard initialised the default pr
 
 
 def process_group_shard() -> Shard | None:
-    """A :class:`Shard` of the torchrun process group (initialised here: gloo on CPU, nccl on GPU), or
-    None when the process was not started with ``WORLD_SIZE`` > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """A :class:`Shard` of the torchrun process group (gloo on CPU, nccl on GPU); None unless ``WORLD_SIZE`` > 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import torch.distributed as dist
-
     if not dist.is_initialized():
         global _started_group
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -51,15 +43,11 @@ def process_group_shard() -> Shard | None:
 
 
 def leave_process_group(*, finished: bool = False) -> None:
-    """Destroy the process group if :func:`process_group_shard` started it.
-
-    ``finished=True`` (every rank got through its work) first waits at a barrier, so no rank closes
-    its gloo connections while a peer is still writing or sending: a rank that left early could abort
-    the other's transport thread at exit ("terminate called without an active exception")."""
+    """Destroy the process group if :func:`process_group_shard` started it; ``finished=True`` (every rank got
+    through its work) first waits at a barrier, so that no rank closes its connections while a peer still sends."""
     global _started_group
     if _started_group:
         import torch.distributed as dist
-
         if finished:
             dist.barrier()
         dist.destroy_process_group()
@@ -70,53 +58,36 @@ def embed_sharded(shard: Shard, texts: list[str], embed: Callable[[list[str]], n
     """``embed(texts)`` with each rank embedding its contiguous slice; every rank gets all rows."""
     lo, hi = shard.rows(len(texts))
     local = embed(texts[lo:hi] if hi > lo else texts[:1])  # an empty slice embeds one text for the width
-    size = -(-len(texts) // shard.world_size)
-    padded = np.zeros((size, local.shape[1]), dtype=np.float32)
+    padded = np.zeros((-(-len(texts) // shard.world_size), local.shape[1]), dtype=np.float32)
     padded[: hi - lo] = local[: hi - lo]
     gathered = shard.all_gather(padded)
-    return np.ascontiguousarray(np.concatenate([gathered[r, : b - a] for r, (a, b) in enumerate(
-        _slices(shard, len(texts)))]), dtype=np.float32)
-
-
-def _slices(shard: Shard, n: int) -> list[tuple[int, int]]:
-    return [Shard(r, shard.world_size, shard.all_gather).rows(n) for r in range(shard.world_size)]
+    slices = [Shard(r, shard.world_size, shard.all_gather).rows(len(texts)) for r in range(shard.world_size)]
+    return np.ascontiguousarray(np.concatenate([gathered[r, : b - a] for r, (a, b) in enumerate(slices)]),
+                                dtype=np.float32)
 
 
 def gather_scores(shard: Shard, n: int, score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """float32 [n]: ``score(positions)`` of items ``0..n-1``, rank r taking positions r, r + W, ...
-
-    (interleaved, so that length-sorted items give every rank a like share of long and short ones).
-    """
+    """float32 [n]: ``score(positions)`` of items ``0..n-1``, rank r taking positions r, r + W, ... (interleaved)."""
     mine = np.arange(shard.rank, n, shard.world_size)
-    size = -(-n // shard.world_size)
-    padded = np.zeros(size, dtype=np.float32)
+    padded = np.zeros(-(-n // shard.world_size), dtype=np.float32)
     padded[: mine.size] = score(mine) if mine.size else padded[:0]
     # gathered[r, j] is the score of position r + j * W: read column by column
     return np.ascontiguousarray(shard.all_gather(padded).T.reshape(-1)[:n], dtype=np.float32)
 
 
 class ShardedIndex:
-    """The part of :class:`EmbeddingIndex` the negative search uses, over a corpus sharded by rank.
-
-    ``vectors`` (every row, unit norm as the flat index holds them) serve the positives' scores;
-    only rows ``shard.rows(N)`` are in this rank's faiss index. ``search`` is a collective.
-    """
+    """The part of :class:`EmbeddingIndex` the negative search uses, over a corpus sharded by rank: ``vectors``
+    holds every row (unit norm), this rank's index rows ``shard.rows(N)``; ``search`` is a collective."""
 
     def __init__(self, vectors: np.ndarray, shard: Shard, *, device: str = "auto", index_factory: str | None = None,
                  search_params: dict | None = None, seed: int = 0) -> None:
-        self._vectors = torch.from_numpy(normalise_rows(np.asarray(vectors, dtype=np.float32), "embeddings"))
-        self.shard, self.ntotal = shard, int(vectors.shape[0])
+        self.vectors = torch.from_numpy(normalise_rows(np.asarray(vectors, dtype=np.float32), "embeddings"))
+        self.shard, self.ntotal, self.device = shard, int(vectors.shape[0]), "cpu"
         self.index_type = f"{index_factory or 'Flat'} sharded x{shard.world_size}"  # not "Flat": faiss search path
-        self.device = "cpu"
         self.lo, self.hi = shard.rows(self.ntotal)
-        self.local = None
-        if self.hi > self.lo:
-            self.local = EmbeddingIndex.build(self._vectors[self.lo : self.hi].numpy(), metric="cosine", device=device,
-                                              index_factory=index_factory, search_params=search_params, seed=seed)
-
-    @property
-    def vectors(self) -> torch.Tensor:
-        return self._vectors
+        self.local = None if self.hi <= self.lo else EmbeddingIndex.build(
+            self.vectors[self.lo : self.hi].numpy(), metric="cosine", device=device, index_factory=index_factory,
+            search_params=search_params, seed=seed)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), self.ntotal)

@@ -1,10 +1,5 @@
-"""``mine_hard_negatives``: a drop-in for ``sentence_transformers.util.mine_hard_negatives``.
-
-The same parameters, defaults, output columns and formats: change the import and nothing else.
-What differs (every positive excluded, ranks among valid candidates, short rows searched deeper,
-seeded random draws, ``taxonomy=``, approximate indexes, a dataset card, cross-encoder rescoring
-of each pair once) is the table in ``docs/sentence_transformers.md``.
-"""
+"""``mine_hard_negatives``: a drop-in for ``sentence_transformers.util.mine_hard_negatives`` (same parameters,
+defaults, output columns and formats); what differs is the table in ``docs/sentence_transformers.md``."""
 
 from __future__ import annotations
 
@@ -22,7 +17,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from naics_hnm.index.ids import DEVICES
-from naics_hnm.st.cross_encoder_rescoring import check_cross_encoder, cross_encoder_window, rescore_with_cross_encoder
+from naics_hnm.st.cross_encoder_rescoring import check_cross_encoder, rescore_with_cross_encoder
 from naics_hnm.st.dataset_card import PYTHON_API, card_record, render_card
 from naics_hnm.st.distributed_mining import build_index
 from naics_hnm.st.negative_search import SearchRequest, TextTree, search_negatives, text_codes
@@ -39,53 +34,26 @@ _SCORE_OPTIONS = ("max_score", "min_score", "absolute_margin", "relative_margin"
 
 
 def mine_hard_negatives(
-    dataset: Any,
-    model: Any,
-    anchor_column_name: str | None = None,
-    positive_column_name: str | None = None,
-    corpus: list[str] | None = None,
-    cross_encoder: Any = None,
-    range_min: int = 0,
-    range_max: int | None = None,
-    max_score: float | None = None,
-    min_score: float | None = None,
-    absolute_margin: float | None = None,
-    relative_margin: float | None = None,
-    num_negatives: int = 3,
-    sampling_strategy: Literal["random", "top"] = "top",
-    query_prompt_name: str | None = None,
-    query_prompt: str | None = None,
-    corpus_prompt_name: str | None = None,
-    corpus_prompt: str | None = None,
-    include_positives: bool = False,
+    dataset: Any, model: Any, anchor_column_name: str | None = None, positive_column_name: str | None = None,
+    corpus: list[str] | None = None, cross_encoder: Any = None, range_min: int = 0, range_max: int | None = None,
+    max_score: float | None = None, min_score: float | None = None, absolute_margin: float | None = None,
+    relative_margin: float | None = None, num_negatives: int = 3, sampling_strategy: Literal["random", "top"] = "top",
+    query_prompt_name: str | None = None, query_prompt: str | None = None, corpus_prompt_name: str | None = None,
+    corpus_prompt: str | None = None, include_positives: bool = False,
     output_format: Literal["triplet", "n-tuple", "labeled-pair", "labeled-list"] = "triplet",
-    output_scores: bool = False,
-    batch_size: int = 32,
-    faiss_batch_size: int = 16384,
-    use_faiss: bool = False,
-    use_multi_process: list[str] | bool = False,
-    verbose: bool = True,
-    cache_folder: str | None = None,
-    as_triplets: bool | None = None,
-    margin: float | None = None,
-    *,
-    seed: int | None = 0,
-    taxonomy: Taxonomy | str | Path | None = None,
-    codes: Mapping[str, str | Sequence[str]] | None = None,
-    order_filter: bool = False,
-    index_factory: str | None = None,
-    search_params: dict[str, int] | None = None,
+    output_scores: bool = False, batch_size: int = 32, faiss_batch_size: int = 16384, use_faiss: bool = False,
+    use_multi_process: list[str] | bool = False, verbose: bool = True, cache_folder: str | None = None,
+    as_triplets: bool | None = None, margin: float | None = None, *, seed: int | None = 0,
+    taxonomy: Taxonomy | str | Path | None = None, codes: Mapping[str, str | Sequence[str]] | None = None,
+    order_filter: bool = False, index_factory: str | None = None, search_params: dict[str, int] | None = None,
     device: str = "auto",
 ) -> Any:
     """Add mined negatives to a dataset of (anchor, positive) text pairs.
 
-    The parameters up to ``margin`` are sentence-transformers', with the same defaults and output
-    (``dataset`` may also be a dict of text columns; the output is then a dict of columns).
-    ``use_faiss`` is accepted and ignored (the search is exact unless ``index_factory`` asks for
-    an approximate faiss index). ``cross_encoder`` (a ``sentence_transformers.CrossEncoder``)
-    rescores the candidates and the positives as in sentence-transformers 6.3: the margins,
-    ``max_score`` / ``min_score``, the ranking and the scores written are its scores
-    (:mod:`naics_hnm.st.cross_encoder_rescoring`). Extras, keyword-only:
+    The parameters up to ``margin`` are sentence-transformers', with the same defaults and output (``dataset``
+    may also be a dict of text columns; the output is then a dict of columns). ``use_faiss`` is ignored (the
+    search is exact unless ``index_factory`` is given). A ``cross_encoder``'s scores rank the candidates and
+    feed the margins and ``max_score`` / ``min_score``, as in sentence-transformers 6.3. Extras, keyword-only:
 
     Args:
         seed: key of the draws of ``sampling_strategy="random"`` (None: a fresh seed, logged).
@@ -94,8 +62,8 @@ def mine_hard_negatives(
         codes: text -> code (or list of codes) of ``taxonomy``, for texts that are not titles.
         order_filter: with ``taxonomy``, also drop texts whose lowest common ancestor with the
             anchor is at least as deep as that of its farthest positive.
-        index_factory, search_params: a faiss factory string (``"IVF4096,Flat"``, ``"HNSW32"``) and
-            its search parameters, for corpora of millions; None is the exact flat index.
+        index_factory, search_params: a faiss factory string (``"IVF4096,Flat"``) and its search parameters;
+            None is the exact flat index.
         device: where the index lives: ``"auto"`` (GPU with a faiss GPU build), ``"cpu"``, ``"cuda"``.
     """
     options = dict(locals())
@@ -163,14 +131,9 @@ class MiningReport:
 
 
 def mine_with_report(dataset: Any, model: Any, *, shard: Any = None, **options: Any) -> tuple[Any, MiningReport]:
-    """:func:`mine_hard_negatives` plus a :class:`MiningReport` (what the CLI prints).
-
-    ``options`` are :func:`mine_hard_negatives`' parameters by name; omitted ones take its defaults.
-    ``shard`` (a :class:`~naics_hnm.index.sharded_search.Shard`, e.g. from
-    :func:`naics_hnm.st.distributed_mining.process_group_shard`): this process is one rank of a group
-    that mines together - each rank embeds its slice of the texts and indexes its slice of the
-    corpus, every rank returns the same result (call it on every rank with the same arguments).
-    """
+    """:func:`mine_hard_negatives` (``options`` are its parameters by name) plus a :class:`MiningReport`; with a
+    ``shard`` (:func:`naics_hnm.st.distributed_mining.process_group_shard`) call it on every rank with the same
+    arguments (every rank returns the same result)."""
     defaults = _defaults()
     unknown = sorted(options.keys() - defaults.keys())
     if unknown:
@@ -214,9 +177,8 @@ def mine_with_report(dataset: Any, model: Any, *, shard: Any = None, **options: 
         lap("search")
     else:
         result, positive_scores, rescored = rescore_with_cross_encoder(
-            s["cross_encoder"], pairs, request, cross_encoder_window(range_max, max_positives),
-            batch_size=s["batch_size"], progress=s["verbose"],
-            use_multi_process=s["use_multi_process"], shard=shard)
+            s["cross_encoder"], pairs, request, range_max + max_positives + 1,  # sentence-transformers' window
+            batch_size=s["batch_size"], progress=s["verbose"], use_multi_process=s["use_multi_process"], shard=shard)
         lap("rescore")
     rows = output_columns(pairs, result.ids, result.scores, positive_scores, s["output_format"], s["output_scores"],
                           s["num_negatives"])
@@ -225,10 +187,9 @@ def mine_with_report(dataset: Any, model: Any, *, shard: Any = None, **options: 
     short = result.found < s["num_negatives"]
     report = MiningReport(
         rows_in=pairs.rows, anchors=len(pairs.anchors), corpus_texts=len(pairs.corpus), texts_embedded=embedded,
-        num_negatives=s["num_negatives"], range_max=range_max, seed=s["seed"],
-        rows_out=len(rows.columns[pairs.anchor_column]), short_anchors=int(short.sum()),
-        short_rows=int(pairs.positives_per_anchor[short].sum()), dropped_rows=rows.dropped_rows,
-        positive_scores=rows.positive_scores, negative_scores=rows.negative_scores,
+        num_negatives=s["num_negatives"], range_max=range_max, seed=s["seed"], short_anchors=int(short.sum()),
+        rows_out=len(rows.columns[pairs.anchor_column]), short_rows=int(pairs.positives_per_anchor[short].sum()),
+        dropped_rows=rows.dropped_rows, positive_scores=rows.positive_scores, negative_scores=rows.negative_scores,
         removed=result.removed, short_removed=result.short_removed, seconds=seconds, pairs_rescored=rescored)
     report.card_record = card_record(
         {**s, "range_max": range_max}, report.counts(), model=model, cross_encoder=s["cross_encoder"],
@@ -276,15 +237,8 @@ def _text_tree(pairs: TextPairs, s: dict[str, Any]) -> TextTree:
     return TextTree(TreeGuard(taxonomy), corpus_codes, anchor_codes, order_filter=s["order_filter"])
 
 
-# ---------------------------------------------------------------------------------------------- validation
-
-
 def check_options(**options: Any) -> None:
-    """Check :func:`mine_hard_negatives`' options that need no model (omitted ones take its defaults).
-
-    For callers that should refuse bad settings before loading a model (the mining CLI);
-    ValueError / TypeError naming the option by its parameter name.
-    """
+    """ValueError / TypeError naming the bad option, for :func:`mine_hard_negatives`' options that need no model."""
     _check_values({**_defaults(), **options})
 
 
@@ -346,7 +300,11 @@ def _check_values(o: dict[str, Any]) -> None:
         raise TypeError(f"cache_folder={o['cache_folder']!r}: expected a folder path or None")
     if o["search_params"] is not None and not isinstance(o["search_params"], Mapping):
         raise TypeError(f"search_params={o['search_params']!r}: expected a dict such as {{'nprobe': 64}} or None")
-    _check_seed(o)
+    if o["seed"] is None:
+        o["seed"] = secrets.randbits(62)
+        if o["sampling_strategy"] == "random":
+            logger.info("seed=None: drew seed=%d; pass it to draw the same negatives again", o["seed"])
+    _integer(o, "seed", 0, "0 or None")
     _check_tree(o)
 
 
@@ -369,18 +327,6 @@ def _integer(o: dict[str, Any], name: str, low: int, low_text: str | None = None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name}={value!r}: expected an integer >= {low_text or low}")
     o[name] = int(value)
-
-
-def _check_seed(o: dict[str, Any]) -> None:
-    seed = o["seed"]
-    if seed is None:
-        o["seed"] = secrets.randbits(62)
-        if o["sampling_strategy"] == "random":
-            logger.info("seed=None: drew seed=%d; pass it to draw the same negatives again", o["seed"])
-    elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed={seed!r}: expected an integer >= 0 or None")
-    else:
-        o["seed"] = int(seed)
 
 
 def _check_multi_process(model: Any, value: Any) -> None:

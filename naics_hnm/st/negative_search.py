@@ -1,15 +1,6 @@
-"""Exact negative search for query vectors over an :class:`EmbeddingIndex` of distinct corpus texts.
-
-An anchor's valid candidates are the corpus texts, most similar first, less its own text, its
-positives (unless ``include_positives``), with a :class:`TextTree` its codes' relatives (and with
-``order_filter`` texts as near as its farthest positive), and those the score rules drop (margins
-count against its *least* similar positive). ``range_min`` / ``range_max`` are ranks in that list
-(``"random"``: drawn by a counter-based generator keyed by (seed, anchor text)); a row is searched
-4x deeper until it has the ranks it needs or the corpus is exhausted. Deepening, ranking and the
-tree rules are the mining core's (:func:`~naics_hnm.index.ids.search_deeper`,
-:func:`~naics_hnm.index.ids.select_topk`, :mod:`naics_hnm.tree.guard`); what is
-sentence-transformers' own stays here, in :class:`SearchRun`, which the cross-encoder rescoring reuses.
-"""
+"""Exact negative search over an :class:`EmbeddingIndex` of distinct corpus texts: valid candidates are the corpus
+less the anchor's text, its positives, its codes' relatives and what the score rules drop; ``range_min`` /
+``range_max`` are ranks among them, and rows are searched deeper until they have them or the corpus is exhausted."""
 
 from __future__ import annotations
 
@@ -44,11 +35,8 @@ class TextTree:
     order_filter: bool = False
 
     def relations(self, anchor_rows: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(related [b, c], lca [b, c])`` of anchors and candidates given as code tables [b, c, m].
-
-        Related: some code pair fails :meth:`TreeGuard.may_be_negative`. ``lca``: the deepest lowest
-        common ancestor over code pairs, -1 where either side has no code.
-        """
+        """``(related [b, c], lca [b, c])`` of anchors and candidate code tables [b, c, m]: some code pair fails
+        :meth:`TreeGuard.may_be_negative`; the deepest lowest common ancestor over code pairs (-1: none)."""
         anchor = self.anchor_codes[anchor_rows]
         related = np.zeros(codes.shape[:2], dtype=bool)
         lca = np.full(codes.shape[:2], -1, dtype=np.int64)
@@ -74,11 +62,8 @@ class TextTree:
 
 
 def text_codes(texts: Sequence[str], taxonomy: Taxonomy, codes: Mapping[str, Any] | None) -> np.ndarray:
-    """int64 [T, m]: the code ids of each text (-1 padded); a text without codes gets a row of -1.
-
-    Without ``codes``, a text stands for every code whose title (or full text) it equals - titles
-    need not be unique. ``codes`` maps a text to one code or a list of codes.
-    """
+    """int64 [T, m]: the code ids of each text (-1 padded), from ``codes`` (text -> code or list of codes),
+    else every code whose title (or full text) the text equals."""
     lookup: dict[str, list[int]] = {}
     if codes is None:
         for i, (title, full) in enumerate(zip(taxonomy.titles, taxonomy.texts)):
@@ -132,7 +117,6 @@ class SearchRequest:
 class SearchResult:
     ids: np.ndarray                # int64 [A, n], -1 padded, most similar first
     scores: np.ndarray             # float32 [A, n], -inf padded
-    searched: np.ndarray           # int64 [A]: search depth that settled the row
     removed: dict[str, int] = field(default_factory=dict)        # over all rows (final depth)
     short_removed: dict[str, int] = field(default_factory=dict)  # over short rows only
 
@@ -175,11 +159,9 @@ class SearchRun:
     bar: Any
 
     def guard(self, rows: np.ndarray, ids: np.ndarray, removed: dict[str, Any] | None = None) -> Removals:
-        """The text rules on sorted candidates (-1 pads): the anchor's text, its positives, and with a tree its
-        relatives and (order filter) texts as near as a positive; ``include_positives`` protects positives."""
+        """The text rules on sorted candidates (-1 pads): the anchor's text, its positives, tree relatives."""
         r, kept = self.r, Removals(ids >= 0, removed)
-        protected = _is_positive(r, rows, ids) if r.include_positives else None
-        unless = True if protected is None else ~protected
+        unless = ~_is_positive(r, rows, ids) if r.include_positives else True  # include_positives protects them
         kept.drop("self", (ids == r.self_ids[rows][:, None]) & (ids >= 0) & unless)
         if not r.include_positives:
             kept.drop("positive", _is_positive(r, rows, ids))
@@ -199,16 +181,14 @@ class SearchRun:
         if self.r.min_score is not None:
             kept.drop("min_score", scores < self.r.min_score)
 
-    def settle(self, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, kept: Removals, exhausted: Any,
-               depth: int) -> np.ndarray:
-        """Pick the negatives of the rows with ``need`` valid candidates or ``exhausted``, record them with what
-        each rule removed; returns which rows settled."""
+    def settle(self, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, kept: Removals,
+               exhausted: Any) -> np.ndarray:
+        """Pick and record the negatives of rows with ``need`` valid candidates or ``exhausted``; which settled."""
         done = (kept.keep.sum(axis=1) >= self.need) | exhausted
         settled, out = rows[done], self.out
         if settled.size:
             picked = _pick(self.r, settled, scores[done], ids[done], kept.keep[done])
             out.ids[settled], out.scores[settled] = picked
-            out.searched[settled] = depth
             short = (picked[0] >= 0).sum(axis=1) < self.r.num_negatives
             for reason, counts in kept.removed.items():
                 counts = np.broadcast_to(counts, done.shape)[done]
@@ -219,8 +199,7 @@ class SearchRun:
 
     def search_in_blocks(self, rows: np.ndarray, depth: int, factor: int, block_rows: Callable[[int], int],
                          settle: Callable[..., np.ndarray]) -> None:
-        """Search ``rows``' queries ``depth`` deep, ``block_rows(depth)`` at a time, ``settle(rows, scores, ids,
-        last, depth)`` each block; unsettled rows again ``factor`` x deeper (:func:`search_deeper`)."""
+        """Search ``rows`` ``depth`` deep in blocks, ``settle`` each block; unsettled rows ``factor`` x deeper."""
         r = self.r
 
         def search_round(rows: np.ndarray, d: int, last: bool) -> np.ndarray:
@@ -239,15 +218,14 @@ def search_run(r: SearchRequest, need: int, desc: str, progress: bool) -> Iterat
     """A :class:`SearchRun` with an empty result and the request's rule limits, its progress bar open."""
     n_anchors, n = r.queries.shape[0], r.num_negatives
     out = SearchResult(np.full((n_anchors, n), -1, dtype=np.int64), np.full((n_anchors, n), -np.inf, dtype=np.float32),
-                       np.zeros(n_anchors, dtype=np.int64), dict.fromkeys(REASONS, 0), dict.fromkeys(REASONS, 0))
+                       dict.fromkeys(REASONS, 0), dict.fromkeys(REASONS, 0))
     order_limit = _order_limits(r) if r.tree is not None and r.tree.order_filter else None
     with tqdm(total=n_anchors, desc=desc, disable=not progress, unit="anchor") as bar:
         yield SearchRun(r, need, _upper_bounds(r), order_limit, out, bar)
 
 
 def _scan(run: SearchRun, depth: np.ndarray) -> None:
-    """Exact index: one matrix product per block of anchors (on the index's device), the score
-    rules applied as a mask, then a top-k that grows 4x (on the same scores) until rows settle."""
+    """Exact index: one matrix product per block of anchors, score rules as a mask, a top-k growing 4x."""
     r = run.r
     vectors = r.index.vectors
     ntotal = vectors.shape[0]
@@ -269,7 +247,7 @@ def _scan(run: SearchRun, depth: np.ndarray) -> None:
                 top, ids = top.cpu().numpy(), cols.cpu().numpy().astype(np.int64)
                 ids[np.isneginf(top)] = -1
                 kept = run.guard(rows[pending], ids, {reason: count[pending] for reason, count in removed.items()})
-                return run.settle(rows[pending], top, ids, kept, (ids[:, -1] < 0) | last, k)
+                return run.settle(rows[pending], top, ids, kept, (ids[:, -1] < 0) | last)
 
             search_deeper(np.arange(rows.size), min(int(depth[rows].max()), ntotal), ntotal, top_round, factor=4)
 
@@ -278,13 +256,13 @@ def _search(run: SearchRun, depth: np.ndarray) -> None:
     """Approximate index: faiss searches, each unsettled row again at 4x the depth."""
     r = run.r
 
-    def settle(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, last: bool, d: int) -> np.ndarray:
+    def settle(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, last: bool, _depth: int) -> np.ndarray:
         exhausted = last | (ids[:, -1] < 0)
         if r.min_score is not None:
             exhausted |= scores[:, -1] < r.min_score  # deeper candidates score lower still
         kept = run.guard(rows, ids)
         run.drop_by_score(kept, rows, scores)
-        return run.settle(rows, scores, ids, kept, exhausted, d)
+        return run.settle(rows, scores, ids, kept, exhausted)
 
     for d in np.unique(depth):
         run.search_in_blocks(np.flatnonzero(depth == d), int(d), 4,
@@ -306,9 +284,8 @@ def _upper_bounds(r: SearchRequest) -> dict[str, np.ndarray]:
 
 def _order_limits(r: SearchRequest) -> np.ndarray:
     """Per anchor, the least LCA depth of its positives (-1: no positive with codes, no order rule)."""
-    tree = r.tree
     anchor_of = np.repeat(np.arange(len(r.self_ids)), np.diff(r.pos_offsets))
-    _, lca = tree.relations(anchor_of, tree.corpus_codes[r.pos_ids][:, None, :])
+    _, lca = r.tree.relations(anchor_of, r.tree.corpus_codes[r.pos_ids][:, None, :])
     lca = lca[:, 0].astype(np.float64)
     lca[lca < 0] = np.inf
     limits = np.minimum.reduceat(lca, r.pos_offsets[:-1])
@@ -344,6 +321,5 @@ def _pick(r: SearchRequest, rows: np.ndarray, scores: np.ndarray, ids: np.ndarra
         ranks = np.sort(np.argsort(draws, axis=1, kind="stable")[:, :n], axis=1)
     valid = ranks < available[:, None]
     cols = np.minimum(r.range_min + ranks, width - 1)
-    out_ids = np.where(valid, np.take_along_axis(ids, cols, axis=1), -1)
-    out_scores = np.where(valid, np.take_along_axis(scores, cols, axis=1), -np.inf).astype(np.float32)
-    return out_ids, out_scores
+    return (np.where(valid, np.take_along_axis(ids, cols, axis=1), -1),
+            np.where(valid, np.take_along_axis(scores, cols, axis=1), -np.inf).astype(np.float32))

@@ -1,16 +1,12 @@
-"""Texts in, embedded once, and out: the (anchor, positive) rows of a dataset as ids of distinct texts.
-
-:func:`collect_pairs` reads two text columns as sentence-transformers' ``mine_hard_negatives`` does
-(corpus = ``corpus + positives`` without repeats; rows with the same anchor text form one anchor);
-:func:`embed_pairs` embeds each distinct text once, longest first, one model call per batch;
-:func:`output_columns` writes mined ids back in any of sentence-transformers' four output formats.
-"""
+"""The (anchor, positive) rows of a dataset as ids of distinct texts: :func:`collect_pairs` reads them,
+:func:`embed_pairs` embeds each distinct text once, :func:`output_columns` writes mined ids back."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -117,17 +113,13 @@ def collect_pairs(dataset: Any, anchor_column: str | None, positive_column: str 
         if a == len(positives):
             positives.append({})
         positives[a][corpus_id[positive]] = None
-    counts = np.array([len(p) for p in positives], dtype=np.int64)
     offsets = np.zeros(len(positives) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
+    np.cumsum([len(p) for p in positives], out=offsets[1:])
     pos_ids = np.fromiter((i for p in positives for i in p), dtype=np.int64, count=int(offsets[-1]))
     anchors = list(anchor_id)
     self_ids = np.array([corpus_id.get(a, -1) for a in anchors], dtype=np.int64)
     return TextPairs(anchor_column, positive_column, anchors, corpus_texts, offsets, pos_ids, self_ids,
                      len(anchor_rows))
-
-
-# ---------------------------------------------------------------------------------------------- embedded once
 
 
 def is_sentence_transformer(model: Any) -> bool:
@@ -165,17 +157,14 @@ def encodes_alike(model: Any, query: tuple[str | None, str | None], document: tu
 def _length_order(model: Any, texts: list[str]) -> np.ndarray:
     """Longest first by token count when the model has a tokenizer, else by characters."""
     tokenizer = getattr(model, "tokenizer", None)
-    lengths = None
     if callable(tokenizer) and texts:
         try:
             limit = getattr(model, "max_seq_length", None)
             kwargs = {"truncation": True, "max_length": limit} if isinstance(limit, int) else {}
-            lengths = np.array([len(ids) for ids in tokenizer(texts, **kwargs)["input_ids"]])
+            return np.argsort(-np.array([len(ids) for ids in tokenizer(texts, **kwargs)["input_ids"]]), kind="stable")
         except Exception:  # noqa: BLE001 - any tokenizer trouble: fall back to characters
-            lengths = None
-    if lengths is None:
-        lengths = np.array([len(t) for t in texts])
-    return np.argsort(-lengths, kind="stable")
+            pass
+    return np.argsort(-np.array([len(t) for t in texts]), kind="stable")
 
 
 def _as_matrix(value: Any, n: int) -> np.ndarray:
@@ -198,9 +187,7 @@ def embed_texts(model: Any, texts: list[str], role: str, prompt: str | None, pro
                    "normalize_embeddings": True, "convert_to_numpy": True, "show_progress_bar": False}
         if pool is not None:  # one call: the pool splits the work itself
             return _normalised(_as_matrix(method(texts, pool=pool, **options), len(texts)), texts)
-
-        def encode(batch: list[str]) -> Any:
-            return method(batch, **options)
+        encode = partial(method, **options)
     else:
         prefix = resolved_prompt(model, role, prompt, prompt_name)
 
@@ -219,8 +206,7 @@ def embed_texts(model: Any, texts: list[str], role: str, prompt: str | None, pro
 
 
 def _normalised(x: np.ndarray, texts: list[str]) -> np.ndarray:
-    """Unit rows; rows whose norm over- or underflows float32 (finite entries near 1e20 or 1e-20) are
-    scaled by their largest entry first, as the index does (:func:`naics_hnm.index.knn.normalise_rows`)."""
+    """Unit rows; rows whose norm over- or underflows float32 go through the index's ``normalise_rows``."""
     bad = ~np.isfinite(x).all(axis=1) | ~(x != 0).any(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -272,9 +258,8 @@ def cached_embeddings(cache_folder: str | Path | None, fingerprint: str | None, 
         except (OSError, ValueError) as exc:
             logger.warning("ignoring unreadable embedding cache %s: %s", path, exc)
     vectors = compute()
-    with atomic_path(path) as temp:
-        with open(temp, "wb") as handle:
-            np.save(handle, vectors)
+    with atomic_path(path) as temp, open(temp, "wb") as handle:
+        np.save(handle, vectors)
     logger.info("cached %d %s embeddings in %s", len(texts), role, path)
     return vectors
 
@@ -283,14 +268,8 @@ def embed_pairs(model: Any, pairs: TextPairs, query_args: tuple[str | None, str 
                 document_args: tuple[str | None, str | None], *, batch_size: int, progress: bool,
                 cache_folder: str | Path | None, use_multi_process: Any,
                 shard: Any = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(corpus vectors [T, d], query vectors [A, d], texts embedded)``, unit norm.
-
-    With a ``shard`` (a :class:`~naics_hnm.index.sharded_search.Shard` of a process group) each rank
-    embeds its slice of each list of texts and every rank receives all vectors.
-
-    When queries and documents are encoded alike, the corpus and the anchors outside it are
-    embedded in one pass and an anchor found in the corpus takes its corpus vector.
-    """
+    """``(corpus vectors [T, d], query vectors [A, d], texts embedded)``, unit norm; with a ``shard`` each rank
+    embeds a slice of the texts and every rank receives all vectors."""
     fingerprint = model_fingerprint(model) if cache_folder is not None else None
     pool = None
     if use_multi_process:
@@ -307,7 +286,6 @@ def embed_pairs(model: Any, pairs: TextPairs, query_args: tuple[str | None, str 
             if shard is None:
                 return run(texts)
             from naics_hnm.st.distributed_mining import embed_sharded
-
             return embed_sharded(shard, texts, run)
 
         if encodes_alike(model, query_args, document_args):
@@ -330,9 +308,6 @@ def embed_pairs(model: Any, pairs: TextPairs, query_args: tuple[str | None, str 
             model.stop_multi_process_pool(pool)
 
 
-# ---------------------------------------------------------------------------------------------- out
-
-
 @dataclass
 class OutputRows:
     """The output columns, how many (anchor, positive) rows were left out, the scores written."""
@@ -345,39 +320,29 @@ class OutputRows:
 
 def output_columns(pairs: TextPairs, neg_ids: np.ndarray, neg_scores_all: np.ndarray, positive_scores: np.ndarray,
                    output_format: str, output_scores: bool, num_negatives: int) -> OutputRows:
-    """sentence-transformers' columns: rows grouped by anchor (first appearance), then positive.
-
-    ``neg_ids`` / ``neg_scores_all`` are [A, n], valid entries first (-1 / -inf padded). Rows that
-    cannot be written are left out as sentence-transformers leaves them out: an n-tuple row without
-    all n negatives, a triplet or labeled-list row without any.
-    """
-    anchor_col, positive_col = pairs.anchor_column, pairs.positive_column
+    """sentence-transformers' columns, rows grouped by anchor then positive, from ``neg_ids`` / ``neg_scores_all``
+    [A, n] (valid entries first); rows without the negatives their format needs are left out, as it does."""
     corpus, off = pairs.corpus, pairs.pos_offsets
     found = (neg_ids >= 0).sum(axis=1)
-    columns = empty_columns(anchor_col, positive_col, output_format, output_scores, num_negatives)
+    columns = empty_columns(pairs.anchor_column, pairs.positive_column, output_format, output_scores, num_negatives)
     negative_scores: list[np.ndarray] = []
     kept_positive_scores: list[np.ndarray] = []
     dropped = 0
     for a, anchor in enumerate(pairs.anchors):
         negs = neg_ids[a, : found[a]].tolist()
-        neg_texts = [corpus[i] for i in negs]
-        neg_scores = neg_scores_all[a, : found[a]].tolist()
         pos = pairs.pos_ids[off[a] : off[a + 1]].tolist()
-        pos_scores = positive_scores[off[a] : off[a + 1]].tolist()
-        drop = (output_format == "n-tuple" and len(negs) < num_negatives) or (
-            output_format in ("triplet", "labeled-list") and not negs)
-        if drop:
+        if (output_format == "n-tuple" and len(negs) < num_negatives) or (
+                output_format in ("triplet", "labeled-list") and not negs):
             dropped += len(pos)
             continue
         kept_positive_scores.append(positive_scores[off[a] : off[a + 1]])
         negative_scores.append(np.tile(neg_scores_all[a, : found[a]], len(pos)))
-        _add_rows(columns, output_format, output_scores, anchor, [corpus[p] for p in pos], pos_scores,
-                  neg_texts, neg_scores, num_negatives)
-    return OutputRows(
-        columns, dropped,
-        np.concatenate(kept_positive_scores) if kept_positive_scores else np.zeros(0, np.float32),
-        np.concatenate(negative_scores) if negative_scores else np.zeros(0, np.float32),
-    )
+        _add_rows(columns, output_format, output_scores, anchor, [corpus[p] for p in pos],
+                  positive_scores[off[a] : off[a + 1]].tolist(), [corpus[i] for i in negs],
+                  neg_scores_all[a, : found[a]].tolist(), num_negatives)
+    empty = np.zeros(0, np.float32)
+    return OutputRows(columns, dropped, np.concatenate(kept_positive_scores) if kept_positive_scores else empty,
+                      np.concatenate(negative_scores) if negative_scores else empty)
 
 
 def empty_columns(anchor_col: str, positive_col: str, fmt: str, with_scores: bool, n: int) -> dict[str, list]:
@@ -436,6 +401,5 @@ def as_output(columns: dict[str, list], like: Any) -> Any:
     """A ``datasets.Dataset`` when the input was one, else the dict of columns."""
     if type(like).__module__.split(".")[0] == "datasets":
         from datasets import Dataset
-
         return Dataset.from_dict(columns)
     return columns
