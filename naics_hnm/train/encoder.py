@@ -133,8 +133,7 @@ class NAICSEncoder(pl.LightningModule):
     @torch.no_grad()
     def cache_frozen_prefix(self, token_cache: TokenCache, batch_size: int = 256,
                             token_cache_path: str | None = None) -> None:
-        """The frozen layers' output for every code of ``token_cache``; with every layer frozen, kept in a file
-        beside ``token_cache_path`` when given."""
+        """The frozen layers' output for every code (all layers frozen: kept in a file beside ``token_cache_path``)."""
         if not self.hparams.freeze_layers:
             raise ValueError("cache_frozen_prefix() needs freeze_layers > 0")
         cache_file = pooled_cache_file(token_cache_path, self) if token_cache_path and self.fully_frozen else None
