@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 import time
@@ -28,11 +27,7 @@ from naics_hnm.tree.guard import GuardStats
 from naics_hnm.writable import ensure_writable_dir
 
 log = logging.getLogger(__name__)
-
-
-class EmbeddingDtype(str, enum.Enum):
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
+EMBEDDING_DTYPES = ("float32", "float16")
 
 
 def _digest(array: np.ndarray) -> str:
@@ -42,28 +37,12 @@ def _digest(array: np.ndarray) -> str:
 class HardNegativeMiningCallback(Callback):
     """Phase 2+ hard-negative mining for a datamodule that offers ``mining_data()`` (NAICSDataModule).
 
-    From ``start_epoch`` on, every ``refresh_every_n_epochs`` epochs, it embeds every code with the
-    model being trained (eval mode, no grad) and refreshes a :class:`HardNegativeMiner` (an index and
-    each code's ``neighbours`` nearest guarded codes). Each training batch's ``candidate_idx`` pool is
-    widened with its anchors' neighbours, ranked exactly, and the ``k`` hardest survivors replace
-    ``negatives`` / ``negative_idx`` / ``negative_mask`` (plus ``negative_scores``) before
-    ``training_step`` sees the batch. The epoch reaches the data through the datamodule's sampler.
-    The refresh embeddings are written to ``embeddings_dir`` (an HDF5 file per refresh, default
-    ``<default_root_dir>/hnm_embeddings``); a checkpoint holds only their path and sha256, and a
-    resume rebuilds the same index from that file.
-
-    Args:
-        k, start_epoch, relative_margin, order_filter, refresh_every_n_epochs, embed_fn, device,
-        metric, neighbours, index_factory, search_params: see :class:`HardNegativeMiner`;
-            ``start_epoch`` None takes the datamodule's ``phase1_end_epoch``; ``embed_fn``
-            ``tokens -> Tensor[n, d]`` defaults to ``pl_module.embed``.
-        embed_batch_size: codes per forward pass while refreshing.
-        embedding_dtype: "float32" or "float16" for the refresh embeddings held in memory.
-        shard_index: under DDP, each rank embeds only its slice of the codes, and the index, the
-            ranking vectors and the neighbour lists are files under ``embeddings_dir/shared`` that
-            every rank maps read-only (:mod:`naics_hnm.mining.shared_refresh`); the folder must be
-            shared by every machine.
-        save_dir: when set, each refreshed index is saved there as ``epoch{e}.faiss`` (+ sidecar).
+    From ``start_epoch`` (None: ``phase1_end_epoch``), every ``refresh_every_n_epochs`` epochs, it re-embeds
+    every code and refreshes a :class:`HardNegativeMiner` (whose arguments it shares); each batch's negatives
+    become the ``k`` hardest guarded candidates. ``embed_fn`` defaults to ``pl_module.embed``. Refresh
+    embeddings are HDF5 files in ``embeddings_dir`` (default ``<default_root_dir>/hnm_embeddings``); with
+    ``shard_index`` (DDP) the index files live in its ``shared`` folder, which every machine must see.
+    ``save_dir``: each refreshed index is saved there as ``epoch{e}.faiss``.
     """
 
     def __init__(self, k: int = 8, start_epoch: int | None = None, relative_margin: float | None = 0.05,
@@ -83,24 +62,14 @@ class HardNegativeMiningCallback(Callback):
             raise TypeError(f"{call}(embed_fn={embed_fn!r}): expected a callable tokens -> Tensor[n, d]")
         if not (isinstance(embed_batch_size, int) and embed_batch_size >= 1):
             raise ValueError(f"{call}(embed_batch_size={embed_batch_size!r}): expected an int >= 1")
-        try:
-            self.embedding_dtype = EmbeddingDtype(embedding_dtype)
-        except ValueError:
-            raise ValueError(f"{call}(embedding_dtype={embedding_dtype!r}): expected one of "
-                             f"{[d.value for d in EmbeddingDtype]}") from None
-        self.k = k
-        self.start_epoch = start_epoch
+        if embedding_dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"{call}(embedding_dtype={embedding_dtype!r}): expected one of {list(EMBEDDING_DTYPES)}")
+        self.embedding_dtype = embedding_dtype
+        self.k, self.start_epoch, self.refresh_every_n_epochs = k, start_epoch, refresh_every_n_epochs
         self.relative_margin = None if relative_margin is None else float(relative_margin)
-        self.order_filter = bool(order_filter)
-        self.refresh_every_n_epochs = refresh_every_n_epochs
-        self.embed_fn = embed_fn
-        self.device = device
-        self.metric = metric
-        self.neighbours = neighbours
-        self.index_factory = index_factory
-        self.search_params = search_params
-        self.embed_batch_size = embed_batch_size
-        self.shard_index = bool(shard_index)
+        self.order_filter, self.shard_index = bool(order_filter), bool(shard_index)
+        self.embed_fn, self.device, self.metric, self.neighbours = embed_fn, device, metric, neighbours
+        self.index_factory, self.search_params, self.embed_batch_size = index_factory, search_params, embed_batch_size
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.miner: HardNegativeMiner | None = None
@@ -111,8 +80,7 @@ class HardNegativeMiningCallback(Callback):
         self._prepared_epoch: int | None = None
         self._previous_top: torch.Tensor | None = None
         self._stats = GuardStats()
-        self._similarity_sum = 0.0
-        self._similarity_count = 0
+        self._similarity_sum, self._similarity_count = 0.0, 0
 
     @property
     def state_key(self) -> str:
@@ -176,12 +144,8 @@ class HardNegativeMiningCallback(Callback):
         self._prepare_epoch(trainer, pl_module)
 
     def _prepare_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Make the epoch's index ready, once per epoch (the data's epoch is the sampler's, set by Lightning).
-
-        Called at the epoch start and again before the first batch: Lightning skips
-        ``on_train_epoch_start`` when it resumes from a checkpoint written mid-epoch or at the
-        last batch of an epoch, and the resumed batches must be mined all the same.
-        """
+        """Make the epoch's index ready, once per epoch; also called before each batch, since Lightning skips
+        ``on_train_epoch_start`` when it resumes mid-epoch."""
         epoch = trainer.current_epoch
         if self._prepared_epoch == epoch:
             return
@@ -201,8 +165,7 @@ class HardNegativeMiningCallback(Callback):
         """After a resume: rebuild the index of the last refresh from its embeddings file."""
         if self.miner is None or self.miner.index is not None or self._embeddings_file is None:
             return
-        info = self._embeddings_file
-        codes = self.miner.taxonomy.codes
+        info, codes = self._embeddings_file, self.miner.taxonomy.codes
         try:
             if self.miner.shard is None:
                 embeddings = load_embeddings(info["path"], expected_codes=codes).embeddings
@@ -216,30 +179,28 @@ class HardNegativeMiningCallback(Callback):
         if digest != info["sha256"]:
             raise RuntimeError(f"HardNegativeMiningCallback: {info['path']!r} does not hold the embeddings this "
                                "checkpoint was refreshed with (sha256 differs)")
-        refresh = self.miner.refresh if self.miner.shard is None else self.miner.refresh_local
-        refresh(embeddings, info["epoch"], anchors=self._served_anchors(trainer, info["epoch"]),
-                progress=trainer.is_global_zero)
+        self._refresh_miner(trainer, embeddings, info["epoch"])
         self._previous_top = self._top_neighbours()
 
+    def _refresh_miner(self, trainer: pl.Trainer, embeddings: np.ndarray, epoch: int) -> dict[str, float]:
+        refresh = self.miner.refresh if self.miner.shard is None else self.miner.refresh_local
+        return refresh(embeddings, epoch, anchors=self._served_anchors(trainer, epoch), progress=trainer.is_global_zero)
+
     def _served_anchors(self, trainer: pl.Trainer, epoch: int) -> np.ndarray | None:
-        """The anchors of the epochs a refresh at ``epoch`` serves, when the data says (None: every code);
-        repeats are left to the miner, which lists each code once."""
+        """The anchors of the epochs a refresh at ``epoch`` serves (None: every code; repeats allowed)."""
         epoch_anchors = self._data(trainer).epoch_anchors
         if epoch_anchors is None:
             return None
         return np.concatenate([epoch_anchors(e) for e in range(epoch, epoch + self.refresh_every_n_epochs)])
 
     def _embed_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
-        """Every code's embedding; under DDP each rank embeds a shard and the shards are all-gathered
-        (with ``shard_index``, this rank's rows ``miner.own_rows()`` only, never gathered)."""
+        """Every code's embedding, all-gathered under DDP (with ``shard_index``: this rank's rows only)."""
         n, world, rank = self._data(trainer).token_cache.size, trainer.world_size, trainer.global_rank
         if self.miner.shard is not None:
             return self._embed(trainer, pl_module, torch.arange(*self.miner.own_rows()))
         per_rank = -(-n // world)
         shard = torch.arange(rank * per_rank, min(n, (rank + 1) * per_rank))
-        pad = per_rank - len(shard)
-        if pad:
-            shard = torch.cat([shard, torch.zeros(pad, dtype=torch.long)])
+        shard = torch.cat([shard, torch.zeros(per_rank - len(shard), dtype=torch.long)])  # pad to equal shards
         emb = self._embed(trainer, pl_module, shard)
         if world == 1:
             return emb
@@ -251,7 +212,7 @@ class HardNegativeMiningCallback(Callback):
         return embed_codes(self.embed_fn or pl_module.embed, cache, rows, batch_size=self.embed_batch_size,
                            device=pl_module.device, module=pl_module, progress=trainer.is_global_zero,
                            desc=f"epoch {trainer.current_epoch}: embedding {cache.size} codes",
-                           dtype=getattr(torch, self.embedding_dtype.value))
+                           dtype=getattr(torch, self.embedding_dtype))
 
     def _top_neighbours(self) -> torch.Tensor | None:
         """The first k neighbours of this rank's rows (every row in one process)."""
@@ -263,7 +224,7 @@ class HardNegativeMiningCallback(Callback):
         return block.clone() if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block))
 
     def _overlap(self, top: torch.Tensor | None) -> float:
-        """Share of this refresh's top-k neighbours that were in the previous refresh's (summed over the ranks)."""
+        """Share of this refresh's top-k neighbours that were in the previous refresh's (over every rank)."""
         counts = np.zeros(2, dtype=np.int64)
         if top is not None and self._previous_top is not None:
             same = (top[:, :, None] == self._previous_top.to(top.device)[:, None, :]) & (top[:, :, None] >= 0)
@@ -278,9 +239,7 @@ class HardNegativeMiningCallback(Callback):
         t0 = time.perf_counter()
         embeddings = self._embed_all(trainer, pl_module).float().numpy()
         t1 = time.perf_counter()
-        refresh = self.miner.refresh if self.miner.shard is None else self.miner.refresh_local
-        timings = refresh(embeddings, epoch, anchors=self._served_anchors(trainer, epoch),
-                          progress=trainer.is_global_zero)
+        timings = self._refresh_miner(trainer, embeddings, epoch)
         t2 = time.perf_counter()
         self._save_embeddings(trainer, embeddings, epoch)
         self.refresh_count += 1
@@ -289,9 +248,9 @@ class HardNegativeMiningCallback(Callback):
         top = self._top_neighbours()
         overlap = self._overlap(top)
         self._previous_top = top
-        metrics = {"hnm/refresh_embed_s": t1 - t0, "hnm/refresh_build_s": t2 - t1, "hnm/neighbour_overlap": overlap,
-                   "hnm/refresh_count": float(self.refresh_count)}
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, rank_zero_only=True, sync_dist=False)
+        pl_module.log_dict({"hnm/refresh_embed_s": t1 - t0, "hnm/refresh_build_s": t2 - t1,
+                            "hnm/neighbour_overlap": overlap, "hnm/refresh_count": float(self.refresh_count)},
+                           on_step=False, on_epoch=True, rank_zero_only=True, sync_dist=False)
         rank_zero_info(f"hard-negative index refreshed at epoch {epoch}: embed {t1 - t0:.2f}s, index "
                        f"{timings['build']:.3f}s, neighbours {timings['neighbours']:.3f}s, {self.index.ntotal} codes "
                        f"on {self.index.device}, overlap {overlap:.3f}")
@@ -301,8 +260,7 @@ class HardNegativeMiningCallback(Callback):
     def _save_embeddings(self, trainer: pl.Trainer, embeddings: np.ndarray, epoch: int) -> None:
         """The refresh embeddings file; with ``shard_index`` each rank writes its rows, one rank after the other."""
         path = self.embeddings_dir / f"refresh_epoch{epoch:04d}.h5"
-        codes, model = self.miner.taxonomy.codes, type(trainer.lightning_module).__name__
-        shard = self.miner.shard
+        codes, model, shard = self.miner.taxonomy.codes, type(trainer.lightning_module).__name__, self.miner.shard
         if shard is not None:
             lo, _ = self.miner.own_rows()
             write_together(path, shard, lambda temp: create_embeddings_file(
@@ -341,10 +299,8 @@ class HardNegativeMiningCallback(Callback):
         tokens = gather_tokens(token_cache, {"anchor": batch["anchor_idx"], "positive": batch["positive_idx"],
                                              "negatives": ids})
         batch.update({key: {name: t.to(out_device) for name, t in group.items()} for key, group in tokens.items()})
-        batch["negative_idx"] = ids
-        batch["negative_mask"] = ids >= 0
-        batch["negative_scores"] = scores.to(out_device)
-        batch["candidate_idx"] = pool.to(out_device)
+        batch.update(negative_idx=ids, negative_mask=ids >= 0, negative_scores=scores.to(out_device),
+                     candidate_idx=pool.to(out_device))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -366,7 +322,6 @@ class HardNegativeMiningCallback(Callback):
         self.refresh_count = int(state_dict.get("refresh_count", 0))
         self.last_refresh_epoch = state_dict.get("last_refresh_epoch")
         self._embeddings_file = state_dict.get("embeddings_file")
-        self._previous_top = None
-        self._prepared_epoch = None
+        self._previous_top, self._prepared_epoch = None, None
         if self.miner is not None:
             self.miner.index = None

@@ -25,8 +25,7 @@ from naics_hnm.tree.taxonomy import Taxonomy, load_taxonomy
 log = logging.getLogger(__name__)
 
 MAX_VAL_PAIRS = 10_000
-"""Validation pairs at most: they are presampled once (fixed negatives) and held in memory; a 1M-code
-tree with parent and sibling pairs would otherwise keep 1M of them (107 s and several GiB)."""
+"""Validation pairs at most: they are presampled once (fixed negatives) and held in memory."""
 
 
 def default_cache_dir() -> Path:
@@ -37,58 +36,37 @@ def default_cache_dir() -> Path:
 class NAICSDataModule(pl.LightningDataModule):
     """Phase 1 curriculum data for a code taxonomy (NAICS 2022 by default).
 
-    Args:
-        taxonomy: CSV path (``code,title[,description,examples,excluded_codes]``), a Taxonomy, or
-            None for NAICS 2022.
-        batch_size, num_workers: DataLoader settings; workers are persistent when ``num_workers > 0``.
-        seed: keys every negative draw and the shuffling; same seed, same batches.
-        phase1_end_epoch: first epoch after the curriculum (the mining callback's default start).
-        cache_dir: where the HDF5 token cache lives (default :func:`default_cache_dir`).
-        tokenizer: tokenizer name or local path (default: the offline all-MiniLM-L6-v2).
-        max_length: token budget per code text.
-        n_negatives, n_candidates, positive_relations, max_siblings: see :class:`StreamingConfig`.
-        sampling: the curriculum (:class:`SamplingConfig`).
-        exclude_codes: codes kept out of training entirely (e.g. a held-out split).
-        val_fraction: share of pairs kept for validation, with fixed negatives; at most
-            ``MAX_VAL_PAIRS`` (10,000) pairs, since they are drawn once and kept in memory.
-        pairs_per_epoch: train on a fresh shuffled subset of this many pairs per epoch (None: all).
+    ``taxonomy``: CSV path, Taxonomy or None (NAICS 2022); ``cache_dir`` defaults to :func:`default_cache_dir`;
+    ``seed`` keys every negative draw and the shuffling; ``phase1_end_epoch``: first epoch after the curriculum;
+    ``n_negatives``, ``n_candidates``, ``positive_relations``, ``max_siblings``: see :class:`StreamingConfig`;
+    ``exclude_codes``: kept out of training; ``val_fraction``: share of pairs for validation (at most
+    ``MAX_VAL_PAIRS``); ``pairs_per_epoch``: a fresh shuffled subset of this many pairs per epoch (None: all).
+    ``tokenizer``: name or local path (default: the offline all-MiniLM-L6-v2); workers persist if ``num_workers > 0``.
     """
 
-    def __init__(self, taxonomy: str | Path | Taxonomy | None = None, *, batch_size: int = 256,
-                 num_workers: int = 0, seed: int = 42, phase1_end_epoch: int = 2,
-                 cache_dir: str | Path | None = None, tokenizer: str | None = None, max_length: int = 32,
-                 n_negatives: int = 8, n_candidates: int = 48,
+    def __init__(self, taxonomy: str | Path | Taxonomy | None = None, *, batch_size: int = 256, num_workers: int = 0,
+                 seed: int = 42, phase1_end_epoch: int = 2, cache_dir: str | Path | None = None,
+                 tokenizer: str | None = None, max_length: int = 32, n_negatives: int = 8, n_candidates: int = 48,
                  positive_relations: Sequence[str] = ("parent", "sibling"), max_siblings: int | None = None,
                  sampling: SamplingConfig | None = None, exclude_codes: Sequence[str] = (),
                  val_fraction: float = 0.05, pairs_per_epoch: int | None = None) -> None:
         super().__init__()
-        if not (isinstance(batch_size, int) and batch_size >= 1):
-            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
-        if not (isinstance(num_workers, int) and num_workers >= 0):
-            raise ValueError(f"num_workers={num_workers!r}: expected an int >= 0")
-        if not (isinstance(phase1_end_epoch, int) and phase1_end_epoch >= 0):
-            raise ValueError(f"phase1_end_epoch={phase1_end_epoch!r}: expected an int >= 0")
+        for name, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                     ("phase1_end_epoch", phase1_end_epoch, 0), ("max_length", max_length, 2)):
+            if not (isinstance(value, int) and value >= minimum):
+                raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
         if pairs_per_epoch is not None and not (isinstance(pairs_per_epoch, int) and pairs_per_epoch >= 1):
             raise ValueError(f"pairs_per_epoch={pairs_per_epoch!r}: expected None or an int >= 1")
-        if not (isinstance(max_length, int) and max_length >= 2):
-            raise ValueError(f"max_length={max_length!r}: expected an int >= 2")
         if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
             raise ValueError(f"val_fraction={val_fraction!r}: expected a number in [0, 1)")
-        self.taxonomy_source = taxonomy
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.phase1_end_epoch = phase1_end_epoch
+        self.taxonomy_source, self.tokenizer_name, self.max_length = taxonomy, tokenizer, max_length
+        self.batch_size, self.num_workers, self.phase1_end_epoch = batch_size, num_workers, phase1_end_epoch
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.tokenizer_name = tokenizer
-        self.max_length = max_length
-        self.val_fraction = float(val_fraction)
-        self.pairs_per_epoch = pairs_per_epoch
-        self.cfg = StreamingConfig(
-            seed=seed, n_negatives=n_negatives, n_candidates=n_candidates,
-            positive_relations=tuple(positive_relations), max_siblings=max_siblings,
-            exclude_codes=tuple(exclude_codes),
-            taxonomy=str(taxonomy) if isinstance(taxonomy, (str, Path)) else None,
-        )
+        self.val_fraction, self.pairs_per_epoch = float(val_fraction), pairs_per_epoch
+        self.cfg = StreamingConfig(seed=seed, n_negatives=n_negatives, n_candidates=n_candidates,
+                                   positive_relations=tuple(positive_relations), max_siblings=max_siblings,
+                                   exclude_codes=tuple(exclude_codes),
+                                   taxonomy=str(taxonomy) if isinstance(taxonomy, (str, Path)) else None)
         self.sampling_cfg = sampling if sampling is not None else SamplingConfig()
         self.taxonomy: Taxonomy | None = taxonomy if isinstance(taxonomy, Taxonomy) else None
         self.token_cache: TokenCache | None = None
@@ -109,13 +87,11 @@ class NAICSDataModule(pl.LightningDataModule):
 
     @property
     def cache_path(self) -> Path:
-        """The token cache file: its name carries the code list and the content fingerprint (texts, tokenizer,
-        max_length)."""
+        """The token cache file, named by the code list and the content (texts, tokenizer, max_length)."""
         return token_cache_path(self.cache_dir, self._cache_name(), self._fingerprint())
 
     def _cache_name(self) -> str:
-        """The taxonomy's name and its code list's fingerprint: trees that share a name and texts but not
-        codes (``a/tree.csv``, ``b/tree.csv``) get files of their own in a shared ``cache_dir``."""
+        """The taxonomy's name and its code list's fingerprint: trees with other codes get files of their own."""
         taxonomy = self._taxonomy()
         return f"{taxonomy.name}_{taxonomy.fingerprint[:8]}"
 
@@ -130,11 +106,7 @@ class NAICSDataModule(pl.LightningDataModule):
         return self._loaded_tokenizer
 
     def prepare_data(self) -> None:
-        """Build the token cache unless a valid one for this content exists (under a lock, atomically).
-
-        Runs sharing a ``cache_dir`` never overwrite each other's caches: another max_length,
-        tokenizer or set of texts is another file. A corrupt or stale file is rebuilt.
-        """
+        """Build the token cache unless a valid one for this content exists (under a lock, atomically)."""
         taxonomy = self._taxonomy()
         ensure_token_cache(self.cache_dir, self._cache_name(), taxonomy.codes, taxonomy.texts, self._tokenizer(),
                            self.max_length, tokenizer_name=self.tokenizer_name or "all-MiniLM-L6-v2 (offline)")
@@ -157,7 +129,7 @@ class NAICSDataModule(pl.LightningDataModule):
                              "left to train on")
         self.train_dataset = Phase1MapDataset(self.cfg, self.sampling_cfg, self.token_cache,
                                               self.phase1_end_epoch, taxonomy=taxonomy, pairs=train_pairs)
-        # the one owner of the training epoch; the dataset (and the loader's state) read it from here
+        # the one owner of the training epoch; the dataset and the loader read it from here
         self._train_sampler = EpochSampler(len(self.train_dataset), seed=self.cfg.seed, shuffle=True,
                                            samples_per_epoch=self.pairs_per_epoch)
         self.train_dataset.follow(self._train_sampler)
@@ -179,13 +151,14 @@ class NAICSDataModule(pl.LightningDataModule):
 
     def epoch_anchors(self, epoch: int) -> np.ndarray:
         """Sorted distinct anchor ids of the training pairs of ``epoch``, every rank's together."""
-        indices = self._sampler("epoch_anchors()").all_indices(epoch)
+        indices = self._after_setup(self._train_sampler, "epoch_anchors()").all_indices(epoch)
         return np.unique(self.train_dataset.pairs[indices, 0])
 
-    def _sampler(self, caller: str) -> EpochSampler:
-        if self._train_sampler is None:
+    @staticmethod
+    def _after_setup(value: Any, caller: str) -> Any:
+        if value is None:
             raise RuntimeError(f"{caller} called before setup(): call prepare_data() and setup() first")
-        return self._train_sampler
+        return value
 
     @property
     def epoch(self) -> int:
@@ -194,16 +167,11 @@ class NAICSDataModule(pl.LightningDataModule):
 
     def set_epoch(self, epoch: int) -> None:
         """Move the training data to ``epoch``: the sampler, which every worker and the dataset read."""
-        self._sampler("set_epoch()").set_epoch(int(epoch))
+        self._after_setup(self._train_sampler, "set_epoch()").set_epoch(int(epoch))
 
     def on_train_epoch_start(self) -> None:
-        """Move the training data to the trainer's current epoch.
-
-        Lightning never calls this on a datamodule; it is kept as the seed's public API, a thin
-        call into :meth:`set_epoch` for loops outside ``fit``. During ``fit`` the epoch has one
-        writer: Lightning's fit loop calls ``set_epoch`` on the sampler at every epoch start, and
-        the sampler's ``(epoch, index)`` pairs carry it to every worker.
-        """
+        """Move the training data to the trainer's current epoch (the seed's API; Lightning never calls it,
+        ``fit`` sets the sampler's epoch itself)."""
         if self.trainer is not None:
             self.set_epoch(self.trainer.current_epoch)
 
@@ -213,26 +181,20 @@ class NAICSDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled loader whose sampler sends the epoch with every index."""
-        if self.train_dataset is None:
-            raise RuntimeError("train_dataloader() called before setup(): call prepare_data() and setup() first")
+        dataset = self._after_setup(self.train_dataset, "train_dataloader()")
         if self.trainer is not None:
-            # Lightning creates the loader's first iterator before it calls set_epoch on samplers,
-            # and current_epoch still counts completed epochs: the epoch about to run, early
+            # the loader's first iterator comes before Lightning's set_epoch: set the epoch about to run early
             self.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
-        return self._loader(self.train_dataset, ResumableLoader, sampler=self._train_sampler,
+        return self._loader(dataset, ResumableLoader, sampler=self._train_sampler,
                             batches_started=self._batches_started)
 
     def _batches_started(self) -> int:
         """Batches of the current epoch the training loop has started (0 outside a Trainer)."""
-        if self.trainer is None:
-            return 0
-        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        return 0 if self.trainer is None else int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def val_dataloader(self) -> DataLoader:
         """Validation pairs with fixed negatives, in order."""
-        if self.val_dataset is None:
-            raise RuntimeError("val_dataloader() called before setup(): call prepare_data() and setup() first")
-        return self._loader(self.val_dataset, shuffle=False)
+        return self._loader(self._after_setup(self.val_dataset, "val_dataloader()"), shuffle=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch}

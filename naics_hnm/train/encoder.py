@@ -53,26 +53,15 @@ class NAICSEncoder(pl.LightningModule):
 
     Args:
         model: a transformers model name or local path (default: the offline all-MiniLM-L6-v2).
-        config: build an untrained model from this config dict instead (``model_type`` required);
-            for tests and experiments without weights.
-        lr, weight_decay: AdamW settings.
-        temperature: InfoNCE temperature.
-        in_batch_negatives: also use every other code of the batch as a negative, guarded by the
-            taxonomy (never related to the anchor, never as near as the positive) when known.
-        freeze_layers: freeze the embeddings and this many lower transformer layers (kept in eval
-            mode, so they are deterministic).
-        cache_frozen: with ``freeze_layers > 0``, run the frozen part once per code at fit start
-            (from the datamodule's token cache) and let ``embed`` start from those hidden states for
-            any token row it recognises; the result equals the full forward pass.
+        config: build an untrained model from this config dict instead (``model_type`` required).
+        lr, weight_decay: AdamW settings; temperature: InfoNCE temperature.
+        in_batch_negatives: also use every other code of the batch as a negative, guarded by the taxonomy.
+        freeze_layers: freeze the embeddings and this many lower transformer layers (kept in eval mode).
+        cache_frozen: with ``freeze_layers > 0``, run the frozen part once per code at fit start (same result).
         cosine_schedule: linear warm-up over ``warmup_fraction`` of the steps, then cosine decay.
-        dropout: set every dropout probability of the encoder to this value (None keeps the model's).
-        head: ``"mlp"`` adds a trained residual MLP on the pooled vector (hidden width twice the
-            model's). With every layer frozen (``freeze_layers`` = the layer count) only the head
-            trains, the frozen encoder runs once per code, and its pooled outputs are kept in a
-            file next to the token cache: the cheap setting for trees of 100k+ codes.
-        tree_weight: weight of :func:`~naics_hnm.train.losses.tree_listwise` added to InfoNCE: every
-            distinct batch code ranked by the depth of its lowest common ancestor with each anchor
-            (needs the taxonomy, taken from the datamodule). 0 turns it off.
+        dropout: every dropout probability of the encoder (None keeps the model's).
+        head: ``"mlp"`` adds a trained residual MLP on the pooled vector; with every layer frozen only it trains.
+        tree_weight: weight of :func:`~naics_hnm.train.losses.tree_listwise` added to InfoNCE (0: off).
         tree_sharpness: how strongly that target favours deeper common ancestors (per level, in nats).
     """
 
@@ -116,8 +105,7 @@ class NAICSEncoder(pl.LightningModule):
         self.head = ResidualHead(hidden_size, 2 * hidden_size) if head == "mlp" else None
         self._frozen = frozen_modules(self.encoder, freeze_layers)
         for module in self._frozen:
-            for p in module.parameters():
-                p.requires_grad_(False)
+            module.requires_grad_(False)
         self._prefix: FrozenPrefix | None = None
         self._guard: TreeGuard | None = None
 
@@ -145,11 +133,7 @@ class NAICSEncoder(pl.LightningModule):
     @torch.no_grad()
     def cache_frozen_prefix(self, token_cache: TokenCache, batch_size: int = 256,
                             token_cache_path: str | None = None) -> None:
-        """The frozen layers' output for every code of ``token_cache`` (see :mod:`naics_hnm.train.frozen_prefix`).
-
-        With every layer frozen and ``token_cache_path`` given, the pooled outputs are read from
-        (or written to) a file beside that token cache.
-        """
+        """The frozen layers' output for every code (all layers frozen: kept in a file beside ``token_cache_path``)."""
         if not self.hparams.freeze_layers:
             raise ValueError("cache_frozen_prefix() needs freeze_layers > 0")
         cache_file = pooled_cache_file(token_cache_path, self) if token_cache_path and self.fully_frozen else None
@@ -161,11 +145,7 @@ class NAICSEncoder(pl.LightningModule):
                                       else "all-MiniLM-L6-v2 (offline)")
 
     def embed(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Unit-norm embeddings [n, d] for ``{"input_ids", "attention_mask"}`` of shape [..., L].
-
-        Rows are run in length-sorted chunks trimmed to their own longest row (right padding), so
-        short texts do not pay for the longest one in the batch.
-        """
+        """Unit-norm embeddings [n, d] for ``{"input_ids", "attention_mask"}`` of shape [..., L] (right padding)."""
         input_ids = tokens["input_ids"]
         lead = input_ids.shape[:-1]
         ids = input_ids.reshape(-1, input_ids.shape[-1])
@@ -189,9 +169,7 @@ class NAICSEncoder(pl.LightningModule):
             start = self._prefix.hidden(rows, ids.shape[1], ids.device)
             hidden = run_layers(start, mask, transformer_layers(self.encoder)[self.hparams.freeze_layers:])
             pooled = mean_pool(hidden, mask)
-        if self.head is not None:
-            pooled = self.head(pooled)
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(pooled if self.head is None else self.head(pooled), dim=-1)
 
     def set_taxonomy(self, taxonomy) -> None:
         """Tree relations for the in-batch negative guard (done by setup() from the datamodule)."""
@@ -201,10 +179,8 @@ class NAICSEncoder(pl.LightningModule):
         """Embed each distinct code of the batch once: (embeddings [U, d], code ids [U], row of each slot)."""
         mask = batch["negative_mask"]
         ids = torch.cat([batch["anchor_idx"], batch["positive_idx"], batch["negative_idx"][mask]])
-        token_rows = {
-            key: torch.cat([batch["anchor"][key], batch["positive"][key], batch["negatives"][key][mask]])
-            for key in ("input_ids", "attention_mask")
-        }
+        token_rows = {key: torch.cat([batch["anchor"][key], batch["positive"][key], batch["negatives"][key][mask]])
+                      for key in ("input_ids", "attention_mask")}
         unique, inverse = torch.unique(ids, return_inverse=True)
         first = torch.full((len(unique),), len(ids), dtype=torch.long, device=ids.device)
         first = first.scatter_reduce(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
@@ -221,13 +197,12 @@ class NAICSEncoder(pl.LightningModule):
         lca = self._batch_lca(batch["anchor_idx"], unique)  # one [B, U] pass for the guard and the tree term
         extra = None
         if self.hparams.in_batch_negatives:
-            extra = anchor @ emb.T
-            extra = extra.masked_fill(~self._in_batch_allowed(batch, unique, inverse, lca), float("-inf"))
+            extra = (anchor @ emb.T).masked_fill(~self._in_batch_allowed(batch, unique, inverse, lca), float("-inf"))
         loss = info_nce(anchor, positive, negatives, mask, self.hparams.temperature, extra_logits=extra)
         if self.hparams.tree_weight > 0 and lca is not None:
-            loss = loss + self.hparams.tree_weight * tree_listwise(
-                anchor, emb, lca, unique.unsqueeze(0) == batch["anchor_idx"].unsqueeze(1), self.hparams.temperature,
-                self.hparams.tree_sharpness)
+            same = unique.unsqueeze(0) == batch["anchor_idx"].unsqueeze(1)
+            loss = loss + self.hparams.tree_weight * tree_listwise(anchor, emb, lca, same, self.hparams.temperature,
+                                                                   self.hparams.tree_sharpness)
         return loss
 
     def _batch_lca(self, anchors: torch.Tensor, unique: torch.Tensor) -> torch.Tensor | None:
@@ -238,14 +213,9 @@ class NAICSEncoder(pl.LightningModule):
 
     def _in_batch_allowed(self, batch: dict[str, Any], unique: torch.Tensor, inverse: torch.Tensor,
                           lca: torch.Tensor | None = None) -> torch.Tensor:
-        """bool [B, U]: which distinct batch codes may serve as extra negatives for each anchor.
-
-        Never the anchor, its positive, a code already among its negatives, or (with the
-        taxonomy known) an ancestor/descendant or a code as near in the tree as the positive.
-        ``lca``: :meth:`_batch_lca` when the caller has it already.
-        """
-        anchors, positives = batch["anchor_idx"], batch["positive_idx"]
-        mask = batch["negative_mask"]
+        """bool [B, U]: distinct batch codes that may be extra negatives of each anchor: never the anchor, its
+        positive, one of its negatives or (taxonomy known) a related code or one as near as the positive."""
+        anchors, positives, mask = batch["anchor_idx"], batch["positive_idx"], batch["negative_mask"]
         b = len(anchors)
         ok = (unique[None, :] != anchors[:, None]) & (unique[None, :] != positives[:, None])
         rows = torch.arange(b, device=unique.device).unsqueeze(1).expand_as(mask)[mask]
@@ -256,15 +226,16 @@ class NAICSEncoder(pl.LightningModule):
             ok &= ~too_near(lca, self._guard.lca_depth(anchors, positives).unsqueeze(1))
         return ok
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def _logged_loss(self, batch: dict[str, Any], name: str) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["anchor_idx"]))
+        self.log(name, loss, prog_bar=True, batch_size=len(batch["anchor_idx"]))
         return loss
 
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._logged_loss(batch, "train_loss")
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["anchor_idx"]))
-        return loss
+        return self._logged_loss(batch, "val_loss")
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -276,7 +247,6 @@ class NAICSEncoder(pl.LightningModule):
 
         def factor(step: int) -> float:
             return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
-
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

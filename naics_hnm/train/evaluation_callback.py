@@ -16,18 +16,9 @@ from naics_hnm.evaluation import evaluate_embeddings
 
 
 class TaxonomyEvaluationCallback(Callback):
-    """Logs cophenetic correlation, NDCG@k and held-out placement of the model being trained.
-
-    Held-out codes are the datamodule's excluded codes (never seen in training). Results are logged
-    under ``eval/...`` and kept per epoch in :attr:`history` (plain floats).
-
-    Args:
-        k: NDCG cut-off.
-        every_n_epochs: evaluate every n validation epochs (the last epoch always counts).
-        embed_batch_size: codes per forward pass.
-        max_queries: NDCG and placement queries per evaluation; above that many leaves (or held-out
-            leaves) a seeded sample is scored, so large taxonomies stay fast. None: every leaf.
-    """
+    """Logs cophenetic correlation, NDCG@k and held-out placement (of the datamodule's excluded codes) under
+    ``eval/...``, kept per epoch in :attr:`history`. Evaluates every ``every_n_epochs`` validation epochs and
+    the last; ``max_queries``: NDCG and placement queries per evaluation (a seeded sample; None: every leaf)."""
 
     def __init__(self, k: int = 10, every_n_epochs: int = 1, embed_batch_size: int = 512,
                  max_queries: int | None = 5000) -> None:
@@ -36,10 +27,8 @@ class TaxonomyEvaluationCallback(Callback):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"TaxonomyEvaluationCallback({name}={value!r}): expected an int >= 1"
                                  + (" or None" if name == "max_queries" else ""))
-        self.k = k
-        self.max_queries = max_queries
-        self.every_n_epochs = every_n_epochs
-        self.embed_batch_size = embed_batch_size
+        self.k, self.max_queries = k, max_queries
+        self.every_n_epochs, self.embed_batch_size = every_n_epochs, embed_batch_size
         self.history: list[dict[str, float]] = []
         self.last_embeddings: torch.Tensor | None = None
 
@@ -50,9 +39,8 @@ class TaxonomyEvaluationCallback(Callback):
                                  device=pl_module.device, module=pl_module).cpu()
         self.last_embeddings = embeddings
         excluded = ~dm.train_dataset.allowed
-        metrics = evaluate_embeddings(embeddings.numpy(), dm.taxonomy,
-                                      heldout_mask=excluded if excluded.any() else None, k=self.k,
-                                      max_queries=self.max_queries)
+        metrics = evaluate_embeddings(embeddings.numpy(), dm.taxonomy, k=self.k, max_queries=self.max_queries,
+                                      heldout_mask=excluded if excluded.any() else None)
         metrics = {key: float(value) for key, value in metrics.items()}
         metrics["eval_seconds"] = time.perf_counter() - started
         return metrics

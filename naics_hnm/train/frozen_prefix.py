@@ -1,12 +1,5 @@
-"""FrozenPrefix: what an encoder's frozen layers output for every code, computed once.
-
-With the embeddings and the lower layers frozen, their output for a code never changes, so
-:class:`~naics_hnm.train.encoder.NAICSEncoder` computes it once per code and runs only the trained
-part per step: **hidden states** [N, L, H] when some layers are still trained, or **pooled vectors**
-[N, H] (mean over the last layer's tokens) when only a head is trained. Pooled vectors are also kept
-in a file next to the token cache, keyed by the token content and the frozen weights, so a second
-run on the same tree loads them. A row is found by its token content.
-"""
+"""FrozenPrefix: what an encoder's frozen layers output for every code, computed once: hidden states [N, L, H]
+when some layers still train, or pooled vectors [N, H] when only a head trains (also kept in a file)."""
 
 from __future__ import annotations
 
@@ -71,18 +64,13 @@ class FrozenPrefix:
                  pooled: torch.Tensor | None = None) -> None:
         if (states is None) == (pooled is None):
             raise ValueError("FrozenPrefix needs exactly one of states= (hidden states) or pooled=")
-        self.keys = keys
-        self.states = states
-        self.pooled = pooled
+        self.keys, self.states, self.pooled = keys, states, pooled
 
     @classmethod
     def build(cls, encoder: torch.nn.Module, token_cache: TokenCache, batch_size: int = 256,
               cache_file: str | Path | None = None) -> "FrozenPrefix":
-        """Run the frozen part over every code of ``token_cache``.
-
-        When every layer is frozen the pooled vectors are kept (and read from / written to
-        ``cache_file`` if given); otherwise the hidden states after the frozen layers.
-        """
+        """Run the frozen part over every code: pooled vectors when every layer is frozen (kept in
+        ``cache_file`` if given), else the hidden states after the frozen layers."""
         keys = _content_keys(token_cache)
         if encoder.fully_frozen:
             return cls(keys, pooled=_pooled(encoder, token_cache, batch_size, cache_file))
@@ -92,8 +80,7 @@ class FrozenPrefix:
         """Code row for each token row, -1 where unknown."""
         lengths = attention_mask.sum(1).tolist()
         ids = input_ids.cpu()
-        return torch.tensor([self.keys.get(_row_key(ids[r, :n]), -1) for r, n in enumerate(lengths)],
-                            dtype=torch.long)
+        return torch.tensor([self.keys.get(_row_key(ids[r, :n]), -1) for r, n in enumerate(lengths)], dtype=torch.long)
 
     def hidden(self, rows: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
         if self.states is None:
@@ -127,8 +114,7 @@ def _hidden_states(encoder: torch.nn.Module, token_cache: TokenCache, batch_size
         ids = torch.arange(start, min(start + batch_size, n))
         tokens = token_cache.gather(ids, width)
         input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        hidden = encoder.encoder.embeddings(input_ids=input_ids)
-        hidden = run_layers(hidden, mask, frozen)
+        hidden = run_layers(encoder.encoder.embeddings(input_ids=input_ids), mask, frozen)
         if states is None:
             states = torch.zeros(n, width, hidden.shape[-1], dtype=hidden.dtype, device=device)
         states[start : start + len(ids)] = hidden
@@ -161,9 +147,8 @@ def _pooled(encoder: torch.nn.Module, token_cache: TokenCache, batch_size: int,
                       progress=n >= 20 * batch_size, desc=f"frozen encoder over {n:,} codes")
     if cache_file is not None:
         try:
-            with atomic_path(cache_file) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.save(handle, out.numpy(), allow_pickle=False)
+            with atomic_path(cache_file) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, out.numpy(), allow_pickle=False)
         except OSError as err:
             log.warning("could not keep frozen encoder outputs in %s (%s); they are recomputed next run",
                         cache_file, err)

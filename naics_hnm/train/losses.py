@@ -11,9 +11,8 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
              extra_logits: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE with the positive at column 0.
 
-    anchor, positive: [B, d] unit vectors; negatives: [B, K, d]; negative_mask: bool [B, K]
-    (False = padding, excluded from the softmax). ``extra_logits`` [B, U] are similarities of
-    further negatives (for example guarded in-batch codes), -inf where excluded.
+    anchor, positive: [B, d] unit vectors; negatives: [B, K, d]; negative_mask: bool [B, K] (False =
+    padding); ``extra_logits`` [B, U]: similarities of further negatives, -inf where excluded.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r}: expected > 0")
@@ -21,25 +20,18 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
     neg = torch.einsum("bd,bkd->bk", anchor, negatives)
     if negative_mask is not None:
         neg = neg.masked_fill(~negative_mask, float("-inf"))
-    logits = [pos, neg]
-    if extra_logits is not None:
-        logits.append(extra_logits)
-    logits_t = torch.cat(logits, dim=1) / temperature
+    logits = torch.cat([pos, neg] if extra_logits is None else [pos, neg, extra_logits], dim=1) / temperature
     target = torch.zeros(len(anchor), dtype=torch.long, device=anchor.device)
-    return F.cross_entropy(logits_t, target)
+    return F.cross_entropy(logits, target)
 
 
 def tree_listwise(anchor: torch.Tensor, codes: torch.Tensor, lca_depth: torch.Tensor, same: torch.Tensor,
                   temperature: float = 0.05, sharpness: float = 1.0) -> torch.Tensor:
-    """Listwise loss that ranks every batch code by its tree nearness to each anchor.
+    """Listwise loss (ListNet) that ranks every batch code by its tree nearness to each anchor.
 
-    anchor: [B, d] and codes: [U, d] unit vectors; lca_depth: [B, U] depth of each pair's lowest
-    common ancestor (0 = only the root); same: bool [B, U], True where the code is the anchor itself
-    (left out). The target distribution over the codes is ``softmax(sharpness * lca_depth)`` and the
-    model's is ``softmax(similarity / temperature)``; the loss is their cross entropy, so codes that
-    share a deeper ancestor with the anchor must come out more similar, level by level (ListNet with
-    graded tree relevance). It ties the whole ordering to the tree, where InfoNCE only separates one
-    positive from its negatives.
+    anchor: [B, d] and codes: [U, d] unit vectors; lca_depth: [B, U] depth of each pair's lowest common
+    ancestor (0 = only the root); same: bool [B, U], True where the code is the anchor (left out). The loss is
+    the cross entropy of ``softmax(sharpness * lca_depth)`` and ``softmax(similarity / temperature)``.
     """
     if temperature <= 0 or sharpness <= 0:
         raise ValueError(f"temperature={temperature!r}, sharpness={sharpness!r}: expected both > 0")

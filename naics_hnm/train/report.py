@@ -1,9 +1,4 @@
-"""What a training run shows a person: one table row per epoch, JSON per epoch, and a plot.
-
-Rows are written with ``tqdm.write``, which lifts every live progress bar (Lightning's epoch bar,
-the refresh bars) off the terminal line first and redraws it below, so a bar never shares a line
-with a row.
-"""
+"""What a training run shows a person: one table row per epoch, JSON per epoch, and a plot."""
 
 from __future__ import annotations
 
@@ -28,8 +23,7 @@ COLUMNS = (  # (key, header, width, format)
     ("refresh", "refresh", 7, "s"), ("train_loss", "loss", 6, ".3f"), ("ndcg@10", "ndcg@10", 7, ".3f"),
     ("cophenetic_pearson", "coph", 5, ".3f"), ("heldout_ndcg@10", "ho_ndcg", 7, ".3f"),
     ("heldout_parent_hit", "ho_par", 6, ".3f"), ("heldout_grandparent_hit", "ho_gpar", 7, ".3f"),
-    ("epoch_s", "sec", 6, ".1f"),
-)
+    ("epoch_s", "sec", 6, ".1f"))
 PLOTTED = (("ndcg@10", "NDCG@10 (all leaves)"), ("cophenetic_pearson", "cophenetic (Pearson)"),
            ("heldout_ndcg@10", "held-out NDCG@10"), ("heldout_parent_hit", "held-out parent hit"),
            ("heldout_grandparent_hit", "held-out grandparent hit"))
@@ -57,11 +51,8 @@ def write_line(line: str, file: TextIO | None = None) -> None:
 
 
 class EpochTable(Callback):
-    """One row per evaluated epoch: phase, curriculum mix, refresh time, loss, tree metrics.
-
-    Each row is also written to ``metrics_dir/epoch_NNN.json``; :attr:`rows` keeps them all.
-    ``mode`` is the run's negatives (``random``, ``curriculum`` or ``mined``).
-    """
+    """One row per evaluated epoch (phase, curriculum mix, refresh time, loss, tree metrics), also written to
+    ``metrics_dir/epoch_NNN.json``; ``mode`` is the run's negatives (``random``, ``curriculum`` or ``mined``)."""
 
     def __init__(self, mode: str, evaluation: TaxonomyEvaluationCallback, metrics_dir: Path,
                  file: TextIO | None = None) -> None:
@@ -88,18 +79,15 @@ class EpochTable(Callback):
         refreshed = mining is not None and mining.last_refresh_epoch == epoch
         logged = trainer.callback_metrics
         row: dict[str, Any] = {
-            "epoch": epoch,
-            "phase": "2 mined" if mined else ("random" if self.mode == "random" else "1 curriculum"),
+            "epoch": epoch, "phase": "2 mined" if mined else ("random" if self.mode == "random" else "1 curriculum"),
             "mix_hard": hard, "mix_semi_hard": semi, "mix_easy": easy,
             "mix": "-" if self.mode == "random" else f"{hard:.2f}/{semi:.2f}/{easy:.2f}",
             "refresh_embed_s": mining.last_refresh_seconds["embed"] if refreshed else None,
             "refresh_build_s": mining.last_refresh_seconds["build"] if refreshed else None,
             "train_loss": float(logged["train_loss"]) if "train_loss" in logged else None,
-            "epoch_s": time.perf_counter() - self._start,
-            **{k: v for k, v in metrics.items() if k != "epoch"},
+            "epoch_s": time.perf_counter() - self._start, **{k: v for k, v in metrics.items() if k != "epoch"},
         }
-        row["refresh"] = (f"{row['refresh_embed_s'] + row['refresh_build_s']:.1f}s"
-                          if row["refresh_embed_s"] is not None else "-")
+        row["refresh"] = f"{row['refresh_embed_s'] + row['refresh_build_s']:.1f}s" if refreshed else "-"
         self.add(row)
 
     def add(self, row: dict[str, Any]) -> None:
@@ -114,19 +102,15 @@ class EpochTable(Callback):
 def plot_history(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Tree metrics per epoch (left) and the curriculum mix with the mined epochs shaded (right)."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     epochs = [r["epoch"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in PLOTTED:
         values = [r.get(key) for r in rows]
         if any(v is not None and not math.isnan(v) for v in values):
             left.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=label)
-    left.set_xlabel("epoch")
-    left.set_ylim(0, 1)
-    left.set_title("quality")
+    left.set(xlabel="epoch", ylim=(0, 1), title="quality")
     left.legend(loc="lower right", fontsize=8)
     left.grid(alpha=0.3)
     right.stackplot(epochs, [r.get("mix_hard", 0.0) for r in rows], [r.get("mix_semi_hard", 0.0) for r in rows],
@@ -134,9 +118,7 @@ def plot_history(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     mined = [r["epoch"] for r in rows if str(r.get("phase", "")).startswith("2")]
     if mined:
         right.axvspan(min(mined) - 0.5, max(epochs) + 0.5, color="grey", alpha=0.25, label="Phase 2: mined")
-    right.set_xlabel("epoch")
-    right.set_ylim(0, 1)
-    right.set_title("Phase 1 curriculum mix")
+    right.set(xlabel="epoch", ylim=(0, 1), title="Phase 1 curriculum mix")
     right.legend(loc="upper right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
