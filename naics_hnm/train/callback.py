@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import time
@@ -27,7 +28,11 @@ from naics_hnm.tree.guard import GuardStats
 from naics_hnm.writable import ensure_writable_dir
 
 log = logging.getLogger(__name__)
-EMBEDDING_DTYPES = ("float32", "float16")
+
+
+class EmbeddingDtype(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
 
 
 def _digest(array: np.ndarray) -> str:
@@ -62,9 +67,11 @@ class HardNegativeMiningCallback(Callback):
             raise TypeError(f"{call}(embed_fn={embed_fn!r}): expected a callable tokens -> Tensor[n, d]")
         if not (isinstance(embed_batch_size, int) and embed_batch_size >= 1):
             raise ValueError(f"{call}(embed_batch_size={embed_batch_size!r}): expected an int >= 1")
-        if embedding_dtype not in EMBEDDING_DTYPES:
-            raise ValueError(f"{call}(embedding_dtype={embedding_dtype!r}): expected one of {list(EMBEDDING_DTYPES)}")
-        self.embedding_dtype = embedding_dtype
+        try:
+            self.embedding_dtype = EmbeddingDtype(embedding_dtype)
+        except ValueError:
+            raise ValueError(f"{call}(embedding_dtype={embedding_dtype!r}): expected one of "
+                             f"{[d.value for d in EmbeddingDtype]}") from None
         self.k, self.start_epoch, self.refresh_every_n_epochs = k, start_epoch, refresh_every_n_epochs
         self.relative_margin = None if relative_margin is None else float(relative_margin)
         self.order_filter, self.shard_index = bool(order_filter), bool(shard_index)
@@ -212,7 +219,7 @@ class HardNegativeMiningCallback(Callback):
         return embed_codes(self.embed_fn or pl_module.embed, cache, rows, batch_size=self.embed_batch_size,
                            device=pl_module.device, module=pl_module, progress=trainer.is_global_zero,
                            desc=f"epoch {trainer.current_epoch}: embedding {cache.size} codes",
-                           dtype=getattr(torch, self.embedding_dtype))
+                           dtype=getattr(torch, self.embedding_dtype.value))
 
     def _top_neighbours(self) -> torch.Tensor | None:
         """The first k neighbours of this rank's rows (every row in one process)."""
