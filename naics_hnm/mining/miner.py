@@ -78,7 +78,10 @@ class HardNegativeMiner:
         check_miner_args("HardNegativeMiner", k=k, metric=metric, relative_margin=relative_margin,
                          neighbours=neighbours, device=device, index_factory=index_factory, search_params=search_params)
         self.guard = TreeGuard(taxonomy, allowed)
-        self.k, self.metric, self.neighbours, self.device = k, metric, neighbours, device
+        self.k = k
+        self.metric = metric
+        self.neighbours = neighbours
+        self.device = device
         self.relative_margin = None if relative_margin is None else float(relative_margin)
         self.order_filter = bool(order_filter)
         self.index_factory = index_factory

@@ -72,11 +72,19 @@ class HardNegativeMiningCallback(Callback):
         except ValueError:
             raise ValueError(f"{call}(embedding_dtype={embedding_dtype!r}): expected one of "
                              f"{[d.value for d in EmbeddingDtype]}") from None
-        self.k, self.start_epoch, self.refresh_every_n_epochs = k, start_epoch, refresh_every_n_epochs
+        self.k = k
+        self.start_epoch = start_epoch
+        self.refresh_every_n_epochs = refresh_every_n_epochs
         self.relative_margin = None if relative_margin is None else float(relative_margin)
-        self.order_filter, self.shard_index = bool(order_filter), bool(shard_index)
-        self.embed_fn, self.device, self.metric, self.neighbours = embed_fn, device, metric, neighbours
-        self.index_factory, self.search_params, self.embed_batch_size = index_factory, search_params, embed_batch_size
+        self.order_filter = bool(order_filter)
+        self.shard_index = bool(shard_index)
+        self.embed_fn = embed_fn
+        self.device = device
+        self.metric = metric
+        self.neighbours = neighbours
+        self.index_factory = index_factory
+        self.search_params = search_params
+        self.embed_batch_size = embed_batch_size
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.miner: HardNegativeMiner | None = None
