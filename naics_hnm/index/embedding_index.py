@@ -22,6 +22,7 @@ from naics_hnm.index.approximate import SearchTraits, apply_search_params, build
 from naics_hnm.index.ids import DEVICES, check_ids, check_k, duplicate_mask, like_input, select_topk, worst_score
 from naics_hnm.index.index_file import (IndexFileError, faiss_metric, read_index_file, read_index_set,
                                         read_vectors_file, sidecar_path, write_index_files)
+from naics_hnm.index.ivf_scan import BUFFER_FACTOR, ListMajorIVF
 from naics_hnm.index.knn import as_float_matrix, normalise_rows, rescore_topk, search_in_batches, torch_knn
 from naics_hnm.index.metric import get_metric
 
@@ -52,6 +53,7 @@ class EmbeddingIndex:
         self._gpu_resources = None
         self._index = self._place(cpu_index, device, reason)
         self._cpu_index = cpu_index if self._exact or self._gpu_resources is None else None
+        self._list_major = ListMajorIVF.of(cpu_index, metric) if self._gpu_resources is None else None
         self._search_params: dict[str, int] = {}
         self.set_search_params(**{**self._traits.defaults(), **self._traits.check(search_params, index_type)})
         target = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu"
@@ -264,14 +266,18 @@ class EmbeddingIndex:
         fetch_factor = self._search_params.get("k_factor", 1)
         rescore = fetch_factor > 1 or not self._traits.exact_storage
         fetch = min(self.ntotal, k * fetch_factor)
-        per_query = fetch * 12 + self.dim * 4 + (fetch * self.dim * 4 if rescore else 0)
+        list_major = self._list_major is not None and self._list_major.pays_off(len(source if rows is None else rows))
+        per_query = fetch * 12 * (1 + BUFFER_FACTOR * list_major) + self.dim * 4 + fetch * self.dim * 4 * rescore
         batch = max(1, _SEARCH_BLOCK_BYTES // per_query) if batch_size is None else batch_size
 
         def search(q: np.ndarray, k_eff: int) -> tuple[np.ndarray, np.ndarray]:
             fetched = min(self.ntotal, k_eff * fetch_factor)
             if self._gpu_resources is not None and fetched > FAISS_GPU_MAX_K:
                 return torch_knn(self._vectors, self._sq_norms, self._metric, q, k_eff)
-            scores, ids = self._index.search(q, fetched)
+            if list_major and self._list_major.pays_off(len(q)):
+                scores, ids = self._list_major.search(q, fetched)
+            else:
+                scores, ids = self._index.search(q, fetched)
             ids = np.ascontiguousarray(ids, dtype=np.int64)
             if rescore:
                 return rescore_topk(self._vectors_np, self._sq_norms_np, self._metric, q, ids, k_eff)

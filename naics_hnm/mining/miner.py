@@ -71,7 +71,7 @@ class HardNegativeMiner:
     def __init__(self, taxonomy: Taxonomy, *, allowed: np.ndarray | None = None, k: int = 8,
                  metric: str = "cosine", relative_margin: float | None = 0.05, order_filter: bool = True,
                  neighbours: int = 64, index_factory: str | None = None, search_params: dict | None = None,
-                 device: str = "auto", neighbour_batch_size: int = 8192, max_search: int = 4096,
+                 device: str = "auto", neighbour_batch_size: int = 32768, max_search: int = 4096,
                  shard: Shard | None = None, shared_dir: str | Path | None = None) -> None:
         if not isinstance(taxonomy, Taxonomy):
             raise TypeError(f"HardNegativeMiner(taxonomy={type(taxonomy).__name__}): expected a Taxonomy")
