@@ -91,7 +91,8 @@ def test_embedding_index_searches_many_queries_list_major_like_faiss(metric):
                                  search_params={"nprobe": 8})
     scan = index._list_major
     rows = np.sort(rng.choice(len(x), 600, replace=False))
-    assert scan is not None and scan.pays_off(len(rows)) and not scan.pays_off(50)
+    assert scan is not None and scan.pays_off(len(rows), 30) and not scan.pays_off(50, 30)
+    assert not scan.pays_off(len(rows), 100)  # deep searches stay with faiss
     scores, ids = index.search_ids(rows, 30)  # list-major
     for start in range(0, len(rows), 50):  # faiss's own scan, 50 queries at a time
         few_scores, few_ids = index.search_ids(rows[start:start + 50], 30)

@@ -8,7 +8,7 @@ import torch
 
 from naics_hnm.index.embedding_index import EmbeddingIndex
 from naics_hnm.mining.miner import HardNegativeMiner
-from naics_hnm.mining.neighbours import guarded_neighbours
+from naics_hnm.mining.neighbours import first_search_depth, guarded_neighbours
 from naics_hnm.index.sharded_search import Shard, merge_topk, sharded_search
 from naics_hnm.tree.synthetic import random_tree
 from naics_hnm.tree.taxonomy import Taxonomy
@@ -45,6 +45,27 @@ def test_guarded_neighbours_equal_brute_force(metric):
     _, ids, report = guarded_neighbours(index, anchors, 16, guard=TreeGuard(tx, allowed), batch_size=64)
     np.testing.assert_array_equal(ids, reference_neighbours(x, metric, tx, allowed, anchors, 16))
     assert report.searches > len(range(0, len(anchors), 64))  # some rows needed a deeper search
+
+
+def test_first_search_is_deep_enough_when_a_share_of_codes_is_held_out():
+    # a two-level tree: 40 parents of 25 leaves each; 30 % of the leaves held out (disallowed), as in the main job
+    rng = np.random.default_rng(5)
+    parents = [f"P{p:02d}" for p in range(40)]
+    leaves = [f"P{p:02d}L{c:02d}" for p in range(40) for c in range(25)]
+    tx = Taxonomy(parents + leaves, [""] * 40 + [code[:3] for code in leaves], parents + leaves)
+    allowed = np.ones(len(tx), dtype=bool)
+    allowed[40 + rng.choice(1000, 300, replace=False)] = False
+    x = rng.standard_normal((len(tx), 8)).astype(np.float32)
+    index = EmbeddingIndex.build(x, device="cpu")
+    guard = TreeGuard(tx, allowed)
+    assert first_search_depth(20, guard) > first_search_depth(20, TreeGuard(tx)) / 0.75
+    anchors = np.flatnonzero(allowed[40:]) + 40  # the allowed leaves: their only relative is their parent
+    _, ids, report = guarded_neighbours(index, anchors, 20, guard=guard, batch_size=len(anchors))
+    np.testing.assert_array_equal(ids, reference_neighbours(x, "cosine", tx, allowed, anchors, 20))
+    assert report.searches == 1  # every row settled in the first search
+    # the unscaled depth (m + 2 + tree depth = 24 results) holds too few allowed codes for some rows
+    kept_of_first = [allowed[row].sum() for row in index.search_ids(anchors, 24)[1]]
+    assert min(kept_of_first) < 20 + 2
 
 
 def test_guarded_neighbours_small_search_limit_pads_and_counts():

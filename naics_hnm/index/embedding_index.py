@@ -266,7 +266,8 @@ class EmbeddingIndex:
         fetch_factor = self._search_params.get("k_factor", 1)
         rescore = fetch_factor > 1 or not self._traits.exact_storage
         fetch = min(self.ntotal, k * fetch_factor)
-        list_major = self._list_major is not None and self._list_major.pays_off(len(source if rows is None else rows))
+        n_queries = len(source if rows is None else rows)
+        list_major = self._list_major is not None and self._list_major.pays_off(n_queries, fetch)
         per_query = fetch * 12 * (1 + BUFFER_FACTOR * list_major) + self.dim * 4 + fetch * self.dim * 4 * rescore
         batch = max(1, _SEARCH_BLOCK_BYTES // per_query) if batch_size is None else batch_size
 
@@ -274,7 +275,7 @@ class EmbeddingIndex:
             fetched = min(self.ntotal, k_eff * fetch_factor)
             if self._gpu_resources is not None and fetched > FAISS_GPU_MAX_K:
                 return torch_knn(self._vectors, self._sq_norms, self._metric, q, k_eff)
-            if list_major and self._list_major.pays_off(len(q)):
+            if list_major and self._list_major.pays_off(len(q), fetched):
                 scores, ids = self._list_major.search(q, fetched)
             else:
                 scores, ids = self._index.search(q, fetched)

@@ -5,6 +5,7 @@ the [N, m] result); rows left short are searched deeper, up to ``max_search``, t
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +29,17 @@ class NeighbourReport:
     searches: int = 0
 
 
+def first_search_depth(m: int, guard: TreeGuard | None) -> int:
+    """Results fetched by an anchor's first search: ``m``, itself, its positive and its ancestors (up to the tree
+    depth), scaled up where the guard disallows a share of the codes (held-out codes), with three standard deviations
+    of room, so that most rows settle in one search instead of a second one four times as deep."""
+    need = m + 2 + (guard.taxonomy.max_depth if guard is not None else 0)
+    if guard is None or guard.allowed is None:
+        return need
+    share = max(float(np.count_nonzero(guard.allowed)) / len(guard.allowed), 1 / 64)
+    return int(math.ceil((need + 3 * math.sqrt(need * (1 - share))) / share))
+
+
 def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *, guard: TreeGuard | None = None,
                        batch_size: int = 8192, max_search: int = 4096, search: SearchFn | None = None,
                        progress: bool = False) -> tuple[np.ndarray, np.ndarray, NeighbourReport]:
@@ -42,7 +54,7 @@ def guarded_neighbours(index: EmbeddingIndex, anchor_ids: np.ndarray, m: int, *,
     n = index.ntotal
     search = search or (lambda rows, k: index.search_ids(rows, k))
     limit = min(n, max(max_search, m + 1))
-    first_depth = min(limit, m + 2 + (guard.taxonomy.max_depth if guard is not None else 0))
+    first_depth = min(limit, first_search_depth(m, guard))
     out_scores = np.empty((len(anchor_ids), m), dtype=np.float32)
     out_ids = np.empty((len(anchor_ids), m), dtype=np.int32)
     report = NeighbourReport(rows=len(anchor_ids))
