@@ -18,6 +18,10 @@ from naics_hnm.index.metric import get_metric
 
 MIN_PAIRS_PER_LIST = 48  # below this many (query, list) pairs per list on average, faiss's own scan is as fast
 BUFFER_FACTOR = 4  # each query keeps up to BUFFER_FACTOR * k candidates before it is cut back to k
+# Known limit: the scan issues thousands of small torch ops on torch's threads. On a machine whose cores are busy
+# with other work they stall (32,768 queries at d = 384, load 4-5 on 2 cores: 78 s on 2 threads against faiss's
+# 35 s; the same scan on one thread 15 s). On one thread, quiet, a 1M refresh's lists took 39.3 s against 28.6 s on
+# two, so the scan keeps torch's thread count.
 
 
 class ListMajorIVF:
