@@ -16,6 +16,7 @@ import torch
 from naics_hnm.index.ids import select_topk
 from naics_hnm.index.metric import get_metric
 
+MIN_DIM = 256  # measured: d = 384 2.6x faster than faiss, d = 32 3x slower (faiss's scan is not memory-bound there)
 MIN_PAIRS_PER_LIST = 48  # below this many (query, list) pairs per list on average, faiss's own scan is as fast
 BUFFER_FACTOR = 4  # each query keeps up to BUFFER_FACTOR * k candidates before it is cut back to k
 # Known limit: the scan issues thousands of small torch ops on torch's threads. On a machine whose cores are busy
@@ -61,11 +62,12 @@ class ListMajorIVF:
 
     def pays_off(self, nq: int, k: int) -> bool:
         """Whether scoring list by list beats faiss for ``nq`` queries of depth ``k``: from about 48 (query, list)
-        pairs per list, and for k up to half a list's average length (measured: k = 57 2.8x, 228 1.1-1.8x,
-        912 0.5x)."""
+        pairs per list, for k up to half a list's average length (measured: k = 57 2.8x, 228 1.1-1.8x, 912 0.5x)
+        and from ``MIN_DIM`` dimensions."""
         nlist = int(self.index.nlist)
         pairs = nq * min(int(self.index.nprobe), nlist)
-        return pairs >= MIN_PAIRS_PER_LIST * nlist and 2 * k * nlist <= int(self.index.ntotal)
+        return (pairs >= MIN_PAIRS_PER_LIST * nlist and 2 * k * nlist <= int(self.index.ntotal)
+                and int(self.index.d) >= MIN_DIM)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores float32 [Q, k], ids int64 [Q, k])`` over the ``index.nprobe`` lists nearest each query;
