@@ -98,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tree-weight", type=float, default=3.0,
                    help="weight of the listwise tree term (batch codes ranked by common-ancestor depth); 0: off")
     p.add_argument("--tree-sharpness", type=float, default=3.0, help="target preference per tree level (nats)")
+    p.add_argument("--ring-weight", type=float, default=3.0,
+                   help="weight of the ring term (each tree level's codes against those further out, each level "
+                        "evened out); 0: off")
+    p.add_argument("--ring-temperature", type=float, default=0.1, help="softmax temperature of the ring term")
     p.add_argument("--negatives-per-anchor", type=int, default=8)
     p.add_argument("--pool", type=int, default=48, help="curriculum candidates per item ranked in Phase 2+")
     p.add_argument("--neighbours", type=int, default=48, help="index neighbours added to each pool")
@@ -178,11 +182,13 @@ def check_training_inputs(args: argparse.Namespace, taxonomy: Taxonomy, excluded
 
     Cheap: reads the model's config (not its weights), builds an empty faiss index, creates a Trainer.
     """
-    for name, value in (("lr", args.lr), ("temperature", args.temperature), ("tree-sharpness", args.tree_sharpness)):
+    for name, value in (("lr", args.lr), ("temperature", args.temperature), ("tree-sharpness", args.tree_sharpness),
+                        ("ring-temperature", args.ring_temperature)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{name} {value}: expected a positive number")
-    if not (math.isfinite(args.tree_weight) and args.tree_weight >= 0):
-        raise ValueError(f"--tree-weight {args.tree_weight}: expected a number >= 0 (0 turns the tree term off)")
+    for name, value in (("tree-weight", args.tree_weight), ("ring-weight", args.ring_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name} {value}: expected a number >= 0 (0 turns the term off)")
     if not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout {args.dropout}: expected a number in [0, 1)")
     for name in ("negatives_per_anchor", "pool"):
@@ -286,7 +292,8 @@ def run(args: argparse.Namespace, taxonomy: Taxonomy, callbacks: list[Callback] 
     model = NAICSEncoder(lr=args.lr, temperature=args.temperature, freeze_layers=args.freeze_layers,
                          in_batch_negatives=args.in_batch, cosine_schedule=True, dropout=args.dropout,
                          head=None if args.head == "none" else args.head, tree_weight=args.tree_weight,
-                         tree_sharpness=args.tree_sharpness)
+                         tree_sharpness=args.tree_sharpness, ring_weight=args.ring_weight,
+                         ring_temperature=args.ring_temperature)
     evaluation = TaxonomyEvaluationCallback(every_n_epochs=args.eval_every)
     table = EpochTable(args.negatives, evaluation, staging / "metrics")
     trainer_callbacks: list[Callback] = [evaluation, table, *(callbacks or [])]

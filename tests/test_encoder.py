@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from naics_hnm.train.encoder import TINY_BERT, NAICSEncoder
-from naics_hnm.train.losses import info_nce, tree_listwise
+from naics_hnm.train.losses import info_nce, tree_listwise, tree_rings
 from naics_hnm.data.token_cache import TokenCache
 
 
@@ -203,6 +203,48 @@ def test_tree_listwise_pulls_codes_in_order_of_their_common_ancestor_depth():
     assert moved[0] < 0 < moved[3]
 
 
+def test_tree_rings_matches_a_brute_force_over_levels():
+    g = torch.Generator().manual_seed(5)
+    a = F.normalize(torch.randn(4, 6, generator=g), dim=1)
+    codes = F.normalize(torch.randn(9, 6, generator=g), dim=1)
+    lca = torch.randint(0, 4, (4, 9), generator=g)
+    lca[3] = 2  # one ring only: no level of this anchor has codes further out, so it adds no term
+    same = torch.zeros(4, 9, dtype=torch.bool)
+    same[0, 2] = same[1, 7] = True
+    tau, terms = 0.1, []
+    for b in range(4):
+        for t in range(1, 4):
+            ring = [j for j in range(9) if lca[b, j] == t and not same[b, j]]
+            inside = [j for j in range(9) if lca[b, j] <= t and not same[b, j]]
+            if ring and len(inside) > len(ring):
+                s = [float(a[b] @ codes[j]) / tau for j in range(9)]
+                log_norm = math.log(sum(math.exp(s[j]) for j in inside))
+                terms.append(-sum(s[j] - log_norm for j in ring) / len(ring))
+    assert len(terms) >= 6
+    got = tree_rings(a, codes, lca, same, temperature=tau)
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    flat = tree_rings(a[3:], codes.clone().requires_grad_(True), lca[3:], same[3:])
+    assert flat.item() == 0.0 and flat.requires_grad  # nothing to contrast: zero, still part of the graph
+    with pytest.raises(ValueError, match="temperature=0"):
+        tree_rings(a, codes, lca, same, temperature=0)
+
+
+def test_tree_rings_evens_out_a_ring_and_lifts_it_above_the_codes_further_out():
+    """One gradient step on free vectors: within the ring the lower similarity gains, the higher one loses; the
+    code outside the ring (a shallower common ancestor) loses most."""
+    g = torch.Generator().manual_seed(1)
+    anchor = F.normalize(torch.randn(1, 8, generator=g), dim=1)
+    basis, _ = torch.linalg.qr(torch.cat([anchor.T, torch.randn(8, 3, generator=g)], dim=1))
+    sign = torch.sign(basis[:, :1].T @ anchor.T)
+    cosines = torch.tensor([0.2, 0.6, 0.5])  # ring codes at 0.2 and 0.6, the outside code at 0.5
+    codes = (cosines[:, None] * sign * basis[:, 0] + (1 - cosines[:, None] ** 2).sqrt() * basis[:, 1:4].T)
+    codes.requires_grad_(True)
+    tree_rings(anchor, codes, torch.tensor([[2, 2, 1]]), torch.zeros(1, 3, dtype=torch.bool), 0.1).backward()
+    moved = -(codes.grad @ anchor.T).squeeze(1)
+    assert moved[0] > 0 > moved[1]  # the ring evens out
+    assert moved[2] < moved[1]  # the code further out is pushed down hardest
+
+
 def test_the_tree_term_uses_the_guard_lca_of_each_anchor_and_batch_code():
     from naics_hnm.tree.taxonomy import Taxonomy
 
@@ -225,6 +267,18 @@ def test_the_tree_term_uses_the_guard_lca_of_each_anchor_and_batch_code():
     assert full.item() == pytest.approx(base.item() + 0.5 * extra.item(), rel=1e-5)
     with pytest.raises(ValueError, match="tree_weight=-1"):
         NAICSEncoder(config=TINY_BERT, tree_weight=-1)
+    torch.manual_seed(0)
+    rings = NAICSEncoder(config=TINY_BERT, dropout=0.0, tree_weight=0.5, tree_sharpness=2.0, ring_weight=2.0,
+                         ring_temperature=0.2)
+    rings.set_taxonomy(tx)
+    ring_term = tree_rings(emb[inverse[:3]], emb, lca, unique[None, :] == anchors[:, None], 0.2)
+    assert ring_term.item() > 0
+    both = rings._loss(batch | _tokens(anchors, positives, negatives))
+    assert both.item() == pytest.approx(full.item() + 2.0 * ring_term.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="ring_weight=-1"):
+        NAICSEncoder(config=TINY_BERT, ring_weight=-1)
+    with pytest.raises(ValueError, match="ring_temperature=0"):
+        NAICSEncoder(config=TINY_BERT, ring_temperature=0)
 
 
 def _tokens(*groups: torch.Tensor) -> dict:

@@ -217,6 +217,8 @@ def _user_error_cases(tree_csv: Path, tmp: Path) -> dict[str, tuple[list[str], s
         "lr": ([*tree, "--lr", "-1"], "--lr -1.0: expected a positive number"),
         "temperature": ([*tree, "--temperature", "0"], "--temperature 0.0: expected a positive number"),
         "tree weight": ([*tree, "--tree-weight", "-1"], "--tree-weight -1.0: expected a number >= 0"),
+        "ring weight": ([*tree, "--ring-weight", "inf"], "--ring-weight inf: expected a number >= 0"),
+        "ring temperature": ([*tree, "--ring-temperature", "-0.1"], "--ring-temperature -0.1: expected a positive"),
         "tree sharpness": ([*tree, "--tree-sharpness", "nan"], "--tree-sharpness nan: expected a positive number"),
         "freeze layers": ([*tree, "--freeze-layers", "99"], "--freeze-layers 99: the encoder has 6 layers"),
         "negatives": ([*tree, "--negatives-per-anchor", "0"], "--negatives-per-anchor 0: expected an int >= 1"),

@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 from naics_hnm.data.token_cache import TokenCache, default_tokenizer_path
 from naics_hnm.train.frozen_prefix import (FrozenPrefix, frozen_modules, mean_pool, pooled_cache_file, run_layers,
                                            transformer_layers)
-from naics_hnm.train.losses import info_nce, tree_listwise
+from naics_hnm.train.losses import info_nce, tree_listwise, tree_rings
 from naics_hnm.tree.guard import TreeGuard, too_near
 
 LENGTH_BUCKET = 128
@@ -63,13 +63,16 @@ class NAICSEncoder(pl.LightningModule):
         head: ``"mlp"`` adds a trained residual MLP on the pooled vector; with every layer frozen only it trains.
         tree_weight: weight of :func:`~naics_hnm.train.losses.tree_listwise` added to InfoNCE (0: off).
         tree_sharpness: how strongly that target favours deeper common ancestors (per level, in nats).
+        ring_weight: weight of :func:`~naics_hnm.train.losses.tree_rings` (every tree level contrasted, each ring
+            evened out) added to the loss (0: off); ``ring_temperature`` its softmax temperature.
     """
 
     def __init__(self, model: str | None = None, *, config: dict[str, Any] | None = None, lr: float = 5e-5,
                  weight_decay: float = 0.01, temperature: float = 0.05, in_batch_negatives: bool = False,
                  freeze_layers: int = 0, cache_frozen: bool = True, cosine_schedule: bool = False,
                  warmup_fraction: float = 0.05, dropout: float | None = None, head: str | None = None,
-                 tree_weight: float = 0.0, tree_sharpness: float = 1.0) -> None:
+                 tree_weight: float = 0.0, tree_sharpness: float = 1.0, ring_weight: float = 0.0,
+                 ring_temperature: float = 0.1) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head={head!r}: expected one of {HEADS}")
@@ -80,6 +83,9 @@ class NAICSEncoder(pl.LightningModule):
         if not (tree_weight >= 0 and tree_sharpness > 0):
             raise ValueError(f"tree_weight={tree_weight!r}, tree_sharpness={tree_sharpness!r}: expected "
                              "tree_weight >= 0 and tree_sharpness > 0")
+        if not (ring_weight >= 0 and ring_temperature > 0):
+            raise ValueError(f"ring_weight={ring_weight!r}, ring_temperature={ring_temperature!r}: expected "
+                             "ring_weight >= 0 (0 turns the ring term off) and ring_temperature > 0")
         self.save_hyperparameters()
         if config is not None:
             cfg = dict(config)
@@ -121,7 +127,7 @@ class NAICSEncoder(pl.LightningModule):
         if stage == "fit" and self.hparams.freeze_layers and self.hparams.cache_frozen and cache is not None:
             path = getattr(dm, "cache_path", None)
             self.cache_frozen_prefix(cache, token_cache_path=str(path) if path is not None else None)
-        wants_tree = self.hparams.in_batch_negatives or self.hparams.tree_weight > 0
+        wants_tree = self.hparams.in_batch_negatives or self.hparams.tree_weight > 0 or self.hparams.ring_weight > 0
         if wants_tree and getattr(dm, "taxonomy", None) is not None and self._guard is None:
             self.set_taxonomy(dm.taxonomy)
 
@@ -199,10 +205,14 @@ class NAICSEncoder(pl.LightningModule):
         if self.hparams.in_batch_negatives:
             extra = (anchor @ emb.T).masked_fill(~self._in_batch_allowed(batch, unique, inverse, lca), float("-inf"))
         loss = info_nce(anchor, positive, negatives, mask, self.hparams.temperature, extra_logits=extra)
-        if self.hparams.tree_weight > 0 and lca is not None:
-            same = unique.unsqueeze(0) == batch["anchor_idx"].unsqueeze(1)
+        if lca is None:
+            return loss
+        same = unique.unsqueeze(0) == batch["anchor_idx"].unsqueeze(1)
+        if self.hparams.tree_weight > 0:
             loss = loss + self.hparams.tree_weight * tree_listwise(anchor, emb, lca, same, self.hparams.temperature,
                                                                    self.hparams.tree_sharpness)
+        if self.hparams.ring_weight > 0:
+            loss = loss + self.hparams.ring_weight * tree_rings(anchor, emb, lca, same, self.hparams.ring_temperature)
         return loss
 
     def _batch_lca(self, anchors: torch.Tensor, unique: torch.Tensor) -> torch.Tensor | None:

@@ -39,3 +39,33 @@ def tree_listwise(anchor: torch.Tensor, codes: torch.Tensor, lca_depth: torch.Te
     target = torch.softmax((sharpness * lca_depth.to(logits.dtype)).masked_fill(same, float("-inf")), dim=1)
     log_p = torch.log_softmax(logits, dim=1).masked_fill(same, 0.0)
     return -(target * log_p).sum(1).mean()
+
+
+def tree_rings(anchor: torch.Tensor, codes: torch.Tensor, lca_depth: torch.Tensor, same: torch.Tensor,
+               temperature: float = 0.05) -> torch.Tensor:
+    """Ring contrast: at each tree level, the anchor's ring (codes whose lowest common ancestor with it lies at
+    exactly that depth) against every code further out, with the ring's codes made equally near.
+
+    For anchor ``a`` and depth ``t >= 1`` where the ring ``R = {j: lca(a, j) = t}`` and the codes outside it
+    (``lca < t``) are both present in the batch, the term is SupCon's ``L_out`` over that level:
+    ``-mean_{j in R} log(exp(s_j / T) / sum_{i: lca <= t} exp(s_i / T))``; the loss is the mean over all such
+    (anchor, level) terms. Every level counts once per anchor, however few of its codes the batch holds, so the
+    far levels (another body system against the own one) get a gradient of their own; and as each ring code's own
+    log-probability counts, the term is lowest when a ring's similarities are equal, which is what a correlation of
+    similarity with tree distance asks for. Codes where ``same`` is True (the anchor itself) are left out.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature!r}: expected > 0")
+    logits = (anchor @ codes.T / temperature).masked_fill(same, float("-inf"))
+    lca = lca_depth.masked_fill(same, -1)
+    total, count = logits.new_zeros(()), 0
+    for t in range(1, int(lca.max()) + 1):
+        ring, inside = lca == t, (lca >= 0) & (lca <= t)
+        valid = ring.any(1) & (inside & ~ring).any(1)
+        if not bool(valid.any()):
+            continue
+        rows, ring = logits[valid], ring[valid]
+        log_norm = torch.logsumexp(rows.masked_fill(~inside[valid], float("-inf")), dim=1)
+        ring_mean = rows.masked_fill(~ring, 0.0).sum(1) / ring.sum(1)
+        total, count = total + (log_norm - ring_mean).sum(), count + int(valid.sum())
+    return total / count if count else (anchor.sum() + codes.sum()) * 0.0  # keeps the graph connected
