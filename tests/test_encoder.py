@@ -182,10 +182,10 @@ def test_tree_listwise_matches_a_hand_computed_cross_entropy():
         logits = [float(a[b] @ codes[j]) / tau for j in cols]
         log_norm = math.log(sum(math.exp(x) for x in logits))
         expected += -sum(w / sum(weights) * (x - log_norm) for w, x in zip(weights, logits))
-    got = tree_listwise(a, codes, lca, same, temperature=tau, sharpness=beta)
+    got = tree_listwise(a @ codes.T, lca, same, temperature=tau, sharpness=beta)
     assert got.item() == pytest.approx(expected / 3, rel=1e-5)
     with pytest.raises(ValueError, match="sharpness=0"):
-        tree_listwise(a, codes, lca, same, sharpness=0)
+        tree_listwise(a @ codes.T, lca, same, sharpness=0)
 
 
 def test_tree_listwise_pulls_codes_in_order_of_their_common_ancestor_depth():
@@ -197,13 +197,14 @@ def test_tree_listwise_pulls_codes_in_order_of_their_common_ancestor_depth():
     orth = basis[:, 1:5].T  # 4 unit vectors orthogonal to the anchor
     codes = (0.1 * sign * basis[:, 0] + math.sqrt(0.99) * orth).requires_grad_(True)  # all at cosine 0.1
     lca = torch.tensor([[0, 1, 2, 3]])
-    tree_listwise(anchor, codes, lca, torch.zeros(1, 4, dtype=torch.bool), temperature=0.05).backward()
+    tree_listwise(anchor @ codes.T, lca, torch.zeros(1, 4, dtype=torch.bool), temperature=0.05).backward()
     moved = -(codes.grad @ anchor.T).squeeze(1)  # similarity change per unit step against the gradient
     assert moved.argsort().tolist() == [0, 1, 2, 3]
     assert moved[0] < 0 < moved[3]
 
 
-def test_tree_rings_matches_a_brute_force_over_levels():
+@pytest.mark.parametrize("tau", [0.1, 0.005])  # 0.005: far levels sit ~400 nats below the row's maximum
+def test_tree_rings_matches_a_brute_force_over_levels(tau):
     g = torch.Generator().manual_seed(5)
     a = F.normalize(torch.randn(4, 6, generator=g), dim=1)
     codes = F.normalize(torch.randn(9, 6, generator=g), dim=1)
@@ -211,22 +212,23 @@ def test_tree_rings_matches_a_brute_force_over_levels():
     lca[3] = 2  # one ring only: no level of this anchor has codes further out, so it adds no term
     same = torch.zeros(4, 9, dtype=torch.bool)
     same[0, 2] = same[1, 7] = True
-    tau, terms = 0.1, []
+    terms = []
     for b in range(4):
+        s = [float(a[b] @ codes[j]) / tau for j in range(9)]
         for t in range(1, 4):
             ring = [j for j in range(9) if lca[b, j] == t and not same[b, j]]
             inside = [j for j in range(9) if lca[b, j] <= t and not same[b, j]]
             if ring and len(inside) > len(ring):
-                s = [float(a[b] @ codes[j]) / tau for j in range(9)]
-                log_norm = math.log(sum(math.exp(s[j]) for j in inside))
+                top = max(s[j] for j in inside)
+                log_norm = top + math.log(sum(math.exp(s[j] - top) for j in inside))
                 terms.append(-sum(s[j] - log_norm for j in ring) / len(ring))
     assert len(terms) >= 6
-    got = tree_rings(a, codes, lca, same, temperature=tau)
+    got = tree_rings(a @ codes.T, lca, same, temperature=tau)
     assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
-    flat = tree_rings(a[3:], codes.clone().requires_grad_(True), lca[3:], same[3:])
+    flat = tree_rings((a[3:] @ codes.T).requires_grad_(True), lca[3:], same[3:])
     assert flat.item() == 0.0 and flat.requires_grad  # nothing to contrast: zero, still part of the graph
     with pytest.raises(ValueError, match="temperature=0"):
-        tree_rings(a, codes, lca, same, temperature=0)
+        tree_rings(a @ codes.T, lca, same, temperature=0)
 
 
 def test_tree_rings_evens_out_a_ring_and_lifts_it_above_the_codes_further_out():
@@ -239,7 +241,7 @@ def test_tree_rings_evens_out_a_ring_and_lifts_it_above_the_codes_further_out():
     cosines = torch.tensor([0.2, 0.6, 0.5])  # ring codes at 0.2 and 0.6, the outside code at 0.5
     codes = (cosines[:, None] * sign * basis[:, 0] + (1 - cosines[:, None] ** 2).sqrt() * basis[:, 1:4].T)
     codes.requires_grad_(True)
-    tree_rings(anchor, codes, torch.tensor([[2, 2, 1]]), torch.zeros(1, 3, dtype=torch.bool), 0.1).backward()
+    tree_rings(anchor @ codes.T, torch.tensor([[2, 2, 1]]), torch.zeros(1, 3, dtype=torch.bool), 0.1).backward()
     moved = -(codes.grad @ anchor.T).squeeze(1)
     assert moved[0] > 0 > moved[1]  # the ring evens out
     assert moved[2] < moved[1]  # the code further out is pushed down hardest
@@ -261,7 +263,7 @@ def test_the_tree_term_uses_the_guard_lca_of_each_anchor_and_batch_code():
     tree.set_taxonomy(tx)
     emb, unique, inverse = tree._unique_embeddings(batch | _tokens(anchors, positives, negatives))
     lca = torch.tensor([[tx.lca_depth(int(a), int(u)) for u in unique] for a in anchors])
-    extra = tree_listwise(emb[inverse[:3]], emb, lca, unique[None, :] == anchors[:, None], 0.05, 2.0)
+    extra = tree_listwise(emb[inverse[:3]] @ emb.T, lca, unique[None, :] == anchors[:, None], 0.05, 2.0)
     full = tree._loss(batch | _tokens(anchors, positives, negatives))
     base = plain._loss(batch | _tokens(anchors, positives, negatives))
     assert full.item() == pytest.approx(base.item() + 0.5 * extra.item(), rel=1e-5)
@@ -271,7 +273,7 @@ def test_the_tree_term_uses_the_guard_lca_of_each_anchor_and_batch_code():
     rings = NAICSEncoder(config=TINY_BERT, dropout=0.0, tree_weight=0.5, tree_sharpness=2.0, ring_weight=2.0,
                          ring_temperature=0.2)
     rings.set_taxonomy(tx)
-    ring_term = tree_rings(emb[inverse[:3]], emb, lca, unique[None, :] == anchors[:, None], 0.2)
+    ring_term = tree_rings(emb[inverse[:3]] @ emb.T, lca, unique[None, :] == anchors[:, None], 0.2)
     assert ring_term.item() > 0
     both = rings._loss(batch | _tokens(anchors, positives, negatives))
     assert both.item() == pytest.approx(full.item() + 2.0 * ring_term.item(), rel=1e-5)

@@ -200,19 +200,20 @@ class NAICSEncoder(pl.LightningModule):
         anchor, positive = emb[inverse[:b]], emb[inverse[b : 2 * b]]
         negatives = torch.zeros(b, k, emb.shape[-1], device=emb.device, dtype=emb.dtype)
         negatives[mask] = emb[inverse[2 * b :]]
-        lca = self._batch_lca(batch["anchor_idx"], unique)  # one [B, U] pass for the guard and the tree term
+        lca = self._batch_lca(batch["anchor_idx"], unique)  # one [B, U] pass for the guard and the tree terms
+        similarity = anchor @ emb.T  # one [B, U] product for the in-batch negatives and the tree terms
         extra = None
         if self.hparams.in_batch_negatives:
-            extra = (anchor @ emb.T).masked_fill(~self._in_batch_allowed(batch, unique, inverse, lca), float("-inf"))
+            extra = similarity.masked_fill(~self._in_batch_allowed(batch, unique, inverse, lca), float("-inf"))
         loss = info_nce(anchor, positive, negatives, mask, self.hparams.temperature, extra_logits=extra)
         if lca is None:
             return loss
         same = unique.unsqueeze(0) == batch["anchor_idx"].unsqueeze(1)
         if self.hparams.tree_weight > 0:
-            loss = loss + self.hparams.tree_weight * tree_listwise(anchor, emb, lca, same, self.hparams.temperature,
+            loss = loss + self.hparams.tree_weight * tree_listwise(similarity, lca, same, self.hparams.temperature,
                                                                    self.hparams.tree_sharpness)
         if self.hparams.ring_weight > 0:
-            loss = loss + self.hparams.ring_weight * tree_rings(anchor, emb, lca, same, self.hparams.ring_temperature)
+            loss = loss + self.hparams.ring_weight * tree_rings(similarity, lca, same, self.hparams.ring_temperature)
         return loss
 
     def _batch_lca(self, anchors: torch.Tensor, unique: torch.Tensor) -> torch.Tensor | None:

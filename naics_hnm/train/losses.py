@@ -25,23 +25,23 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
     return F.cross_entropy(logits, target)
 
 
-def tree_listwise(anchor: torch.Tensor, codes: torch.Tensor, lca_depth: torch.Tensor, same: torch.Tensor,
-                  temperature: float = 0.05, sharpness: float = 1.0) -> torch.Tensor:
+def tree_listwise(similarity: torch.Tensor, lca_depth: torch.Tensor, same: torch.Tensor, temperature: float = 0.05,
+                  sharpness: float = 1.0) -> torch.Tensor:
     """Listwise loss (ListNet) that ranks every batch code by its tree nearness to each anchor.
 
-    anchor: [B, d] and codes: [U, d] unit vectors; lca_depth: [B, U] depth of each pair's lowest common
-    ancestor (0 = only the root); same: bool [B, U], True where the code is the anchor (left out). The loss is
-    the cross entropy of ``softmax(sharpness * lca_depth)`` and ``softmax(similarity / temperature)``.
+    similarity: [B, U] cosine of each anchor with each distinct batch code; lca_depth: [B, U] depth of each pair's
+    lowest common ancestor (0 = only the root); same: bool [B, U], True where the code is the anchor (left out).
+    The loss is the cross entropy of ``softmax(sharpness * lca_depth)`` and ``softmax(similarity / temperature)``.
     """
     if temperature <= 0 or sharpness <= 0:
         raise ValueError(f"temperature={temperature!r}, sharpness={sharpness!r}: expected both > 0")
-    logits = (anchor @ codes.T / temperature).masked_fill(same, float("-inf"))
+    logits = (similarity / temperature).masked_fill(same, float("-inf"))
     target = torch.softmax((sharpness * lca_depth.to(logits.dtype)).masked_fill(same, float("-inf")), dim=1)
     log_p = torch.log_softmax(logits, dim=1).masked_fill(same, 0.0)
     return -(target * log_p).sum(1).mean()
 
 
-def tree_rings(anchor: torch.Tensor, codes: torch.Tensor, lca_depth: torch.Tensor, same: torch.Tensor,
+def tree_rings(similarity: torch.Tensor, lca_depth: torch.Tensor, same: torch.Tensor,
                temperature: float = 0.05) -> torch.Tensor:
     """Ring contrast: at each tree level, the anchor's ring (codes whose lowest common ancestor with it lies at
     exactly that depth) against every code further out, with the ring's codes made equally near.
@@ -52,20 +52,28 @@ def tree_rings(anchor: torch.Tensor, codes: torch.Tensor, lca_depth: torch.Tenso
     (anchor, level) terms. Every level counts once per anchor, however few of its codes the batch holds, so the
     far levels (another body system against the own one) get a gradient of their own; and as each ring code's own
     log-probability counts, the term is lowest when a ring's similarities are equal, which is what a correlation of
-    similarity with tree distance asks for. Codes where ``same`` is True (the anchor itself) are left out.
+    similarity with tree distance asks for. Arguments as :func:`tree_listwise`.
+
+    One pass over the [B, U] similarities: per-level sums by ``scatter_add``, the normaliser of every level at once
+    as a ``logcumsumexp`` over the levels' log-sum-exps (each shifted by its own maximum, so no level underflows).
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r}: expected > 0")
-    logits = (anchor @ codes.T / temperature).masked_fill(same, float("-inf"))
-    lca = lca_depth.masked_fill(same, -1)
-    total, count = logits.new_zeros(()), 0
-    for t in range(1, int(lca.max()) + 1):
-        ring, inside = lca == t, (lca >= 0) & (lca <= t)
-        valid = ring.any(1) & (inside & ~ring).any(1)
-        if not bool(valid.any()):
-            continue
-        rows, ring = logits[valid], ring[valid]
-        log_norm = torch.logsumexp(rows.masked_fill(~inside[valid], float("-inf")), dim=1)
-        ring_mean = rows.masked_fill(~ring, 0.0).sum(1) / ring.sum(1)
-        total, count = total + (log_norm - ring_mean).sum(), count + int(valid.sum())
-    return total / count if count else (anchor.sum() + codes.sum()) * 0.0  # keeps the graph connected
+    logits = similarity / temperature
+    levels = int(lca_depth.max()) + 1 if lca_depth.numel() else 1
+    bucket = lca_depth.long().masked_fill(same, levels)  # the anchor itself goes to a bucket that is never read
+    shape = (len(logits), levels + 1)
+    count = logits.new_zeros(shape).scatter_add_(1, bucket, torch.ones_like(logits))
+    ring_sum = logits.new_zeros(shape).scatter_add_(1, bucket, logits)
+    top = logits.detach().new_full(shape, float("-inf")).scatter_reduce_(1, bucket, logits.detach(), reduce="amax")
+    top = top.masked_fill(count == 0, 0.0)
+    level_sum = logits.new_zeros(shape).scatter_add_(1, bucket, torch.exp(logits - top.gather(1, bucket)))
+    level_lse = (top + torch.log(level_sum))[:, :levels]  # -inf for empty levels
+    log_norm = torch.logcumsumexp(level_lse, dim=1)
+    count = count[:, :levels]
+    valid = (count > 0) & (torch.cumsum(count, dim=1) - count > 0)  # a ring, and something further out
+    valid[:, 0] = False
+    if not bool(valid.any()):
+        return similarity.sum() * 0.0  # nothing to contrast; keeps the graph connected
+    terms = log_norm - ring_sum[:, :levels] / count.clamp(min=1)
+    return terms[valid].mean()
