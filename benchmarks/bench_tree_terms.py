@@ -15,15 +15,14 @@ Target: the ring term's own cost <= the product's (ratio <= 1). Nothing asserts 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_search import median_seconds  # noqa: E402
 from harness import machine_line, ratio_line  # noqa: E402
 
 from naics_hnm.train.losses import tree_listwise, tree_rings  # noqa: E402
@@ -55,17 +54,6 @@ def inputs(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch
     same[torch.arange(batch), torch.arange(batch)] = True  # each anchor is one of the batch codes
     lca[same] = LEVELS
     return anchor, emb, lca, same
-
-
-def median_ms(step, reps: int) -> float:
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def check(batch: int) -> float:
@@ -100,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 similarity = anchor @ emb.T
                 loss = similarity.sum() if term is None else term(similarity)
                 loss.backward()
-            return median_ms(step, args.reps)
+            return 1000 * median_seconds(step, args.reps)
 
         product = run()
         listwise = run(lambda s: tree_listwise(s, lca, same, 0.05, 3.0))
