@@ -231,6 +231,26 @@ def test_tree_rings_matches_a_brute_force_over_levels(tau):
         tree_rings(a @ codes.T, lca, same, temperature=0)
 
 
+def test_tree_rings_gradient_is_finite_where_levels_are_missing():
+    """Empty levels (no code at depth 0, 2 or 4 for some anchors) enter the normaliser as -inf; the gradient stays
+    finite and equals that of a loop over the levels that are there."""
+    sim = torch.tensor([[0.9, 0.8, 0.3, 0.2, 0.1, 0.0], [0.5, 0.4, 0.6, 0.1, 0.2, 0.3]], requires_grad=True)
+    lca = torch.tensor([[1, 1, 3, 3, 5, 5], [2, 4, 4, 4, 2, 6]])
+    same = torch.zeros(2, 6, dtype=torch.bool)
+    tree_rings(sim, lca, same, temperature=0.1).backward()
+    assert torch.isfinite(sim.grad).all()
+    ref = sim.detach().clone().requires_grad_(True)
+    terms = []
+    for b in range(2):
+        for t in sorted(set(lca[b].tolist()) - {0}):
+            ring, inside = lca[b] == t, lca[b] <= t
+            if bool((inside & ~ring).any()):
+                row = ref[b] / 0.1
+                terms.append(torch.logsumexp(row[inside], 0) - row[ring].mean())
+    torch.stack(terms).mean().backward()
+    assert torch.allclose(sim.grad, ref.grad, atol=1e-6)
+
+
 def test_tree_rings_evens_out_a_ring_and_lifts_it_above_the_codes_further_out():
     """One gradient step on free vectors: within the ring the lower similarity gains, the higher one loses; the
     code outside the ring (a shallower common ancestor) loses most."""

@@ -42,7 +42,7 @@ def tree_listwise(similarity: torch.Tensor, lca_depth: torch.Tensor, same: torch
 
 
 def tree_rings(similarity: torch.Tensor, lca_depth: torch.Tensor, same: torch.Tensor,
-               temperature: float = 0.05) -> torch.Tensor:
+               temperature: float = 0.1) -> torch.Tensor:
     """Ring contrast: at each tree level, the anchor's ring (codes whose lowest common ancestor with it lies at
     exactly that depth) against every code further out, with the ring's codes made equally near.
 
