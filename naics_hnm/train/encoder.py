@@ -201,7 +201,8 @@ class NAICSEncoder(pl.LightningModule):
         negatives = torch.zeros(b, k, emb.shape[-1], device=emb.device, dtype=emb.dtype)
         negatives[mask] = emb[inverse[2 * b :]]
         lca = self._batch_lca(batch["anchor_idx"], unique)  # one [B, U] pass for the guard and the tree terms
-        similarity = anchor @ emb.T  # one [B, U] product for the in-batch negatives and the tree terms
+        # one [B, U] product for the in-batch negatives and the tree terms, when either is on
+        similarity = anchor @ emb.T if self.hparams.in_batch_negatives or lca is not None else None
         extra = None
         if self.hparams.in_batch_negatives:
             extra = similarity.masked_fill(~self._in_batch_allowed(batch, unique, inverse, lca), float("-inf"))

@@ -71,8 +71,7 @@ def tree_rings(similarity: torch.Tensor, lca_depth: torch.Tensor, same: torch.Te
     level_lse = (top + torch.log(level_sum))[:, :levels]  # -inf for empty levels
     log_norm = torch.logcumsumexp(level_lse, dim=1)
     count = count[:, :levels]
-    valid = (count > 0) & (torch.cumsum(count, dim=1) - count > 0)  # a ring, and something further out
-    valid[:, 0] = False
+    valid = (count > 0) & (torch.cumsum(count, dim=1) - count > 0)  # a ring, and something further out (never at 0)
     if not bool(valid.any()):
         return similarity.sum() * 0.0  # nothing to contrast; keeps the graph connected
     terms = log_norm - ring_sum[:, :levels] / count.clamp(min=1)
